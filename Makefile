@@ -1,0 +1,51 @@
+# imago for Python: set-up, main job, tests.
+#   make run    set up .venv and run the main job (the demo)
+#   make test   set up .venv (and qemu-utils) and run every check: ruff, mypy, pytest
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DISTS := core plugins/file plugins/null plugins/raw
+PYTEST_ARGS ?=
+
+.PHONY: setup run test lint typecheck pytest qemu bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The root distribution pulls in every in-repo distribution plus the dev tools; the second
+# step turns the in-repo ones into editable installs.
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(foreach d,$(DISTS),$(d)/pyproject.toml)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach d,$(DISTS),-e $(d))
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/python examples/demo.py
+
+# qemu-img and qemu-io are the reference the tests compare against.
+qemu:
+	@command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || { \
+		echo "installing qemu-utils"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null; }
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup qemu
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: setup qemu
+	$(BIN)/python bench/bench_raw.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

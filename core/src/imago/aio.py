@@ -1,0 +1,122 @@
+"""Running imago's async code with and without an event loop.
+
+Drivers are written once, in ``async``. The synchronous API does not run an event loop:
+:func:`run_sync` drives the coroutine by hand (``send(None)`` until ``StopIteration``), and
+while it does, :func:`inline` is true, telling storages to perform blocking I/O in place.
+Under a running loop :func:`run_blocking` moves blocking calls to a thread pool instead.
+A coroutine driven by hand must never suspend; if it does, :class:`SuspendedInSyncModeError`
+is raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar
+
+from .errors import SuspendedInSyncModeError
+
+__all__ = ["RangeLock", "gather_all", "inline", "run_blocking", "run_sync"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+_get_running_loop = asyncio._get_running_loop  # the C accelerated look-up, no exception on "none"
+
+
+class _SyncState(threading.local):
+    depth = 0
+
+
+_state = _SyncState()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+# Enough threads that many requests in flight reach the kernel in parallel.
+_POOL_THREADS = 32
+
+
+def inline() -> bool:
+    """Whether blocking I/O should be done in place (no event loop, or driven synchronously)."""
+    return _state.depth > 0 or _get_running_loop() is None
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run *coro* to completion in the calling thread without an event loop.
+
+    While it runs, :func:`inline` is true in this thread, so imago storages perform their I/O
+    in place. Raises :class:`SuspendedInSyncModeError` if the coroutine suspends.
+    """
+    state = _state
+    state.depth += 1
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        state.depth -= 1
+    coro.close()
+    raise SuspendedInSyncModeError(
+        "an imago operation driven synchronously had to wait "
+        "(is the same image in use by asynchronous tasks at the same time?)"
+    )
+
+
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        with _pool_lock:
+            if _pool is None:
+                _pool = concurrent.futures.ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="imago-io")
+    return _pool
+
+
+async def run_blocking(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call the blocking *func*: in place when :func:`inline`, else in imago's I/O thread pool."""
+    loop = _get_running_loop()
+    if loop is None or _state.depth > 0:
+        return func(*args, **kwargs)
+    if kwargs:
+        return await loop.run_in_executor(_thread_pool(), lambda: func(*args, **kwargs))
+    return await loop.run_in_executor(_thread_pool(), func, *args)
+
+
+class RangeLock:
+    """Serialises requests on overlapping byte ranges; disjoint ranges proceed in parallel.
+
+    Used for read-modify-write cycles, where two writes touching the same aligned block must not
+    interleave. Without contention it never suspends, so it works under :func:`run_sync` too.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[int, tuple[int, int, asyncio.Event]] = {}
+        self._next_id = 0
+
+    def _overlapping(self, start: int, end: int) -> asyncio.Event | None:
+        for held_start, held_end, released in self._held.values():
+            if held_start < end and start < held_end:
+                return released
+        return None
+
+    async def acquire(self, start: int, end: int) -> int:
+        """Wait until no held range overlaps ``[start, end)``, then hold it; returns a token."""
+        while (released := self._overlapping(start, end)) is not None:
+            await released.wait()
+        token = self._next_id
+        self._next_id += 1
+        self._held[token] = (start, end, asyncio.Event())
+        return token
+
+    def release(self, token: int) -> None:
+        """Release the range held under *token*, waking whoever waits for it."""
+        _, _, released = self._held.pop(token)
+        released.set()
+
+
+async def gather_all(awaitables: list[Awaitable[T]]) -> list[T]:
+    """Await all of *awaitables*: concurrently under a loop, one after another when inline."""
+    if inline():
+        return [await a for a in awaitables]
+    return list(await asyncio.gather(*awaitables))

@@ -1,0 +1,171 @@
+"""The exception tree: every error imago raises derives from :class:`ImagoError`.
+
+Subclasses also derive from the builtin exception that fits, so callers that catch
+``ValueError`` or ``PermissionError`` keep working. Errors carry the facts that explain them
+(file name, offset, option) as attributes, and name them in their message.
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = [
+    "BackingChainError",
+    "ClosedError",
+    "CorruptImageError",
+    "DriverNotFoundError",
+    "DuplicateDriverError",
+    "ImagoError",
+    "ImplicitOpenDeniedError",
+    "InvalidBufferError",
+    "InvalidDriverError",
+    "InvalidOptionError",
+    "InvalidRequestError",
+    "PluginError",
+    "PluginLoadError",
+    "ReadOnlyError",
+    "SuspendedInSyncModeError",
+    "UnsupportedFeatureError",
+]
+
+
+class ImagoError(Exception):
+    """Root of every error raised by imago itself (OS errors pass through unchanged)."""
+
+
+class PluginError(ImagoError):
+    """A plugin could not be loaded or registered something invalid."""
+
+
+class PluginLoadError(PluginError):
+    """Importing or running a plugin's registration hooks failed.
+
+    ``plugin`` is the entry-point name, ``distribution`` the distribution that declares it.
+    The original exception is chained as ``__cause__``.
+    """
+
+    def __init__(self, plugin: str, distribution: str | None, reason: str) -> None:
+        self.plugin = plugin
+        self.distribution = distribution
+        self.reason = reason
+        source = f" (distribution {distribution})" if distribution else ""
+        super().__init__(f"plugin {plugin!r}{source} failed to load: {reason}")
+
+
+class DuplicateDriverError(PluginError):
+    """Two plugins registered a driver of the same kind under the same name."""
+
+    def __init__(self, kind: str, name: str, first: str, second: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.plugins = (first, second)
+        super().__init__(
+            f"{kind} driver {name!r} is registered twice: by plugin {first!r} and by plugin {second!r}"
+        )
+
+
+class InvalidDriverError(PluginError, TypeError):
+    """A plugin tried to register something that is not a valid driver class."""
+
+
+class DriverNotFoundError(ImagoError, LookupError):
+    """No installed plugin provides the requested driver.
+
+    ``distribution`` names the distribution that would provide it.
+    """
+
+    def __init__(self, kind: str, name: str, distribution: str, detail: str = "") -> None:
+        self.kind = kind
+        self.name = name
+        self.distribution = distribution
+        message = f"no {kind} driver named {name!r} is installed (install the distribution {distribution!r})"
+        super().__init__(message + (f"; {detail}" if detail else ""))
+
+
+class ImplicitOpenDeniedError(ImagoError, PermissionError):
+    """An open gate refused to open a file that an image refers to."""
+
+    def __init__(self, filename: str, reason: str) -> None:
+        self.filename = filename
+        self.reason = reason
+        ImagoError.__init__(self, f"implicit open of {filename!r} denied: {reason}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class BackingChainError(ImagoError, ValueError):
+    """A chain of images referring to each other loops or is deeper than allowed."""
+
+    def __init__(self, filename: str, reason: str) -> None:
+        self.filename = filename
+        self.reason = reason
+        super().__init__(f"{filename}: {reason}")
+
+
+class CorruptImageError(ImagoError, ValueError):
+    """An image's metadata is invalid; ``offset`` is where in the file the problem lies."""
+
+    def __init__(self, filename: str | None, offset: int | None, problem: str) -> None:
+        self.filename = filename
+        self.offset = offset
+        self.problem = problem
+        where = filename or "<image>"
+        if offset is not None:
+            where += f" at offset {offset:#x}"
+        super().__init__(f"{where}: {problem}")
+
+
+class UnsupportedFeatureError(ImagoError, NotImplementedError):
+    """The image or request uses a feature this driver does not implement."""
+
+    def __init__(self, feature: str, filename: str | None = None) -> None:
+        self.feature = feature
+        self.filename = filename
+        prefix = f"{filename}: " if filename else ""
+        super().__init__(f"{prefix}unsupported feature: {feature}")
+
+
+class InvalidRequestError(ImagoError, ValueError):
+    """An I/O request is malformed: negative offset, past the end of the disk, and the like."""
+
+
+class InvalidBufferError(ImagoError, TypeError):
+    """A buffer argument does not support the buffer protocol, or is read-only where it must be written."""
+
+
+class InvalidOptionError(ImagoError, ValueError):
+    """An option has a bad value; ``option`` names it."""
+
+    def __init__(self, option: str, problem: str) -> None:
+        self.option = option
+        self.problem = problem
+        super().__init__(f"option {option!r}: {problem}")
+
+
+class ReadOnlyError(ImagoError, PermissionError):
+    """A write was attempted on an image or storage opened read-only."""
+
+    def __init__(self, what: str) -> None:
+        ImagoError.__init__(self, f"{what} is opened read-only")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ClosedError(ImagoError, ValueError):
+    """The image or storage has been closed."""
+
+
+class SuspendedInSyncModeError(ImagoError, RuntimeError):
+    """A coroutine driven by the synchronous API had to wait for something.
+
+    Synchronous calls run their coroutine by hand and cannot wait; this happens when a
+    driver awaits something other than imago's own I/O helpers, or when the same image is
+    busy in asynchronous tasks at the same time.
+    """
+
+
+def describe(path: str | os.PathLike[str] | None) -> str:
+    """A printable name for a file, for messages."""
+    return os.fspath(path) if path is not None else "<anonymous>"

@@ -1,0 +1,380 @@
+"""FormatAccess: the one generic I/O engine over any format driver."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from ..errors import ClosedError, ImagoError, InvalidRequestError, ReadOnlyError
+from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
+from ..storage import PreallocateMode, Storage
+from .driver import FormatDriver
+from .mapping import (
+    Mapping,
+    MappingEof,
+    MappingRaw,
+    MappingSpecial,
+    MappingZero,
+    ShallowEof,
+    ShallowIndirect,
+    ShallowMapping,
+    ShallowRaw,
+    ShallowSpecial,
+    ShallowZero,
+)
+
+if TYPE_CHECKING:
+    from ..sync import SyncFormatAccess
+
+__all__ = ["FormatAccess"]
+
+
+class _CachedExtent(NamedTuple):
+    """A raw mapping kept from an earlier request: guest ``[start, end)`` lives in *storage*
+    at guest offset + *delta*, valid while the driver's mapping epoch equals *epoch*."""
+
+    start: int
+    end: int
+    storage: Storage
+    delta: int
+    epoch: int
+
+
+def _non_negative(name: str, value: int) -> None:
+    if type(value) is not int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < 0:
+        raise InvalidRequestError(f"{name} must not be negative, got {value}")
+
+
+class FormatAccess:
+    """Asynchronous I/O on an opened image: reads, writes, zeroing, discards, mappings.
+
+    Splits each request along the driver's mappings, reads and writes the storages itself,
+    recurses into backing layers and fills zeroes. Requests must lie inside the disk; writes
+    need an image opened for writing. Closing (:meth:`close`) flushes and releases the
+    driver, its storages and its backing layers.
+    """
+
+    def __init__(self, driver: FormatDriver) -> None:
+        if not isinstance(driver, FormatDriver):
+            raise InvalidRequestError(f"FormatAccess needs a FormatDriver, got {type(driver).__name__}")
+        self._driver = driver
+        self._cache: _CachedExtent | None = None
+        self._closed = False
+
+    # --- facts ------------------------------------------------------------------------------
+
+    @property
+    def driver(self) -> FormatDriver:
+        """The format driver underneath."""
+        return self._driver
+
+    @property
+    def size(self) -> int:
+        """Virtual disk size in bytes."""
+        return self._driver.size
+
+    @property
+    def writable(self) -> bool:
+        """Whether the image is open for writing."""
+        return self._driver.writable
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closed
+
+    @property
+    def format_name(self) -> str:
+        """The driver's format name (``raw``, ``qcow2``, ...)."""
+        return self._driver.name
+
+    @property
+    def filename(self) -> str | None:
+        """The image's file name, if its storage has one."""
+        return self._driver.storage.filename
+
+    def _layers(self) -> list[FormatAccess]:
+        layers: list[FormatAccess] = []
+        layer: FormatAccess | None = self
+        while layer is not None:
+            layers.append(layer)
+            layer = layer._driver.backing
+        return layers
+
+    @property
+    def mem_align(self) -> int:
+        """Buffer address alignment that lets every storage in the chain avoid bounce buffers."""
+        return max(s.mem_align for layer in self._layers() for s in layer._driver.storages())
+
+    @property
+    def req_align(self) -> int:
+        """Offset and length alignment that lets every storage in the chain avoid read-modify-write."""
+        return max(s.req_align for layer in self._layers() for s in layer._driver.storages())
+
+    # --- checks -----------------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        _non_negative("offset", offset)
+        size = self._driver.size
+        if offset + length > size:
+            raise InvalidRequestError(
+                f"{self._name()}: request [{offset}, {offset + length}) reaches past the end of the disk ({size} bytes)"
+            )
+
+    def _check_write(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if not self._driver.writable:
+            raise ReadOnlyError(self._name())
+
+    def _name(self) -> str:
+        return self._driver.storage.filename or f"{self._driver.name} image"
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def read(self, buf: Any, offset: int) -> None:
+        """Fill *buf* (any writable buffer) with the disk's bytes at *offset*."""
+        view = memoryview(buf) if type(buf) is bytearray else byte_view(buf, writable=True)
+        length = view.nbytes
+        self._check(offset, length)
+        cached = self._cache
+        if (
+            cached is not None
+            and cached.start <= offset
+            and offset + length <= cached.end
+            and cached.epoch == self._driver.mapping_epoch
+        ):
+            await cached.storage.readv([view], offset + cached.delta)
+            return
+        await self._readv_mapped([view], offset, length)
+
+    async def readv(self, bufs: Sequence[Any], offset: int) -> None:
+        """Fill the buffers of *bufs*, one after another, with the bytes at *offset*."""
+        iov = byte_views(bufs, writable=True)
+        length = iovec_length(iov)
+        self._check(offset, length)
+        await self._readv_mapped(iov, offset, length)
+
+    async def _readv_mapped(self, iov: IoVector, offset: int, length: int) -> None:
+        driver = self._driver
+        pos = 0
+        while pos < length:
+            guest = offset + pos
+            mapping, mapped = await driver.get_mapping(guest, length - pos)
+            if mapped <= 0:
+                raise ImagoError(f"{driver.name} driver returned an empty mapping at offset {guest}")
+            step = min(mapped, length - pos)
+            part = slice_iovec(iov, pos, step)
+            kind = type(mapping)
+            if kind is ShallowRaw:
+                assert isinstance(mapping, ShallowRaw)
+                await mapping.storage.readv(part, mapping.offset)
+                self._cache = _CachedExtent(
+                    guest, guest + mapped, mapping.storage, mapping.offset - guest, driver.mapping_epoch
+                )
+            elif kind is ShallowZero or kind is ShallowEof:
+                zero_fill(part)
+            elif kind is ShallowIndirect:
+                assert isinstance(mapping, ShallowIndirect)
+                await mapping.layer._read_as_backing(part, mapping.offset, step)
+            elif kind is ShallowSpecial:
+                assert isinstance(mapping, ShallowSpecial)
+                await driver.readv_special(part, mapping.offset)
+            else:
+                raise ImagoError(f"{driver.name} driver returned an unknown mapping {mapping!r}")
+            pos += step
+
+    async def _read_as_backing(self, iov: IoVector, offset: int, length: int) -> None:
+        """Read as a backing layer: bytes past this layer's end read as zero."""
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        inside = max(0, min(length, self._driver.size - offset))
+        if inside:
+            await self._readv_mapped(slice_iovec(iov, 0, inside), offset, inside)
+        if inside < length:
+            zero_fill(slice_iovec(iov, inside, length - inside))
+
+    # --- mappings ---------------------------------------------------------------------------
+
+    async def get_shallow_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
+        """This layer's own mapping at *offset* (``Indirect`` for data of a backing layer)."""
+        _non_negative("max_length", max_length)
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        _non_negative("offset", offset)
+        size = self._driver.size
+        if offset >= size or max_length == 0:
+            return ShallowEof(), max_length
+        mapping, mapped = await self._driver.get_mapping(offset, min(max_length, size - offset))
+        return mapping, min(mapped, max_length, size - offset)
+
+    async def get_mapping(self, offset: int, max_length: int) -> tuple[Mapping, int]:
+        """Where the data at *offset* finally lives, resolved through all backing layers.
+
+        Returns the mapping and the number of bytes (at most *max_length*) it covers.
+        """
+        shallow, length = await self.get_shallow_mapping(offset, max_length)
+        kind = type(shallow)
+        if kind is ShallowRaw:
+            assert isinstance(shallow, ShallowRaw)
+            return MappingRaw(shallow.storage, shallow.offset, shallow.writable), length
+        if kind is ShallowZero:
+            assert isinstance(shallow, ShallowZero)
+            return MappingZero(shallow.explicit), length
+        if kind is ShallowEof:
+            return MappingEof(), length
+        if kind is ShallowSpecial:
+            assert isinstance(shallow, ShallowSpecial)
+            return MappingSpecial(self, shallow.offset), length
+        assert isinstance(shallow, ShallowIndirect)
+        layer = shallow.layer
+        if shallow.offset >= layer.size:
+            # Past the end of a shorter backing file: reads as zero, nothing allocated.
+            return MappingZero(False), length
+        deep, deep_length = await layer.get_mapping(shallow.offset, min(length, layer.size - shallow.offset))
+        return deep, min(length, deep_length)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    async def write(self, buf: Any, offset: int) -> None:
+        """Write *buf* (any buffer) at *offset*."""
+        await self._writev_mapped([byte_view(buf, writable=False)], offset)
+
+    async def writev(self, bufs: Sequence[Any], offset: int) -> None:
+        """Write the buffers of *bufs*, one after another, at *offset*."""
+        await self._writev_mapped(byte_views(bufs, writable=False), offset)
+
+    async def _writev_mapped(self, iov: IoVector, offset: int) -> None:
+        length = iovec_length(iov)
+        self._check_write(offset, length)
+        pos = 0
+        while pos < length:
+            mapping, step = await self._data_mapping(offset + pos, length - pos, overwrite=True)
+            await mapping.storage.writev(slice_iovec(iov, pos, step), mapping.offset)
+            pos += step
+
+    async def _data_mapping(self, offset: int, length: int, *, overwrite: bool) -> tuple[ShallowRaw, int]:
+        driver = self._driver
+        mapping, mapped = await driver.ensure_data_mapping(offset, length, overwrite)
+        if type(mapping) is not ShallowRaw or not mapping.writable or mapped <= 0:  # type: ignore[attr-defined]
+            raise ImagoError(f"{driver.name} driver returned no writable mapping for offset {offset}")
+        assert isinstance(mapping, ShallowRaw)
+        return mapping, min(mapped, length)
+
+    async def _write_zeroes_data(self, offset: int, length: int) -> None:
+        """Zero a range through data mappings (for what metadata could not do)."""
+        end = offset + length
+        while offset < end:
+            mapping, step = await self._data_mapping(offset, end - offset, overwrite=True)
+            await mapping.storage.write_zeroes(mapping.offset, step)
+            offset += step
+
+    async def _zero_range(self, offset: int, length: int, handled: tuple[int, int], *, explicit: bool) -> None:
+        start, count = handled
+        if start < offset or count < 0 or start + count > offset + length:
+            raise ImagoError(f"{self._driver.name} driver handled [{start}, {start + count}), outside the request")
+        self._driver.mappings_changed()
+        if explicit:
+            if start > offset:
+                await self._write_zeroes_data(offset, start - offset)
+            if start + count < offset + length:
+                await self._write_zeroes_data(start + count, offset + length - start - count)
+
+    async def write_zeroes(self, offset: int, length: int) -> None:
+        """Make ``[offset, offset + length)`` read as zero, keeping it allocated where it is."""
+        _non_negative("length", length)
+        self._check_write(offset, length)
+        if length:
+            await self._zero_range(offset, length, await self._driver.ensure_zero_mapping(offset, length), explicit=True)
+
+    async def discard_to_zero(self, offset: int, length: int) -> None:
+        """Make the range read as zero, freeing the space behind it where possible."""
+        _non_negative("length", length)
+        self._check_write(offset, length)
+        if length:
+            await self._zero_range(offset, length, await self._driver.discard_to_zero(offset, length), explicit=True)
+
+    async def discard_to_any(self, offset: int, length: int) -> None:
+        """Free what can be freed of the range; its content afterwards is undefined."""
+        _non_negative("length", length)
+        self._check_write(offset, length)
+        if length:
+            await self._zero_range(offset, length, await self._driver.discard_to_any(offset, length), explicit=False)
+
+    async def discard_to_backing(self, offset: int, length: int) -> None:
+        """Make the range read from the backing layer again (zero without a backing layer)."""
+        _non_negative("length", length)
+        self._check_write(offset, length)
+        if length:
+            handled = await self._driver.discard_to_backing(offset, length)
+            if handled != (offset, length):
+                raise ImagoError(
+                    f"{self._name()}: cannot make [{offset}, {offset + length}) read from the backing image"
+                )
+            self._driver.mappings_changed()
+
+    # --- whole-image operations -----------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write caches back and flush the storages."""
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        await self._driver.flush()
+
+    async def sync(self) -> None:
+        """Flush, and make everything durable."""
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        await self._driver.sync()
+
+    async def resize(self, new_size: int, prealloc: PreallocateMode | str = PreallocateMode.NONE) -> None:
+        """Change the disk size; new space is prepared as *prealloc* says."""
+        _non_negative("new_size", new_size)
+        mode = PreallocateMode.parse(prealloc)
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        if not self._driver.writable:
+            raise ReadOnlyError(self._name())
+        self._cache = None
+        await self._driver.resize(new_size, mode)
+        self._driver.mappings_changed()
+
+    async def close(self) -> None:
+        """Flush (if writable) and release the image. Closing twice does nothing."""
+        if self._closed:
+            return
+        self._cache = None
+        try:
+            if self._driver.writable:
+                await self._driver.flush()
+        finally:
+            self._closed = True
+            await self._driver.close()
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def as_sync(self) -> SyncFormatAccess:
+        """A synchronous view of this image."""
+        from ..sync import SyncFormatAccess
+
+        return SyncFormatAccess(self)
+
+    def as_file(self) -> io.RawIOBase:
+        """A seekable binary file object over the disk (synchronous; see :meth:`SyncFormatAccess.as_file`)."""
+        return self.as_sync().as_file()
+
+    async def __aenter__(self) -> FormatAccess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<FormatAccess {self._driver.name} {self.filename!r} size={self.size}{state}>"
+

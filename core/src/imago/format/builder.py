@@ -1,0 +1,201 @@
+"""Builders that open and create images: ``Raw.builder(storage).write(True).open(gate)``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
+
+
+from .. import aio
+from ..errors import BackingChainError, InvalidOptionError
+from ..storage import PreallocateMode, Storage, StorageOpenOptions
+
+if TYPE_CHECKING:
+    from .driver import FormatDriver
+    from .gates import ImplicitOpenGate
+
+__all__ = ["MAX_CHAIN_DEPTH", "FormatCreateBuilder", "FormatDriverBuilder"]
+
+D = TypeVar("D", bound="FormatDriver")
+
+#: How many images may be stacked on top of each other through backing references.
+MAX_CHAIN_DEPTH = 64
+
+
+class FormatDriverBuilder(Generic[D]):
+    """Collects how to open an image, then opens it with :meth:`open`.
+
+    Made by ``Driver.builder(storage)`` (the caller's storage, used as it is) or
+    ``Driver.builder_path(path)`` (the file is opened through the gate passed to :meth:`open`).
+    Format drivers with more options subclass this and set ``FormatDriver.builder_class``.
+    """
+
+    def __init__(
+        self, driver: type[D], *, storage: Storage | None = None, path: str | os.PathLike[str] | None = None
+    ) -> None:
+        if (storage is None) == (path is None):
+            raise InvalidOptionError("storage", "give exactly one of a storage or a path")
+        if storage is not None and not isinstance(storage, Storage):
+            raise InvalidOptionError("storage", f"expected a Storage, got {type(storage).__name__}")
+        self._driver = driver
+        self._storage = storage
+        self._path = None if path is None else os.fspath(path)
+        self._writable = False
+        self._storage_options = StorageOpenOptions()
+        self._chain: tuple[str, ...] = ()
+
+    # --- options ---------------------------------------------------------------------------
+
+    def write(self, writable: bool = True) -> Self:
+        """Open for writing (default: read-only)."""
+        if not isinstance(writable, bool):
+            raise InvalidOptionError("write", f"must be True or False, got {writable!r}")
+        self._writable = writable
+        return self
+
+    def storage_options(self, options: StorageOpenOptions) -> Self:
+        """Options for opening the file by path (driver, ``direct``, driver options).
+
+        ``filename`` and ``writable`` are taken from the builder itself.
+        """
+        if not isinstance(options, StorageOpenOptions):
+            raise InvalidOptionError("storage_options", f"expected StorageOpenOptions, got {type(options).__name__}")
+        self._storage_options = options
+        return self
+
+    def below(self, parent: FormatDriverBuilder[Any] | str | None) -> Self:
+        """Mark this image as referenced by *parent* (an image's builder or file name).
+
+        Used by format drivers opening backing files: the chain of parents is how loops and
+        over-deep chains are detected.
+        """
+        if isinstance(parent, FormatDriverBuilder):
+            self._chain = (*parent._chain, parent.identity())
+        elif parent is not None:
+            self._chain = (os.path.realpath(parent),)
+        return self
+
+    # --- what drivers read -----------------------------------------------------------------
+
+    @property
+    def driver(self) -> type[D]:
+        """The format driver class this builder opens."""
+        return self._driver
+
+    @property
+    def writable(self) -> bool:
+        """Whether the image is to be opened for writing."""
+        return self._writable
+
+    @property
+    def path(self) -> str | None:
+        """The path given to ``builder_path``, if any."""
+        return self._path
+
+    @property
+    def depth(self) -> int:
+        """How many images lie above this one in a chain."""
+        return len(self._chain)
+
+    def identity(self) -> str:
+        """What identifies this image in a chain: the real path of its file, or an object id."""
+        if self._path is not None:
+            return os.path.realpath(self._path)
+        assert self._storage is not None
+        name = self._storage.filename
+        return os.path.realpath(name) if name else f"<storage {id(self._storage):#x}>"
+
+    async def open_storage(self, gate: ImplicitOpenGate) -> Storage:
+        """The storage to open the image on: the given one, or the path opened through *gate*."""
+        identity = self.identity()
+        if identity in self._chain:
+            raise BackingChainError(identity, "the chain of backing files loops back to this file")
+        if len(self._chain) >= MAX_CHAIN_DEPTH:
+            raise BackingChainError(identity, f"the chain of backing files is deeper than {MAX_CHAIN_DEPTH}")
+        if self._storage is not None:
+            return self._storage
+        import attrs
+
+        options = attrs.evolve(self._storage_options, filename=self._path, writable=self._writable)
+        return await gate.open_storage(options)
+
+    # --- opening -------------------------------------------------------------------------------
+
+    async def open(self, gate: ImplicitOpenGate) -> D:
+        """Open the image; *gate* decides which files it may make us open."""
+        from .gates import ImplicitOpenGate
+
+        if not isinstance(gate, ImplicitOpenGate):
+            raise InvalidOptionError("gate", f"expected an ImplicitOpenGate, got {type(gate).__name__}")
+        return await self._driver.open_image(self, gate)
+
+    def open_sync(self, gate: ImplicitOpenGate) -> D:
+        """Synchronous :meth:`open`."""
+        return aio.run_sync(self.open(gate))
+
+
+def _size_value(value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidOptionError("size", f"must be a non-negative integer, got {value!r}")
+    return value
+
+
+class FormatCreateBuilder(Generic[D]):
+    """Collects the options of a new image, then writes it with :meth:`create`.
+
+    Options are methods returning the builder. :meth:`set_option` sets one by name (as
+    ``imago.create(**options)`` does); the names it accepts are listed in :attr:`option_names`.
+    """
+
+    #: Names accepted by :meth:`set_option`; subclasses extend it with their own methods.
+    option_names: ClassVar[tuple[str, ...]] = ("size", "preallocate")
+
+    def __init__(self, driver: type[D], storage: Storage) -> None:
+        if not isinstance(storage, Storage):
+            raise InvalidOptionError("storage", f"expected a Storage, got {type(storage).__name__}")
+        self._driver = driver
+        self._storage = storage
+        self._size = 0
+        self._preallocate = PreallocateMode.NONE
+
+    def size(self, size: int) -> Self:
+        """Virtual disk size in bytes."""
+        self._size = _size_value(size)
+        return self
+
+    def preallocate(self, mode: PreallocateMode | str) -> Self:
+        """Preallocation mode (:class:`PreallocateMode` or its ``qemu-img`` name)."""
+        self._preallocate = PreallocateMode.parse(mode)
+        return self
+
+    def set_option(self, name: str, value: Any) -> Self:
+        """Set the option *name*, as the method of that name would."""
+        if name not in self.option_names:
+            known = ", ".join(self.option_names)
+            raise InvalidOptionError(name, f"not an option of the {self._driver.name} format (options: {known})")
+        method: Callable[[Any], Self] = getattr(self, name)
+        return method(value)
+
+    @property
+    def storage(self) -> Storage:
+        """The storage the image is written to."""
+        return self._storage
+
+    @property
+    def virtual_size(self) -> int:
+        """The requested disk size."""
+        return self._size
+
+    @property
+    def preallocation(self) -> PreallocateMode:
+        """The requested preallocation mode."""
+        return self._preallocate
+
+    async def create(self) -> None:
+        """Write the new image to the storage (emptying it first)."""
+        await self._driver.create_image(self)
+
+    def create_sync(self) -> None:
+        """Synchronous :meth:`create`."""
+        aio.run_sync(self.create())

@@ -1,0 +1,143 @@
+"""Implicit open gates: who decides which files an image may make us open.
+
+Images name other files (a qcow2 backing file, an external data file). Opening those, and
+opening an image by path through ``builder_path``, is an *implicit* open: it goes through the
+gate passed to ``open()``. Every gate enforces that such names are local file names (never
+``json:`` or ``protocol:`` strings); chains of images are checked for loops and depth by the
+builders (:data:`~imago.format.builder.MAX_CHAIN_DEPTH`).
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import stat
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import attrs
+
+from ..errors import ImplicitOpenDeniedError
+from ..storage import Storage, StorageOpenOptions
+
+if TYPE_CHECKING:
+    from .builder import FormatDriverBuilder
+    from .driver import FormatDriver
+
+__all__ = [
+    "DenyImplicitOpenGate",
+    "ImplicitOpenGate",
+    "PermissiveImplicitOpenGate",
+    "SandboxImplicitOpenGate",
+    "check_local_file_name",
+]
+
+D = TypeVar("D", bound="FormatDriver")
+
+
+def check_local_file_name(name: str | None) -> str:
+    """Return *name* if it is a plain local file name, else raise :class:`ImplicitOpenDeniedError`.
+
+    Like QEMU, a name whose first ``:`` comes before any ``/`` is taken as a protocol prefix
+    (``json:{...}``, ``nbd:...``, ``http://...``) and refused; write ``./a:b`` for such a file.
+    """
+    if name is None or name == "":
+        raise ImplicitOpenDeniedError(repr(name), "no file name given")
+    if "\0" in name:
+        raise ImplicitOpenDeniedError(name, "file name contains a NUL byte")
+    colon = name.find(":")
+    if colon >= 0 and "/" not in name[:colon]:
+        raise ImplicitOpenDeniedError(name, "not a plain local file name (looks like a protocol or json: string)")
+    return name
+
+
+class ImplicitOpenGate(abc.ABC):
+    """Base of all gates. Subclasses implement :meth:`check_storage` (and may refine
+    :meth:`check_format`); opening itself is done here, through the driver registry."""
+
+    @abc.abstractmethod
+    async def check_storage(self, options: StorageOpenOptions) -> StorageOpenOptions:
+        """Allow opening a storage as *options* say (possibly adjusted), or raise
+        :class:`ImplicitOpenDeniedError`."""
+
+    async def check_format(self, builder: FormatDriverBuilder[Any]) -> None:
+        """Allow opening an image (e.g. a backing file) as *builder* says, or raise. Default: allow;
+        its file still passes :meth:`check_storage`."""
+
+    async def open_storage(self, options: StorageOpenOptions) -> Storage:
+        """Check, then open a storage implicitly."""
+        check_local_file_name(options.filename)
+        options = await self.check_storage(options)
+        from .._plugins import storage_driver
+
+        return await storage_driver(options.driver).open(options)
+
+    async def open_format(self, builder: FormatDriverBuilder[D]) -> D:
+        """Check, then open an image implicitly (a backing file)."""
+        await self.check_format(builder)
+        return await builder.open(self)
+
+
+class PermissiveImplicitOpenGate(ImplicitOpenGate):
+    """Opens whatever the image names (local files only).
+
+    Dangerous for untrusted images: a crafted image can make you read any file you can
+    read (``/etc/shadow`` as a backing file) and expose it through the guest disk.
+    """
+
+    async def check_storage(self, options: StorageOpenOptions) -> StorageOpenOptions:
+        """Allow everything (beyond the local-name rule every gate enforces)."""
+        return options
+
+
+class DenyImplicitOpenGate(ImplicitOpenGate):
+    """Refuses every implicit open; images must be given all their storages explicitly."""
+
+    async def check_storage(self, options: StorageOpenOptions) -> StorageOpenOptions:
+        """Refuse."""
+        raise ImplicitOpenDeniedError(str(options.filename), "implicit opens are denied by DenyImplicitOpenGate")
+
+    async def check_format(self, builder: FormatDriverBuilder[Any]) -> None:
+        """Refuse."""
+        raise ImplicitOpenDeniedError(
+            str(builder.path or builder.identity()), "implicit opens are denied by DenyImplicitOpenGate"
+        )
+
+
+def _real_dirs(directories: Iterable[str | os.PathLike[str]]) -> tuple[str, ...]:
+    dirs = tuple(os.path.realpath(os.fspath(d)) for d in directories)
+    if not dirs:
+        raise ValueError("SandboxImplicitOpenGate needs at least one allowed directory")
+    return dirs
+
+
+@attrs.frozen
+class SandboxImplicitOpenGate(ImplicitOpenGate):
+    """Allows implicit opens only of regular local files whose real path (symbolic links
+    resolved) lies under one of *directories*, through the ``file`` driver."""
+
+    directories: tuple[str, ...] = attrs.field(converter=_real_dirs)
+
+    def allows(self, path: str) -> bool:
+        """Whether the real path of *path* lies under an allowed directory."""
+        real = os.path.realpath(path)
+        return any(real == d or real.startswith(d.rstrip(os.sep) + os.sep) for d in self.directories)
+
+    async def check_storage(self, options: StorageOpenOptions) -> StorageOpenOptions:
+        """Allow regular files under the allowed directories; open them by their real path."""
+        name = str(options.filename)
+        if options.driver != "file":
+            raise ImplicitOpenDeniedError(name, f"the sandbox gate opens only local files, not {options.driver!r} storage")
+        real = os.path.realpath(name)
+        if not self.allows(real):
+            raise ImplicitOpenDeniedError(
+                name, f"{real!r} is outside the allowed directories ({', '.join(self.directories)})"
+            )
+        try:
+            mode = os.stat(real).st_mode
+        except FileNotFoundError:
+            raise ImplicitOpenDeniedError(name, "file does not exist") from None
+        if not stat.S_ISREG(mode):
+            raise ImplicitOpenDeniedError(name, "not a regular file")
+        # Open the resolved name, so that the file checked is the file opened.
+        return attrs.evolve(options, filename=real)

@@ -1,0 +1,248 @@
+"""The storage layer: objects that move bytes at offsets.
+
+A :class:`Storage` knows nothing of image formats. Its I/O methods take vectors of flat byte
+views (see :mod:`imago.io_buffers`); bounds and read-only state are checked by the format
+layer above, but storages check what they must for their own safety.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import os
+from collections.abc import Mapping as MappingType
+from collections.abc import Sequence
+from typing import Any, ClassVar, TypeVar
+
+import attrs
+
+from . import aio
+from .errors import InvalidOptionError
+
+__all__ = [
+    "PreallocateMode",
+    "Storage",
+    "StorageCreateOptions",
+    "StorageOpenOptions",
+]
+
+S = TypeVar("S", bound="Storage")
+
+
+class PreallocateMode(enum.Enum):
+    """How new space is prepared when an image or storage is created or grown.
+
+    The values are the names ``qemu-img`` uses where it has one.
+    """
+
+    #: Only change the size; new space may stay unallocated (sparse) and reads as zero.
+    NONE = "off"
+    #: New space must read as zero; nothing needs to be allocated.
+    ZERO = "zero"
+    #: Formats allocate their metadata; storages treat it like ``ZERO``.
+    METADATA = "metadata"
+    #: Reserve the space (``fallocate``) without writing it.
+    FALLOC = "falloc"
+    #: Write zeroes to all new space.
+    FULL = "full"
+
+    @classmethod
+    def parse(cls, value: PreallocateMode | str) -> PreallocateMode:
+        """A mode from itself or from its ``qemu-img`` name (``off``, ``metadata``, ...)."""
+        if isinstance(value, PreallocateMode):
+            return value
+        aliases = {"none": cls.NONE, "off": cls.NONE}
+        for mode in cls:
+            aliases[mode.value] = mode
+            aliases[mode.name.lower()] = mode
+        try:
+            return aliases[str(value).lower()]
+        except KeyError:
+            names = ", ".join(sorted({m.value for m in cls}))
+            raise InvalidOptionError("preallocation", f"unknown mode {value!r} (choose from {names})") from None
+
+
+def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
+    return None if value is None else os.fspath(value)
+
+
+def _non_empty(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not isinstance(value, str) or not value:
+        raise InvalidOptionError(attribute.name, f"must be a non-empty string, got {value!r}")
+
+
+def _non_negative(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidOptionError(attribute.name, f"must be a non-negative integer, got {value!r}")
+
+
+def _bool(_instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+    if not isinstance(value, bool):
+        raise InvalidOptionError(attribute.name, f"must be True or False, got {value!r}")
+
+
+@attrs.frozen(kw_only=True)
+class StorageOpenOptions:
+    """What to open and how: the input of :meth:`Storage.open`."""
+
+    #: Name of the file (or other object) to open; its meaning is the driver's.
+    filename: str | None = attrs.field(default=None, converter=_optional_path)
+    #: Open for writing.
+    writable: bool = attrs.field(default=False, validator=_bool)
+    #: Bypass the host page cache (``O_DIRECT``), where the driver supports it.
+    direct: bool = attrs.field(default=False, validator=_bool)
+    #: Which storage driver to use when opening through the registry.
+    driver: str = attrs.field(default="file", validator=_non_empty)
+    #: Driver-specific options (for example ``{"size": ...}`` for ``null``).
+    driver_options: MappingType[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class StorageCreateOptions:
+    """What to create and how: the input of :meth:`Storage.create`."""
+
+    filename: str | None = attrs.field(default=None, converter=_optional_path)
+    #: Initial size in bytes.
+    size: int = attrs.field(default=0, validator=_non_negative)
+    preallocate: PreallocateMode = attrs.field(default=PreallocateMode.NONE, converter=PreallocateMode.parse)
+    #: Replace an existing file (its contents are lost); otherwise an existing file is an error.
+    overwrite: bool = attrs.field(default=False, validator=_bool)
+    driver: str = attrs.field(default="file", validator=_non_empty)
+    driver_options: MappingType[str, Any] = attrs.field(factory=dict)
+
+    def open_options(self) -> StorageOpenOptions:
+        """Options to open the storage just created, writable."""
+        return StorageOpenOptions(
+            filename=self.filename, writable=True, driver=self.driver, driver_options=self.driver_options
+        )
+
+
+class Storage(abc.ABC):
+    """Abstract byte storage: the bottom layer under every image format.
+
+    Subclasses set :attr:`name` and implement the abstract coroutines. Storage I/O methods
+    take lists of flat byte memoryviews. Reads of ranges past the end of the storage yield
+    zeroes. Use :mod:`imago.aio` helpers (``run_blocking``) for blocking work so that the
+    synchronous API never needs an event loop.
+    """
+
+    #: Driver name, as registered and as named in :attr:`StorageOpenOptions.driver`.
+    name: ClassVar[str] = ""
+
+    # --- construction -------------------------------------------------------------------
+
+    @classmethod
+    @abc.abstractmethod
+    async def open(cls: type[S], options: StorageOpenOptions) -> S:
+        """Open a storage as *options* say."""
+
+    @classmethod
+    def open_sync(cls: type[S], options: StorageOpenOptions) -> S:
+        """Synchronous :meth:`open`."""
+        return aio.run_sync(cls.open(options))
+
+    @classmethod
+    async def create(cls: type[S], options: StorageCreateOptions) -> S:
+        """Create a new storage and return it opened for writing.
+
+        The default says the driver cannot create storages.
+        """
+        from .errors import UnsupportedFeatureError
+
+        raise UnsupportedFeatureError(f"creating storages with the {cls.name!r} driver")
+
+    @classmethod
+    def create_sync(cls: type[S], options: StorageCreateOptions) -> S:
+        """Synchronous :meth:`create`."""
+        return aio.run_sync(cls.create(options))
+
+    # --- properties -----------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Current size in bytes."""
+
+    @property
+    def writable(self) -> bool:
+        """Whether the storage was opened for writing."""
+        return True
+
+    @property
+    def filename(self) -> str | None:
+        """The name the storage was opened with, if it has one."""
+        return None
+
+    @property
+    def mem_align(self) -> int:
+        """Required alignment of buffer addresses for efficient I/O (1: none)."""
+        return 1
+
+    @property
+    def req_align(self) -> int:
+        """Required alignment of offsets and lengths for efficient I/O (1: none)."""
+        return 1
+
+    # --- I/O ----------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def readv(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Fill *bufs* with the bytes at *offset*; bytes past the end read as zero."""
+
+    @abc.abstractmethod
+    async def writev(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Write all of *bufs* at *offset*, growing the storage if needed."""
+
+    def readv_inline(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Synchronous :meth:`readv`, used by the synchronous API's fast path.
+
+        The default drives :meth:`readv` by hand; a storage can override it with direct
+        blocking I/O to save the coroutine overhead.
+        """
+        aio.run_sync(self.readv(bufs, offset))
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Make ``[offset, offset + length)`` read as zero.
+
+        ``unmap`` allows releasing the space (holes). The default writes zero buffers.
+        """
+        chunk = bytes(min(length, 1 << 20))
+        view = memoryview(chunk)
+        pos = 0
+        while pos < length:
+            step = min(length - pos, len(chunk))
+            await self.writev([view[:step]], offset + pos)
+            pos += step
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Hint that the range is no longer needed; its contents become undefined. Default: no-op."""
+
+    async def flush(self) -> None:
+        """Write back volatile caches (``fdatasync`` for files). Default: no-op."""
+
+    async def sync(self) -> None:
+        """Make everything durable, metadata included (``fsync`` for files). Default: :meth:`flush`."""
+        await self.flush()
+
+    @abc.abstractmethod
+    async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        """Grow or shrink to *new_size*, preparing new space as *prealloc* says."""
+
+    async def close(self) -> None:
+        """Release the storage's resources. Further I/O raises. Default: no-op."""
+
+    def resolve_relative_path(self, name: str) -> str:
+        """Turn a file name recorded in an image on this storage into one that can be opened.
+
+        The default keeps absolute names and resolves relative ones against the directory of
+        :attr:`filename` (or the working directory if the storage has no name).
+        """
+        if os.path.isabs(name):
+            return name
+        base = self.filename
+        directory = os.path.dirname(base) if base else ""
+        return os.path.join(directory, name) if directory else name
+
+    def __repr__(self) -> str:
+        name = self.filename
+        return f"<{type(self).__name__} {name!r}>" if name else f"<{type(self).__name__}>"

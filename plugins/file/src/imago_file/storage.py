@@ -1,0 +1,465 @@
+"""The ``file`` storage driver: local files and block devices.
+
+Reads and writes go with ``os.preadv``/``os.pwritev`` straight between the file and the
+caller's buffers. Without a running event loop (or under the synchronous API) I/O happens in
+place; under a loop a non-blocking attempt (``RWF_NOWAIT``) serves what the page cache
+holds, and the rest moves to imago's I/O threads. With ``direct=True`` the file is opened
+``O_DIRECT``; requests that miss the alignment are served through aligned bounce buffers
+(read-modify-write for writes, serialised against overlapping writes).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from collections.abc import Sequence
+
+from imago import (
+    ClosedError,
+    ImagoError,
+    InvalidOptionError,
+    PreallocateMode,
+    ReadOnlyError,
+    Storage,
+    StorageCreateOptions,
+    StorageOpenOptions,
+    UnsupportedFeatureError,
+    aio,
+)
+from imago.io_buffers import aligned_buffer, iovec_length, is_aligned, slice_iovec, zero_fill
+
+from . import syscalls
+
+__all__ = ["File"]
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+# Largest bounce buffer and zero-write chunk, to keep memory bounded for large requests.
+_CHUNK = 4 << 20
+# Alignments tried when probing what O_DIRECT needs; the largest is the safe fallback.
+_ALIGNMENTS = (1, 512, 1024, 2048, 4096)
+
+
+class File(Storage):
+    """A local file or block device.
+
+    Open with ``File.open_sync(StorageOpenOptions(filename=..., writable=..., direct=...))``;
+    create with ``File.create_sync(StorageCreateOptions(filename=..., size=..., overwrite=...))``.
+    """
+
+    name = "file"
+
+    def __init__(
+        self, fd: int, filename: str, *, writable: bool, direct: bool, block_device: bool, size: int
+    ) -> None:
+        self._fd = fd
+        self._filename = filename
+        self._writable = writable
+        self._direct = direct
+        self._block_device = block_device
+        self._size = size
+        self._nowait_read = True
+        self._nowait_write = True
+        self._mem_align = 1
+        self._req_align = 1
+        self._locks = aio.RangeLock()
+        if direct:
+            self._mem_align, self._req_align = self._probe_alignment()
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, options: StorageOpenOptions) -> File:
+        """Open ``options.filename`` (read-only unless ``writable``; ``O_DIRECT`` if ``direct``)."""
+        return await aio.run_blocking(cls._open_blocking, options, 0)
+
+    @classmethod
+    async def create(cls, options: StorageCreateOptions) -> File:
+        """Create the file (``overwrite`` replaces an existing one), sized and preallocated as asked."""
+        flags = os.O_CREAT | (os.O_TRUNC if options.overwrite else os.O_EXCL)
+        storage = await aio.run_blocking(cls._open_blocking, options.open_options(), flags)
+        try:
+            if storage._block_device:
+                raise UnsupportedFeatureError("creating a block device", options.filename)
+            if options.size or options.preallocate is not PreallocateMode.NONE:
+                await storage.resize(options.size, options.preallocate)
+        except BaseException:
+            await storage.close()
+            raise
+        return storage
+
+    @classmethod
+    def _open_blocking(cls, options: StorageOpenOptions, extra_flags: int) -> File:
+        filename = options.filename
+        if not filename:
+            raise InvalidOptionError("filename", "the file driver needs a file name")
+        flags = (os.O_RDWR if options.writable else os.O_RDONLY) | os.O_CLOEXEC | extra_flags
+        if options.direct:
+            flags |= os.O_DIRECT
+        fd = os.open(filename, flags, 0o644)
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISBLK(st.st_mode):
+                block_device, size = True, syscalls.block_device_size(fd)
+            elif stat.S_ISREG(st.st_mode):
+                block_device, size = False, st.st_size
+            elif stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filename)
+            else:
+                raise ImagoError(f"{filename}: not a regular file or block device")
+            return cls(
+                fd, filename, writable=options.writable, direct=options.direct, block_device=block_device, size=size
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _probe_alignment(self) -> tuple[int, int]:
+        """Find O_DIRECT's memory and request alignment by reading (never writing) the file."""
+        if self._block_device:
+            sector = syscalls.block_device_sector_size(self._fd)
+            return max(sector, 512), sector
+        largest = _ALIGNMENTS[-1]
+        if self._size < largest:
+            # Reads at the end of a file succeed whatever their alignment: nothing to learn.
+            return largest, largest
+        buf = aligned_buffer(2 * largest, largest)
+        req_align = largest
+        for align in _ALIGNMENTS:
+            if self._aligned_read_works(buf[:align]):
+                req_align = align
+                break
+        mem_align = largest
+        for align in _ALIGNMENTS:
+            if self._aligned_read_works(buf[align : align + req_align]):
+                mem_align = align
+                break
+        return mem_align, req_align
+
+    def _aligned_read_works(self, view: memoryview) -> bool:
+        try:
+            os.preadv(self._fd, [view], 0)
+        except OSError as error:
+            if error.errno == errno.EINVAL:
+                return False
+            raise
+        return True
+
+    # --- facts -----------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Size in bytes (block devices: as the kernel reports it)."""
+        return self._size
+
+    @property
+    def writable(self) -> bool:
+        """Whether the file was opened for writing."""
+        return self._writable
+
+    @property
+    def filename(self) -> str:
+        """The file name it was opened with."""
+        return self._filename
+
+    @property
+    def direct(self) -> bool:
+        """Whether the page cache is bypassed (``O_DIRECT``)."""
+        return self._direct
+
+    @property
+    def block_device(self) -> bool:
+        """Whether this is a block device rather than a regular file."""
+        return self._block_device
+
+    @property
+    def mem_align(self) -> int:
+        """Buffer address alignment O_DIRECT needs (1 without ``direct``)."""
+        return self._mem_align
+
+    @property
+    def req_align(self) -> int:
+        """Offset and length alignment O_DIRECT needs (1 without ``direct``)."""
+        return self._req_align
+
+    def fileno(self) -> int:
+        """The file descriptor."""
+        return self._live_fd()
+
+    def _live_fd(self) -> int:
+        fd = self._fd
+        if fd < 0:
+            raise ClosedError(f"{self._filename} is closed")
+        return fd
+
+    def _writable_fd(self) -> int:
+        fd = self._live_fd()
+        if not self._writable:
+            raise ReadOnlyError(self._filename)
+        return fd
+
+    # --- reading -----------------------------------------------------------------------------------
+
+    def readv_inline(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Blocking read in place (the synchronous API's fast path)."""
+        fd = self._live_fd()
+        if self._direct:
+            aio.run_sync(self.readv(bufs, offset))
+            return
+        if len(bufs) == 1 and os.preadv(fd, bufs, offset) == bufs[0].nbytes:
+            return
+        self._preadv_full(fd, bufs, offset)
+
+    async def readv(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Fill *bufs* from *offset*; bytes past the end of the file read as zero."""
+        fd = self._live_fd()
+        if self._direct and not is_aligned(bufs, offset, self._mem_align, self._req_align):
+            await self._readv_bounced(bufs, offset)
+        elif aio.inline():
+            self._preadv_full(fd, bufs, offset)
+        else:
+            done = self._try_nowait_read(fd, bufs, offset)
+            total = iovec_length(bufs)
+            if done < total:
+                await aio.run_blocking(self._preadv_full, fd, slice_iovec(bufs, done, total - done), offset + done)
+
+    def _try_nowait_read(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+        """Read what the page cache holds without blocking; returns the bytes read."""
+        if not self._nowait_read or len(bufs) > _IOV_MAX:
+            return 0
+        try:
+            return os.preadv(fd, bufs, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as error:
+            if error.errno in syscalls.UNSUPPORTED_ERRNOS:
+                self._nowait_read = False
+                return 0
+            raise
+
+    def _preadv_full(self, fd: int, bufs: Sequence[memoryview], offset: int) -> None:
+        """Read until every buffer is full; zero-fill past the end of the file."""
+        total = iovec_length(bufs)
+        done = 0
+        iov = bufs if len(bufs) <= _IOV_MAX else bufs[:_IOV_MAX]
+        while done < total:
+            if done:
+                rest = slice_iovec(bufs, done, total - done)
+                iov = rest[:_IOV_MAX]
+            count = os.preadv(fd, iov, offset + done)
+            if count == 0:
+                zero_fill(slice_iovec(bufs, done, total - done))
+                return
+            done += count
+
+    async def _readv_bounced(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Direct read of a misaligned request through an aligned buffer."""
+        align = self._req_align
+        total = iovec_length(bufs)
+        done = 0
+        while done < total:
+            step = min(total - done, _CHUNK)
+            start = (offset + done) // align * align
+            end = -(-(offset + done + step) // align) * align
+            bounce = aligned_buffer(end - start, max(self._mem_align, mmap.PAGESIZE))
+            await self._direct_read(bounce, start)
+            skip = offset + done - start
+            pos = 0
+            for view in slice_iovec(bufs, done, step):
+                view[:] = bounce[skip + pos : skip + pos + view.nbytes]
+                pos += view.nbytes
+            done += step
+
+    async def _direct_read(self, bounce: memoryview, offset: int) -> None:
+        await aio.run_blocking(self._preadv_full, self._live_fd(), [bounce], offset)
+
+    # --- writing -----------------------------------------------------------------------------------
+
+    async def writev(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Write all of *bufs* at *offset*, growing the file if needed."""
+        fd = self._writable_fd()
+        total = iovec_length(bufs)
+        if self._direct:
+            await self._writev_direct(fd, bufs, offset, total)
+        elif aio.inline():
+            self._pwritev_full(fd, bufs, offset)
+        else:
+            done = self._try_nowait_write(fd, bufs, offset)
+            if done < total:
+                await aio.run_blocking(self._pwritev_full, fd, slice_iovec(bufs, done, total - done), offset + done)
+        if offset + total > self._size:
+            self._size = offset + total
+
+    def _try_nowait_write(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+        if not self._nowait_write or len(bufs) > _IOV_MAX:
+            return 0
+        try:
+            return os.pwritev(fd, bufs, offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return 0
+        except OSError as error:
+            if error.errno in syscalls.UNSUPPORTED_ERRNOS:
+                self._nowait_write = False
+                return 0
+            raise
+
+    def _pwritev_full(self, fd: int, bufs: Sequence[memoryview], offset: int) -> None:
+        total = iovec_length(bufs)
+        done = 0
+        iov = bufs[:_IOV_MAX]
+        while done < total:
+            if done:
+                iov = slice_iovec(bufs, done, total - done)[:_IOV_MAX]
+            count = os.pwritev(fd, iov, offset + done)
+            if count <= 0:
+                raise OSError(errno.EIO, f"{self._filename}: write made no progress at offset {offset + done}")
+            done += count
+
+    async def _writev_direct(self, fd: int, bufs: Sequence[memoryview], offset: int, total: int) -> None:
+        """O_DIRECT write: aligned requests as they are, others by read-modify-write."""
+        align = self._req_align
+        start = offset // align * align
+        end = -(-(offset + total) // align) * align
+        token = await self._locks.acquire(start, end)
+        try:
+            if is_aligned(bufs, offset, self._mem_align, align):
+                await aio.run_blocking(self._pwritev_full, fd, bufs, offset)
+                return
+            old_size = self._size
+            done = 0
+            while done < total:
+                step = min(total - done, _CHUNK)
+                await self._write_bounced(fd, slice_iovec(bufs, done, step), offset + done, step)
+                done += step
+            if end > max(old_size, offset + total):
+                # The aligned write ran past the intended end of the file: cut the padding off.
+                await aio.run_blocking(os.ftruncate, fd, max(old_size, offset + total))
+        finally:
+            self._locks.release(token)
+
+    async def _write_bounced(self, fd: int, bufs: Sequence[memoryview], offset: int, length: int) -> None:
+        align = self._req_align
+        start = offset // align * align
+        end = -(-(offset + length) // align) * align
+        bounce = aligned_buffer(end - start, max(self._mem_align, mmap.PAGESIZE))
+        if start < offset:
+            await self._direct_read(bounce[:align], start)
+        if end > offset + length and (end - align >= start + align or start == offset):
+            await self._direct_read(bounce[end - start - align :], end - align)
+        pos = offset - start
+        for view in bufs:
+            bounce[pos : pos + view.nbytes] = view
+            pos += view.nbytes
+        await aio.run_blocking(self._pwritev_full, fd, [bounce], start)
+
+    # --- zeroes, discards, maintenance -------------------------------------------------------------
+
+    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+        """Zero the range: ``fallocate`` (punching a hole if *unmap*), else by writing zeroes."""
+        fd = self._writable_fd()
+        if length <= 0:
+            return
+        end = offset + length
+        inside = min(end, self._size) - offset  # punching holes cannot extend the file
+        try:
+            if unmap and inside > 0:
+                await aio.run_blocking(
+                    syscalls.fallocate, fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, offset, inside
+                )
+                if end > self._size:
+                    await self._grow_sparse(fd, offset + inside, end)
+            else:
+                await aio.run_blocking(syscalls.fallocate, fd, syscalls.FALLOC_FL_ZERO_RANGE, offset, length)
+                self._size = max(self._size, end)
+            return
+        except OSError as error:
+            if error.errno not in syscalls.UNSUPPORTED_ERRNOS:
+                raise
+        await super().write_zeroes(offset, length, unmap=unmap)
+
+    async def _grow_sparse(self, fd: int, start: int, end: int) -> None:
+        if self._block_device:
+            await super().write_zeroes(start, end - start)
+        else:
+            await aio.run_blocking(os.ftruncate, fd, end)
+            self._size = end
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Punch a hole where the file system can; a no-op where it cannot."""
+        fd = self._writable_fd()
+        inside = min(offset + length, self._size) - offset
+        if inside <= 0:
+            return
+        try:
+            await aio.run_blocking(
+                syscalls.fallocate, fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, offset, inside
+            )
+        except OSError as error:
+            if error.errno not in syscalls.UNSUPPORTED_ERRNOS:
+                raise
+
+    async def flush(self) -> None:
+        """``fdatasync``."""
+        fd = self._live_fd()
+        if self._writable:
+            await aio.run_blocking(os.fdatasync, fd)
+
+    async def sync(self) -> None:
+        """``fsync``."""
+        fd = self._live_fd()
+        if self._writable:
+            await aio.run_blocking(os.fsync, fd)
+
+    async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        """Grow or shrink the file; grown space is prepared as *prealloc* says.
+
+        ``NONE``/``ZERO``/``METADATA``: sparse; ``FALLOC``: reserved with ``fallocate``;
+        ``FULL``: zeroes written. Block devices cannot change size.
+        """
+        fd = self._writable_fd()
+        if new_size < 0:
+            raise InvalidOptionError("size", f"must not be negative, got {new_size}")
+        old_size = self._size
+        if self._block_device:
+            if new_size != old_size:
+                raise UnsupportedFeatureError(f"resizing a block device ({old_size} -> {new_size} bytes)", self._filename)
+            return
+        if new_size <= old_size or prealloc in (PreallocateMode.NONE, PreallocateMode.ZERO, PreallocateMode.METADATA):
+            await aio.run_blocking(os.ftruncate, fd, new_size)
+            self._size = new_size
+        elif prealloc is PreallocateMode.FALLOC:
+            try:
+                await aio.run_blocking(syscalls.fallocate, fd, 0, old_size, new_size - old_size)
+            except OSError as error:
+                if error.errno not in syscalls.UNSUPPORTED_ERRNOS:
+                    raise
+                await aio.run_blocking(os.posix_fallocate, fd, old_size, new_size - old_size)
+            self._size = new_size
+        else:
+            await self._write_zero_data(old_size, new_size)
+
+    async def _write_zero_data(self, start: int, end: int) -> None:
+        """Write real zero bytes to ``[start, end)`` (``FULL`` preallocation)."""
+        chunk = aligned_buffer(min(_CHUNK, end - start))
+        pos = start
+        while pos < end:
+            step = min(end - pos, chunk.nbytes)
+            await self.writev([chunk[:step]], pos)
+            pos += step
+
+    async def close(self) -> None:
+        """Close the file descriptor; closing twice does nothing."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", -1)
+        if fd >= 0:
+            self._fd = -1
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        mode = "rw" if self._writable else "ro"
+        return f"<File {self._filename!r} {mode}{' direct' if self._direct else ''}>"
