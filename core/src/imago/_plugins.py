@@ -118,7 +118,7 @@ class _Manager:
                 )
             )
         for name, plugin in self._extra:
-            sources.append((name, None, None, lambda plugin=plugin: plugin))
+            sources.append((name, None, None, _constant(plugin)))
         for name, distribution, version, load in sources:
             if name in registry.plugins:
                 name = f"{name}@{distribution}"
@@ -174,7 +174,7 @@ class _Manager:
             registry.duplicates[(duplicate.kind, duplicate.name)] = duplicate
             error = PluginLoadError(name, distribution, str(duplicate))
             error.__cause__ = duplicate
-        except Exception as exc:  # noqa: BLE001 - a broken plugin must not take down the others
+        except Exception as exc:
             error = PluginLoadError(name, distribution, f"{type(exc).__name__}: {exc}")
             error.__cause__ = exc
         if error is None:
@@ -190,6 +190,10 @@ class _Manager:
             cli_commands=tuple(found["cli"]) if error is None else (),
             error=error,
         )
+
+
+def _constant(value: object) -> Callable[[], object]:
+    return lambda: value
 
 
 def _call_each(hook: pluggy.HookCaller, register: Callable[..., None]) -> None:
@@ -267,4 +271,3 @@ def unregister_plugin(name: str) -> None:
 def reset() -> None:
     """Forget everything loaded; the next look-up scans the entry points again."""
     _manager.reset()
-

@@ -84,9 +84,7 @@ def open(
     """Synchronous :func:`open_async`: returns a :class:`SyncFormatAccess`."""
     return SyncFormatAccess(
         aio.run_sync(
-            open_async(
-                filename, format, write=write, gate=gate, direct=direct, storage_driver_name=storage_driver_name
-            )
+            open_async(filename, format, write=write, gate=gate, direct=direct, storage_driver_name=storage_driver_name)
         )
     )
 

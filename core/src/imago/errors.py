@@ -59,9 +59,7 @@ class DuplicateDriverError(PluginError):
         self.kind = kind
         self.name = name
         self.plugins = (first, second)
-        super().__init__(
-            f"{kind} driver {name!r} is registered twice: by plugin {first!r} and by plugin {second!r}"
-        )
+        super().__init__(f"{kind} driver {name!r} is registered twice: by plugin {first!r} and by plugin {second!r}")
 
 
 class InvalidDriverError(PluginError, TypeError):

@@ -18,7 +18,12 @@ if TYPE_CHECKING:
     from .format.driver import FormatDriver
     from .storage import Storage
 
-__all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
+__all__ = ["PROJECT_NAME", "CliConfigure", "CliRun", "hookimpl", "hookspec"]
+
+#: Adds a subcommand's arguments to its parser.
+CliConfigure = Callable[["argparse.ArgumentParser"], None]
+#: Runs a subcommand; returns the exit status (``None`` meaning 0).
+CliRun = Callable[["argparse.Namespace"], Any]
 
 #: The pluggy project name, and the entry-point group plugins are found under.
 PROJECT_NAME = "imago"
@@ -46,9 +51,7 @@ def imago_register_format_drivers(register: Callable[[type[FormatDriver]], None]
 
 
 @hookspec
-def imago_register_cli_commands(
-    register: Callable[[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], Any]], None],
-) -> None:
+def imago_register_cli_commands(register: Callable[[str, str, CliConfigure, CliRun], None]) -> None:
     """Register subcommands of the ``imago`` command line tool.
 
     Call ``register(name, help, configure, run)``: *configure* adds arguments to the

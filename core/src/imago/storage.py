@@ -62,6 +62,10 @@ class PreallocateMode(enum.Enum):
             raise InvalidOptionError("preallocation", f"unknown mode {value!r} (choose from {names})") from None
 
 
+def _preallocate_mode(value: PreallocateMode | str) -> PreallocateMode:
+    return PreallocateMode.parse(value)
+
+
 def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
     return None if value is None else os.fspath(value)
 
@@ -104,7 +108,7 @@ class StorageCreateOptions:
     filename: str | None = attrs.field(default=None, converter=_optional_path)
     #: Initial size in bytes.
     size: int = attrs.field(default=0, validator=_non_negative)
-    preallocate: PreallocateMode = attrs.field(default=PreallocateMode.NONE, converter=PreallocateMode.parse)
+    preallocate: PreallocateMode = attrs.field(default=PreallocateMode.NONE, converter=_preallocate_mode)
     #: Replace an existing file (its contents are lost); otherwise an existing file is an error.
     overwrite: bool = attrs.field(default=False, validator=_bool)
     driver: str = attrs.field(default="file", validator=_non_empty)

@@ -31,8 +31,11 @@ __all__ = ["FormatAccess"]
 
 
 class _CachedExtent(NamedTuple):
-    """A raw mapping kept from an earlier request: guest ``[start, end)`` lives in *storage*
-    at guest offset + *delta*, valid while the driver's mapping epoch equals *epoch*."""
+    """A raw mapping kept from an earlier request.
+
+    Guest ``[start, end)`` lives in *storage* at guest offset + *delta*; valid while the
+    driver's mapping epoch equals *epoch*.
+    """
 
     start: int
     end: int
@@ -42,9 +45,8 @@ class _CachedExtent(NamedTuple):
 
 
 def _non_negative(name: str, value: int) -> None:
-    if type(value) is not int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}")
+    if type(value) is not int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise InvalidRequestError(f"{name} must be an integer, got {type(value).__name__}")
     if value < 0:
         raise InvalidRequestError(f"{name} must not be negative, got {value}")
 
@@ -202,7 +204,7 @@ class FormatAccess:
     # --- mappings ---------------------------------------------------------------------------
 
     async def get_shallow_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
-        """This layer's own mapping at *offset* (``Indirect`` for data of a backing layer)."""
+        """The mapping of this layer alone at *offset* (``Indirect`` for data of a backing layer)."""
         _non_negative("max_length", max_length)
         if self._closed:
             raise ClosedError(f"{self._name()} is closed")
@@ -261,9 +263,8 @@ class FormatAccess:
     async def _data_mapping(self, offset: int, length: int, *, overwrite: bool) -> tuple[ShallowRaw, int]:
         driver = self._driver
         mapping, mapped = await driver.ensure_data_mapping(offset, length, overwrite)
-        if type(mapping) is not ShallowRaw or not mapping.writable or mapped <= 0:  # type: ignore[attr-defined]
+        if not isinstance(mapping, ShallowRaw) or not mapping.writable or mapped <= 0:
             raise ImagoError(f"{driver.name} driver returned no writable mapping for offset {offset}")
-        assert isinstance(mapping, ShallowRaw)
         return mapping, min(mapped, length)
 
     async def _write_zeroes_data(self, offset: int, length: int) -> None:
@@ -290,7 +291,9 @@ class FormatAccess:
         _non_negative("length", length)
         self._check_write(offset, length)
         if length:
-            await self._zero_range(offset, length, await self._driver.ensure_zero_mapping(offset, length), explicit=True)
+            await self._zero_range(
+                offset, length, await self._driver.ensure_zero_mapping(offset, length), explicit=True
+            )
 
     async def discard_to_zero(self, offset: int, length: int) -> None:
         """Make the range read as zero, freeing the space behind it where possible."""
@@ -365,7 +368,7 @@ class FormatAccess:
         return SyncFormatAccess(self)
 
     def as_file(self) -> io.RawIOBase:
-        """A seekable binary file object over the disk (synchronous; see :meth:`SyncFormatAccess.as_file`)."""
+        """A seekable binary file object over the disk (see :meth:`SyncFormatAccess.as_file`)."""
         return self.as_sync().as_file()
 
     async def __aenter__(self) -> FormatAccess:
@@ -377,4 +380,3 @@ class FormatAccess:
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         return f"<FormatAccess {self._driver.name} {self.filename!r} size={self.size}{state}>"
-

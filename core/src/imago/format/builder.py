@@ -6,7 +6,6 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
 
-
 from .. import aio
 from ..errors import BackingChainError, InvalidOptionError
 from ..storage import PreallocateMode, Storage, StorageOpenOptions

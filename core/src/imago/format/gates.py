@@ -52,17 +52,24 @@ def check_local_file_name(name: str | None) -> str:
 
 
 class ImplicitOpenGate(abc.ABC):
-    """Base of all gates. Subclasses implement :meth:`check_storage` (and may refine
-    :meth:`check_format`); opening itself is done here, through the driver registry."""
+    """Base of all gates.
+
+    Subclasses implement :meth:`check_storage` (and may refine :meth:`check_format`);
+    opening itself is done here, through the driver registry.
+    """
 
     @abc.abstractmethod
     async def check_storage(self, options: StorageOpenOptions) -> StorageOpenOptions:
-        """Allow opening a storage as *options* say (possibly adjusted), or raise
-        :class:`ImplicitOpenDeniedError`."""
+        """Allow opening a storage as *options* say, or raise :class:`ImplicitOpenDeniedError`.
+
+        Returns the options to open with (a gate may adjust them).
+        """
 
     async def check_format(self, builder: FormatDriverBuilder[Any]) -> None:
-        """Allow opening an image (e.g. a backing file) as *builder* says, or raise. Default: allow;
-        its file still passes :meth:`check_storage`."""
+        """Allow opening an image (e.g. a backing file) as *builder* says, or raise.
+
+        The default allows it; its file still passes :meth:`check_storage`.
+        """
 
     async def open_storage(self, options: StorageOpenOptions) -> Storage:
         """Check, then open a storage implicitly."""
@@ -113,8 +120,11 @@ def _real_dirs(directories: Iterable[str | os.PathLike[str]]) -> tuple[str, ...]
 
 @attrs.frozen
 class SandboxImplicitOpenGate(ImplicitOpenGate):
-    """Allows implicit opens only of regular local files whose real path (symbolic links
-    resolved) lies under one of *directories*, through the ``file`` driver."""
+    """Allows implicit opens only of regular local files under the given directories.
+
+    The real path (symbolic links resolved) must lie under one of *directories*, and the
+    file is opened through the ``file`` driver.
+    """
 
     directories: tuple[str, ...] = attrs.field(converter=_real_dirs)
 
@@ -127,7 +137,9 @@ class SandboxImplicitOpenGate(ImplicitOpenGate):
         """Allow regular files under the allowed directories; open them by their real path."""
         name = str(options.filename)
         if options.driver != "file":
-            raise ImplicitOpenDeniedError(name, f"the sandbox gate opens only local files, not {options.driver!r} storage")
+            raise ImplicitOpenDeniedError(
+                name, f"the sandbox gate opens only local files, not {options.driver!r} storage"
+            )
         real = os.path.realpath(name)
         if not self.allows(real):
             raise ImplicitOpenDeniedError(

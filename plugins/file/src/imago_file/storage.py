@@ -50,9 +50,7 @@ class File(Storage):
 
     name = "file"
 
-    def __init__(
-        self, fd: int, filename: str, *, writable: bool, direct: bool, block_device: bool, size: int
-    ) -> None:
+    def __init__(self, fd: int, filename: str, *, writable: bool, direct: bool, block_device: bool, size: int) -> None:
         self._fd = fd
         self._filename = filename
         self._writable = writable
@@ -423,7 +421,9 @@ class File(Storage):
         old_size = self._size
         if self._block_device:
             if new_size != old_size:
-                raise UnsupportedFeatureError(f"resizing a block device ({old_size} -> {new_size} bytes)", self._filename)
+                raise UnsupportedFeatureError(
+                    f"resizing a block device ({old_size} -> {new_size} bytes)", self._filename
+                )
             return
         if new_size <= old_size or prealloc in (PreallocateMode.NONE, PreallocateMode.ZERO, PreallocateMode.METADATA):
             await aio.run_blocking(os.ftruncate, fd, new_size)

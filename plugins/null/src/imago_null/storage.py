@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-
 from imago import ClosedError, InvalidOptionError, PreallocateMode, Storage, StorageCreateOptions, StorageOpenOptions
 from imago.io_buffers import zero_fill
 
@@ -87,4 +86,3 @@ class Null(Storage):
 
     def __repr__(self) -> str:
         return f"<Null size={self._size}>"
-
