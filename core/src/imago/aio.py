@@ -55,6 +55,14 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         coro.send(None)
     except StopIteration as stop:
         return stop.value  # type: ignore[no-any-return]
+    except RuntimeError as error:
+        # asyncio primitives (sleep, futures) that need a loop fail this way before suspending.
+        if str(error) != "no running event loop" or _get_running_loop() is not None:
+            raise
+        raise SuspendedInSyncModeError(
+            "an imago operation driven synchronously had to wait for an event loop (a driver awaited "
+            "something other than imago's I/O helpers)"
+        ) from error
     finally:
         state.depth -= 1
     coro.close()

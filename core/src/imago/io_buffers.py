@@ -42,9 +42,9 @@ def byte_view(buf: Any, *, writable: bool) -> memoryview:
         ) from None
     if writable and view.readonly:
         raise InvalidBufferError(f"cannot read into a read-only buffer ({type(buf).__name__})")
+    if not view.c_contiguous:
+        raise InvalidBufferError("buffers must be C-contiguous")
     if view.format != "B" or view.ndim != 1:
-        if not view.c_contiguous:
-            raise InvalidBufferError("buffers must be C-contiguous")
         view = view.cast("B")
     return view
 

@@ -56,18 +56,29 @@ class PreallocateMode(enum.Enum):
             aliases[mode.value] = mode
             aliases[mode.name.lower()] = mode
         try:
-            return aliases[str(value).lower()]
+            if not isinstance(value, str):
+                raise KeyError(value)  # None, numbers, ...: not a mode name
+            return aliases[value.lower()]
         except KeyError:
             names = ", ".join(sorted({m.value for m in cls}))
             raise InvalidOptionError("preallocation", f"unknown mode {value!r} (choose from {names})") from None
 
 
 def _preallocate_mode(value: PreallocateMode | str) -> PreallocateMode:
-    return PreallocateMode.parse(value)
+    try:
+        return PreallocateMode.parse(value)
+    except InvalidOptionError as error:
+        # Name the field, not qemu-img's option name.
+        raise InvalidOptionError("preallocate", error.problem) from None
 
 
 def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
-    return None if value is None else os.fspath(value)
+    if value is None:
+        return None
+    path = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(path, str):
+        raise InvalidOptionError("filename", f"must be a str or os.PathLike path, got {value!r}")
+    return path
 
 
 def _non_empty(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:

@@ -111,7 +111,12 @@ class DenyImplicitOpenGate(ImplicitOpenGate):
         )
 
 
-def _real_dirs(directories: Iterable[str | os.PathLike[str]]) -> tuple[str, ...]:
+def _real_dirs(
+    directories: Iterable[str | os.PathLike[str]] | str | os.PathLike[str],
+) -> tuple[str, ...]:
+    if isinstance(directories, (str, os.PathLike)):
+        # One directory, not an iterable of one-character names (which would include "/").
+        directories = [directories]
     dirs = tuple(os.path.realpath(os.fspath(d)) for d in directories)
     if not dirs:
         raise ValueError("SandboxImplicitOpenGate needs at least one allowed directory")

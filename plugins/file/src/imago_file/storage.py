@@ -114,30 +114,42 @@ class File(Storage):
             raise
 
     def _probe_alignment(self) -> tuple[int, int]:
-        """Find O_DIRECT's memory and request alignment by reading (never writing) the file."""
+        """Find O_DIRECT's memory and request alignment without ever writing to the file.
+
+        The kernel says it where it can (``statx``); otherwise aligned reads are tried where
+        the file has data (reads of holes and past the end succeed at any alignment, so they
+        teach nothing), and the largest candidate is the safe fallback.
+        """
         if self._block_device:
             sector = syscalls.block_device_sector_size(self._fd)
             return max(sector, 512), sector
+        reported = syscalls.direct_io_alignment(self._fd)
+        if reported is not None:
+            return reported
         largest = _ALIGNMENTS[-1]
-        if self._size < largest:
-            # Reads at the end of a file succeed whatever their alignment: nothing to learn.
+        try:
+            data = os.lseek(self._fd, 0, os.SEEK_DATA)
+        except OSError:
+            return largest, largest
+        position = -(-data // largest) * largest
+        if position + largest > self._size or os.lseek(self._fd, position, os.SEEK_HOLE) < position + largest:
             return largest, largest
         buf = aligned_buffer(2 * largest, largest)
         req_align = largest
         for align in _ALIGNMENTS:
-            if self._aligned_read_works(buf[:align]):
+            if self._aligned_read_works(buf[:align], position):
                 req_align = align
                 break
         mem_align = largest
         for align in _ALIGNMENTS:
-            if self._aligned_read_works(buf[align : align + req_align]):
+            if self._aligned_read_works(buf[align : align + req_align], position):
                 mem_align = align
                 break
         return mem_align, req_align
 
-    def _aligned_read_works(self, view: memoryview) -> bool:
+    def _aligned_read_works(self, view: memoryview, position: int) -> bool:
         try:
-            os.preadv(self._fd, [view], 0)
+            os.preadv(self._fd, [view], position)
         except OSError as error:
             if error.errno == errno.EINVAL:
                 return False

@@ -16,6 +16,7 @@ __all__ = [
     "UNSUPPORTED_ERRNOS",
     "block_device_sector_size",
     "block_device_size",
+    "direct_io_alignment",
     "fallocate",
 ]
 
@@ -40,6 +41,33 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+_STATX_DIOALIGN = 0x2000
+_AT_EMPTY_PATH = 0x1000
+_STATX_SIZE = 256
+_STATX_DIO_MEM_ALIGN = 152  # byte offsets of stx_dio_mem_align and stx_dio_offset_align
+_statx = getattr(_libc, "statx", None)
+if _statx is not None:
+    _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.c_void_p]
+    _statx.restype = ctypes.c_int
+
+
+def direct_io_alignment(fd: int) -> tuple[int, int] | None:
+    """``(memory, offset)`` alignment O_DIRECT needs, from ``statx(STATX_DIOALIGN)``.
+
+    ``None`` when the kernel or file system does not report it (before Linux 6.1).
+    """
+    if _statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _statx(fd, b"", _AT_EMPTY_PATH, _STATX_DIOALIGN, buf) != 0:
+        return None
+    mask = struct.unpack_from("I", buf, 0)[0]
+    mem_align, offset_align = struct.unpack_from("II", buf, _STATX_DIO_MEM_ALIGN)
+    if not mask & _STATX_DIOALIGN or not mem_align or not offset_align:
+        return None
+    return int(mem_align), int(offset_align)
 
 
 def block_device_size(fd: int) -> int:

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from imago import ClosedError, InvalidOptionError, PreallocateMode, Storage, StorageCreateOptions, StorageOpenOptions
+from imago import (
+    ClosedError,
+    InvalidOptionError,
+    PreallocateMode,
+    ReadOnlyError,
+    Storage,
+    StorageCreateOptions,
+    StorageOpenOptions,
+)
 from imago.io_buffers import zero_fill
 
 __all__ = ["Null"]
@@ -57,6 +65,11 @@ class Null(Storage):
         if self._closed:
             raise ClosedError("null storage is closed")
 
+    def _check_writable(self) -> None:
+        self._check()
+        if not self._writable:
+            raise ReadOnlyError("null storage")
+
     async def readv(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Fill *bufs* with zeroes."""
         self._check()
@@ -69,15 +82,15 @@ class Null(Storage):
 
     async def writev(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Drop the data."""
-        self._check()
+        self._check_writable()
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Nothing to do: everything reads as zero."""
-        self._check()
+        self._check_writable()
 
     async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
         """Change the size."""
-        self._check()
+        self._check_writable()
         self._size = new_size
 
     async def close(self) -> None:
