@@ -7,6 +7,7 @@ import asyncio
 import io
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
@@ -192,7 +193,7 @@ class FormatConformance(abc.ABC):
         image.write(b"keep me", 0)
         image = self._reopen(image, writable=False)
         assert not image.writable
-        for call in (
+        changes: list[Callable[[], None]] = [
             lambda: image.write(b"x", 0),
             lambda: image.writev([b"x"], 0),
             lambda: image.write_zeroes(0, 4096),
@@ -200,7 +201,8 @@ class FormatConformance(abc.ABC):
             lambda: image.discard_to_any(0, 4096),
             lambda: image.discard_to_backing(0, 4096),
             lambda: image.resize(2 * _SIZE),
-        ):
+        ]
+        for call in changes:
             with pytest.raises(ReadOnlyError):
                 call()
         assert self._read(image, 0, 7) == b"keep me"
@@ -261,7 +263,7 @@ class FormatConformance(abc.ABC):
             deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         )
-        Workload.TestCase().runTest()  # type: ignore[no-untyped-call]
+        Workload.TestCase().runTest()
 
 
 _offsets = st.integers(min_value=0, max_value=_SIZE - 1)
