@@ -257,8 +257,8 @@ def test_write_zeroes_uses_metadata_for_whole_blocks_and_data_for_the_rest() -> 
     top, base = make_chain()
     access = SyncFormatAccess(top)
     access.write_zeroes(BLOCK + 100, 3 * BLOCK)
-    assert top.table[2] == ("zero", True) and top.table[3] == ("zero", True)
-    assert top.table[1][0] == "data" and top.table[4][0] == "data"
+    assert top.table[2] == top.table[3] == ("zero", True)
+    assert top.table[1][0] == top.table[4][0] == "data"
     expected = bytearray(base)
     expected[BLOCK + 100 : 4 * BLOCK + 100] = bytes(3 * BLOCK)
     assert read(access, 0, len(base)) == expected
@@ -275,7 +275,7 @@ def test_discard_to_backing_and_partial_refusal() -> None:
 
 
 def test_mapping_cache_follows_mapping_changes() -> None:
-    top, base = make_chain()
+    top, _ = make_chain()
     access = SyncFormatAccess(top)
     access.write(b"a" * 2 * BLOCK, 20 * BLOCK)
     assert read(access, 20 * BLOCK, 10) == b"a" * 10
@@ -389,7 +389,8 @@ def test_close_closes_backing_chain() -> None:
     top, _ = make_chain()
     access = SyncFormatAccess(top)
     access.close()
-    assert top.backing is not None and top.backing.closed
+    assert top.backing is not None
+    assert top.backing.closed
 
 
 def test_raw_over_null_from_the_issue_example() -> None:

@@ -40,6 +40,9 @@ T = TypeVar("T")
 # Where the in-repo drivers come from, so a missing one names what to install.
 _KNOWN_DISTRIBUTIONS = {"file": "imago-file", "null": "imago-null", "raw": "imago-raw", "qcow2": "imago-qcow2"}
 
+# Subcommands the core's CLI defines itself (``imago.cli``); a plugin may not take their names.
+_CORE_CLI_COMMANDS = frozenset({"plugins"})
+
 
 @attrs.frozen(kw_only=True)
 class PluginInfo:
@@ -156,6 +159,8 @@ class _Manager:
         def register_cli(command: str, help: str, configure: Any, run: Any) -> None:
             if not isinstance(command, str) or not command:
                 raise InvalidDriverError(f"CLI command must have a non-empty name, got {command!r}")
+            if command in _CORE_CLI_COMMANDS:
+                raise DuplicateDriverError("CLI command", command, "imago-core", name)
             if command in registry.cli or command in found["cli"]:
                 previous = registry.cli[command].plugin if command in registry.cli else name
                 raise DuplicateDriverError("CLI command", command, previous, name)
