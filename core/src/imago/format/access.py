@@ -58,6 +58,13 @@ class FormatAccess:
     recurses into backing layers and fills zeroes. Requests must lie inside the disk; writes
     need an image opened for writing. Closing (:meth:`close`) flushes and releases the
     driver, its storages and its backing layers.
+
+    Many reads and writes may be in flight at once. Destructive operations (the
+    ``discard_*`` methods, :meth:`resize`, :meth:`close`) may invalidate mappings that other
+    requests already hold: the caller must give them exclusive use of the affected range
+    (for :meth:`resize` and :meth:`close`, of the whole image), i.e. not overlap them with
+    other requests. Mappings returned by :meth:`get_mapping` are likewise only valid until
+    the next write or destructive operation on their range.
     """
 
     def __init__(self, driver: FormatDriver) -> None:
