@@ -123,9 +123,11 @@ class _Manager:
         for name, plugin in self._extra:
             sources.append((name, None, None, _constant(plugin)))
         for name, distribution, version, load in sources:
-            if name in registry.plugins:
-                name = f"{name}@{distribution}"
-            registry.plugins[name] = self._load_one(registry, name, distribution, version, load)
+            label, copy = name, 1
+            while label in registry.plugins:  # the same entry-point name from several sources
+                copy += 1
+                label = f"{name}@{distribution}" if copy == 2 and distribution else f"{name}#{copy}"
+            registry.plugins[label] = self._load_one(registry, label, distribution, version, load)
         return registry
 
     def _load_one(
@@ -156,16 +158,18 @@ class _Manager:
 
             return register
 
-        def register_cli(command: str, help: str, configure: Any, run: Any) -> None:
-            if not isinstance(command, str) or not command:
-                raise InvalidDriverError(f"CLI command must have a non-empty name, got {command!r}")
-            if command in _CORE_CLI_COMMANDS:
-                raise DuplicateDriverError("CLI command", command, "imago-core", name)
-            if command in registry.cli or command in found["cli"]:
-                previous = registry.cli[command].plugin if command in registry.cli else name
-                raise DuplicateDriverError("CLI command", command, previous, name)
-            found["cli"].append(command)
-            staged.cli[command] = CliCommand(name=command, help=help, configure=configure, run=run, plugin=name)
+        plugin_name = name
+
+        def register_cli(name: str, help: str, configure: Any, run: Any) -> None:
+            if not isinstance(name, str) or not name:
+                raise InvalidDriverError(f"CLI command must have a non-empty name, got {name!r}")
+            if name in _CORE_CLI_COMMANDS:
+                raise DuplicateDriverError("CLI command", name, "imago-core", plugin_name)
+            if name in registry.cli or name in found["cli"]:
+                previous = registry.cli[name].plugin if name in registry.cli else plugin_name
+                raise DuplicateDriverError("CLI command", name, previous, plugin_name)
+            found["cli"].append(name)
+            staged.cli[name] = CliCommand(name=name, help=help, configure=configure, run=run, plugin=plugin_name)
 
         error: PluginLoadError | None = None
         try:
@@ -179,7 +183,7 @@ class _Manager:
             registry.duplicates[(duplicate.kind, duplicate.name)] = duplicate
             error = PluginLoadError(name, distribution, str(duplicate))
             error.__cause__ = duplicate
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() on import is broken too
             error = PluginLoadError(name, distribution, f"{type(exc).__name__}: {exc}")
             error.__cause__ = exc
         if error is None:

@@ -111,6 +111,9 @@ class RangeLock:
     async def acquire(self, start: int, end: int) -> int:
         """Wait until no held range overlaps ``[start, end)``, then hold it; returns a token."""
         while (released := self._overlapping(start, end)) is not None:
+            if _get_running_loop() is None:
+                # Without a loop there is nothing to wait with (asyncio.Event would fail obscurely).
+                raise SuspendedInSyncModeError(f"byte range [{start}, {end}) is held by another request")
             await released.wait()
         token = self._next_id
         self._next_id += 1

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .. import _plugins
-from ..errors import ImagoError
+from ..errors import ImagoError, PluginLoadError
 from .plugins import configure_plugins, run_plugins
 
 __all__ = ["build_parser", "main"]
@@ -27,9 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     plugins_parser.set_defaults(run=run_plugins)
     for command in _plugins.cli_commands().values():
         sub = commands.add_parser(command.name, help=command.help)
-        command.configure(sub)
-        sub.set_defaults(run=command.run)
+        try:
+            command.configure(sub)
+        except Exception as error:
+            sub.set_defaults(run=_broken(command.name, command.plugin, error))
+        else:
+            sub.set_defaults(run=command.run)
     return parser
+
+
+def _broken(command: str, plugin: str, error: Exception) -> Callable[[argparse.Namespace], int]:
+    def run(_args: argparse.Namespace) -> int:
+        raise PluginLoadError(plugin, None, f"command {command!r} could not be set up: {type(error).__name__}: {error}")
+
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

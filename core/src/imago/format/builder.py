@@ -107,6 +107,11 @@ class FormatDriverBuilder(Generic[D]):
 
     async def open_storage(self, gate: ImplicitOpenGate) -> Storage:
         """The storage to open the image on: the given one, or the path opened through *gate*."""
+        if self._path is not None:
+            from .gates import check_local_file_name
+
+            # Before identity(): realpath fails on a NUL byte with a bare ValueError.
+            check_local_file_name(self._path)
         identity = self.identity()
         if identity in self._chain:
             raise BackingChainError(identity, "the chain of backing files loops back to this file")

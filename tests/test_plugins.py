@@ -1,0 +1,755 @@
+"""The plugin system: entry-point loading, the driver registry and its error paths."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import importlib_metadata
+import pytest
+
+import imago
+import imago._plugins
+from imago import DenyImplicitOpenGate, SyncFormatAccess
+
+FIXTURE_DISTRIBUTION = Path(__file__).parent / "fixtures" / "thirdparty_plugin"
+
+RunPython = Callable[..., subprocess.CompletedProcess[str]]
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def storage_class(name: Any) -> type[imago.Storage]:
+    """An (abstract) storage driver class called *name*: enough to be registered."""
+    return type(f"Storage_{name}", (imago.Storage,), {"name": name})
+
+
+def format_class(name: Any) -> type[imago.FormatDriver]:
+    """An (abstract) format driver class called *name*."""
+    return type(f"Format_{name}", (imago.FormatDriver,), {"name": name})
+
+
+def make_plugin(storage: Sequence[Any] = (), formats: Sequence[Any] = ()) -> types.SimpleNamespace:
+    """A plugin object registering exactly the given objects, in order."""
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: Callable[[Any], None]) -> None:
+        for cls in storage:
+            register(cls)
+
+    @imago.hookimpl
+    def imago_register_format_drivers(register: Callable[[Any], None]) -> None:
+        for cls in formats:
+            register(cls)
+
+    return types.SimpleNamespace(
+        imago_register_storage_drivers=imago_register_storage_drivers,
+        imago_register_format_drivers=imago_register_format_drivers,
+    )
+
+
+def plugin_info(name: str) -> imago.PluginInfo:
+    found = [info for info in imago.plugins() if info.name == name]
+    assert len(found) == 1, [info.name for info in imago.plugins()]
+    return found[0]
+
+
+def null_raw_roundtrip() -> bytes:
+    """Write and read back through raw-on-null, looked up by name: proves both still work."""
+    null = imago.storage_driver("null")(1 << 16)
+    raw = imago.format_driver("raw")
+    with SyncFormatAccess(raw.builder(null).write(True).open_sync(DenyImplicitOpenGate())) as image:
+        image.write(b"\xaa" * 512, 512)
+        buf = bytearray(b"\xff" * 1024)
+        image.read(buf, 0)
+        return bytes(buf)
+
+
+def write_distribution(
+    site: Path,
+    distribution: str,
+    version: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str],
+) -> None:
+    """Make *site* look like an installed distribution: a ``.dist-info`` and its modules."""
+    site.mkdir(parents=True, exist_ok=True)
+    dist_info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
+    lines = ["[imago]", *(f"{name} = {target}" for name, target in entry_points.items())]
+    (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    for module, source in modules.items():
+        (site / f"{module}.py").write_text(textwrap.dedent(source))
+
+
+def run_script(run_python: RunPython, script: str, pythonpath: Sequence[Path]) -> Any:
+    """Run *script* in a fresh interpreter; it prints one JSON document as its last line."""
+    result = run_python(["-c", textwrap.dedent(script)], pythonpath=pythonpath)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+# Plugin modules for the entry-point tests (run in subprocesses).
+STORAGE_PLUGIN_SOURCE = """
+    import imago
+
+    class {cls}(imago.Storage):
+        name = {driver!r}
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register):
+        register({cls})
+"""
+
+IMPORT_FAILS_SOURCE = """
+    raise RuntimeError("this plugin cannot be imported")
+"""
+
+HOOK_FAILS_SOURCE = """
+    import imago
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register):
+        raise RuntimeError("this plugin's hook fails")
+"""
+
+# Reports what a fresh interpreter sees of the plugin "broken" and of the healthy drivers.
+BROKEN_REPORT_SCRIPT = """
+    import json
+    import imago
+    from imago import DenyImplicitOpenGate, SyncFormatAccess
+
+    infos = {info.name: info for info in imago.plugins()}
+    broken = infos["broken"]
+    try:
+        imago.storage_driver("broken")
+    except imago.DriverNotFoundError as error:
+        lookup = {
+            "message": str(error),
+            "cause_is_load_error": error.__cause__ is broken.error,
+            "lookup_error": isinstance(error, LookupError),
+        }
+    null = imago.storage_driver("null")(4096)
+    with SyncFormatAccess(imago.format_driver("raw").builder(null).open_sync(DenyImplicitOpenGate())) as image:
+        size = image.size
+    print(json.dumps({
+        "error_type": type(broken.error).__name__,
+        "cause_type": type(broken.error.__cause__).__name__,
+        "cause_message": str(broken.error.__cause__),
+        "distribution": broken.distribution,
+        "error_distribution": broken.error.distribution,
+        "error_plugin": broken.error.plugin,
+        "storage_drivers": list(broken.storage_drivers),
+        "others": {name: info.error is None for name, info in infos.items() if name != "broken"},
+        "lookup": lookup,
+        "null_raw_size": size,
+    }))
+"""
+
+
+# --- the in-repo plugins ---------------------------------------------------------------------
+
+
+def test_in_repo_drivers_are_registered() -> None:
+    import imago_file
+    import imago_null
+    import imago_raw
+
+    storage = imago.storage_drivers()
+    formats = imago.format_drivers()
+    assert storage["file"] is imago_file.File
+    assert storage["null"] is imago_null.Null
+    assert formats["raw"] is imago_raw.Raw
+    assert imago.format_driver("raw") is imago_raw.Raw
+    assert imago.storage_driver("file") is imago_file.File
+    assert imago.storage_driver("null") is imago_null.Null
+
+
+def test_in_repo_plugins_report_their_distributions() -> None:
+    infos = {info.name: info for info in imago.plugins()}
+    expected = {"file": "imago-file", "null": "imago-null", "raw": "imago-raw"}
+    for name, distribution in expected.items():
+        info = infos[name]
+        assert info.distribution == distribution
+        assert info.version == importlib.metadata.version(distribution)
+        assert info.error is None
+    assert infos["file"].storage_drivers == ("file",)
+    assert infos["null"].storage_drivers == ("null",)
+    assert infos["raw"].format_drivers == ("raw",)
+    assert infos["raw"].storage_drivers == ()
+
+
+def test_drivers_found_by_name_do_io() -> None:
+    data = null_raw_roundtrip()
+    # null drops writes: everything reads back as zero, and the buffer was fully overwritten.
+    assert data == bytes(1024)
+
+
+# --- a third-party distribution, really installed --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def thirdparty_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The fixture distribution installed with pip into a fresh target directory."""
+    before = sorted(p.relative_to(FIXTURE_DISTRIBUTION) for p in FIXTURE_DISTRIBUTION.rglob("*"))
+    work = tmp_path_factory.mktemp("thirdparty")
+    source = work / "src-tree"
+    shutil.copytree(FIXTURE_DISTRIBUTION, source, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    site = work / "site"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (site / "imago_memory" / "storage.py").is_file()
+    assert list(site.glob("imago_memory_example-0.7.1.dist-info"))
+    after = sorted(p.relative_to(FIXTURE_DISTRIBUTION) for p in FIXTURE_DISTRIBUTION.rglob("*"))
+    assert after == before, "installing must not leave build artefacts in the repository"
+    return site
+
+
+def test_thirdparty_distribution_provides_a_storage(run_python: RunPython, thirdparty_site: Path) -> None:
+    report = run_script(
+        run_python,
+        """
+        import json
+        import imago
+        import imago_memory
+        import imago_raw
+
+        infos = {info.name: info for info in imago.plugins()}
+        memory = infos["memory"]
+        cls = imago.storage_driver("memory")
+
+        storage = cls(0)
+        imago_raw.Raw.create_builder(storage).size(1 << 20).create_sync()
+        image = imago.SyncFormatAccess(
+            imago_raw.Raw.builder(storage).write(True).open_sync(imago.DenyImplicitOpenGate())
+        )
+        image.write(b"hello, memory" * 100, 4096 + 3)
+        buf = bytearray(1300)
+        image.read(buf, 4096 + 3)
+        head = bytearray(16)
+        image.read(head, 0)
+        size = image.size
+        image.close()
+
+        print(json.dumps({
+            "module": imago_memory.__file__,
+            "distribution": memory.distribution,
+            "version": memory.version,
+            "storage_drivers": list(memory.storage_drivers),
+            "cli_commands": list(memory.cli_commands),
+            "error": None if memory.error is None else str(memory.error),
+            "is_class": cls is imago_memory.Memory,
+            "in_table": imago.storage_drivers().get("memory") is imago_memory.Memory,
+            "others": sorted(name for name, info in infos.items() if info.error is None),
+            "read_back": buf == b"hello, memory" * 100,
+            "head_zero": head == bytes(16),
+            "size": size,
+            "stored": storage.contents[4096 + 3 : 4096 + 3 + 13].decode(),
+        }))
+        """,
+        [thirdparty_site],
+    )
+    assert Path(report["module"]).is_relative_to(thirdparty_site)
+    assert report["distribution"] == "imago-memory-example"
+    assert report["version"] == "0.7.1"
+    assert report["storage_drivers"] == ["memory"]
+    assert report["cli_commands"] == ["memory-demo"]
+    assert report["error"] is None
+    assert report["is_class"] is True
+    assert report["in_table"] is True
+    assert {"file", "null", "raw", "memory"} <= set(report["others"])
+    assert report["read_back"] is True
+    assert report["head_zero"] is True
+    assert report["size"] == 1 << 20
+    assert report["stored"] == "hello, memory"
+
+
+def test_thirdparty_distribution_in_imago_plugins(run_python: RunPython, thirdparty_site: Path) -> None:
+    human = run_python(["-m", "imago.cli", "plugins"], pythonpath=[thirdparty_site])
+    assert human.returncode == 0, human.stderr
+    lines = human.stdout.splitlines()
+    index = lines.index("memory (imago-memory-example 0.7.1)")
+    assert lines[index + 1].split() == ["storage", "drivers:", "memory"]
+    assert lines[index + 2].split() == ["commands:", "memory-demo"]
+    assert "raw (imago-raw " in human.stdout
+    assert "ERROR" not in human.stdout
+
+    as_json = run_python(["-m", "imago.cli", "plugins", "--output", "json"], pythonpath=[thirdparty_site])
+    assert as_json.returncode == 0, as_json.stderr
+    entries = {entry["name"]: entry for entry in json.loads(as_json.stdout)}
+    assert entries["memory"] == {
+        "name": "memory",
+        "distribution": "imago-memory-example",
+        "version": "0.7.1",
+        "storage-drivers": ["memory"],
+        "format-drivers": [],
+        "cli-commands": ["memory-demo"],
+        "error": None,
+    }
+    assert entries["null"]["storage-drivers"] == ["null"]
+
+
+def test_thirdparty_cli_command(run_python: RunPython, thirdparty_site: Path) -> None:
+    helped = run_python(["-m", "imago.cli", "--help"], pythonpath=[thirdparty_site])
+    assert helped.returncode == 0, helped.stderr
+    assert "memory-demo" in helped.stdout
+    ran = run_python(["-m", "imago.cli", "memory-demo", "4096"], pythonpath=[thirdparty_site])
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "memory storage of 4096 bytes\n"
+
+
+def test_thirdparty_plugin_absent_without_its_path(run_python: RunPython) -> None:
+    report = run_script(
+        run_python,
+        """
+        import json
+        import imago
+        try:
+            imago.storage_driver("memory")
+        except imago.DriverNotFoundError as error:
+            print(json.dumps({"message": str(error), "distribution": error.distribution}))
+        """,
+        [],
+    )
+    assert report["distribution"] == "imago-memory"
+    assert "'imago-memory'" in report["message"]
+
+
+# --- broken and duplicate plugins found through entry points ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("module_source", "cause_type", "cause_message"),
+    [
+        pytest.param(IMPORT_FAILS_SOURCE, "RuntimeError", "this plugin cannot be imported", id="import-raises"),
+        pytest.param(HOOK_FAILS_SOURCE, "RuntimeError", "this plugin's hook fails", id="hook-raises"),
+        pytest.param(None, "ModuleNotFoundError", "No module named 'imago_broken_plugin'", id="module-missing"),
+    ],
+)
+def test_broken_entry_point_plugin(
+    tmp_path: Path, run_python: RunPython, module_source: str | None, cause_type: str, cause_message: str
+) -> None:
+    modules = {} if module_source is None else {"imago_broken_plugin": module_source}
+    write_distribution(tmp_path, "imago-broken", "2.0", {"broken": "imago_broken_plugin"}, modules)
+    report = run_script(run_python, BROKEN_REPORT_SCRIPT, [tmp_path])
+    assert report["error_type"] == "PluginLoadError"
+    assert report["cause_type"] == cause_type
+    assert report["cause_message"] == cause_message
+    assert report["distribution"] == "imago-broken"
+    assert report["error_distribution"] == "imago-broken"
+    assert report["error_plugin"] == "broken"
+    assert report["storage_drivers"] == []
+    assert report["others"]["file"] is True
+    assert report["others"]["null"] is True
+    assert report["others"]["raw"] is True
+    assert report["lookup"]["cause_is_load_error"] is True
+    assert report["lookup"]["lookup_error"] is True
+    assert "'imago-broken'" in report["lookup"]["message"]
+    assert cause_message in report["lookup"]["message"]
+    assert report["null_raw_size"] == 4096
+
+    listed = run_python(["-m", "imago.cli", "plugins"], pythonpath=[tmp_path])
+    assert listed.returncode == 1
+    assert "Traceback" not in listed.stderr
+    lines = listed.stdout.splitlines()
+    index = lines.index("broken (imago-broken 2.0)")
+    assert lines[index + 1].strip() == f"ERROR: {cause_type}: {cause_message}"
+    assert "null (imago-null " in listed.stdout
+
+    as_json = run_python(["-m", "imago.cli", "plugins", "--output", "json"], pythonpath=[tmp_path])
+    assert as_json.returncode == 1
+    entries = {entry["name"]: entry for entry in json.loads(as_json.stdout)}
+    assert cause_message in entries["broken"]["error"]
+    assert entries["raw"]["error"] is None
+
+
+def test_duplicate_entry_point_drivers(tmp_path: Path, run_python: RunPython) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_distribution(
+        first,
+        "imago-dup-one",
+        "1.0",
+        {"dup-one": "imago_dup_one"},
+        {"imago_dup_one": STORAGE_PLUGIN_SOURCE.format(cls="One", driver="dup")},
+    )
+    write_distribution(
+        second,
+        "imago-dup-two",
+        "1.0",
+        {"dup-two": "imago_dup_two"},
+        {"imago_dup_two": STORAGE_PLUGIN_SOURCE.format(cls="Two", driver="dup")},
+    )
+    report = run_script(
+        run_python,
+        """
+        import json
+        import imago
+
+        infos = {info.name: info for info in imago.plugins()}
+        try:
+            imago.storage_driver("dup")
+        except imago.DuplicateDriverError as error:
+            duplicate = {"plugins": list(error.plugins), "kind": error.kind, "name": error.name}
+        print(json.dumps({
+            "one": [list(infos["dup-one"].storage_drivers), infos["dup-one"].error is None],
+            "two": [list(infos["dup-two"].storage_drivers), str(infos["dup-two"].error)],
+            "two_cause": type(infos["dup-two"].error.__cause__).__name__,
+            "duplicate": duplicate,
+            "null": imago.storage_driver("null").__name__,
+            "raw": imago.format_driver("raw").__name__,
+        }))
+        """,
+        [first, second],
+    )
+    # sys.path order decides which plugin comes first.
+    assert report["one"] == [["dup"], True]
+    assert report["two"][0] == []
+    assert "'dup' is registered twice" in report["two"][1]
+    assert report["two_cause"] == "DuplicateDriverError"
+    assert report["duplicate"] == {"plugins": ["dup-one", "dup-two"], "kind": "storage", "name": "dup"}
+    assert report["null"] == "Null"
+    assert report["raw"] == "Raw"
+
+
+def test_same_entry_point_name_in_two_distributions(tmp_path: Path, run_python: RunPython) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_distribution(
+        first,
+        "imago-extra-a",
+        "1.0",
+        {"extra": "imago_extra_a"},
+        {"imago_extra_a": STORAGE_PLUGIN_SOURCE.format(cls="A", driver="extra-a")},
+    )
+    write_distribution(
+        second,
+        "imago-extra-b",
+        "1.0",
+        {"extra": "imago_extra_b"},
+        {"imago_extra_b": STORAGE_PLUGIN_SOURCE.format(cls="B", driver="extra-b")},
+    )
+    report = run_script(
+        run_python,
+        """
+        import json
+        import imago
+
+        print(json.dumps({
+            "plugins": {i.name: [i.distribution, list(i.storage_drivers)] for i in imago.plugins()},
+            "a": imago.storage_driver("extra-a").__name__,
+            "b": imago.storage_driver("extra-b").__name__,
+        }))
+        """,
+        [first, second],
+    )
+    assert report["plugins"]["extra"] == ["imago-extra-a", ["extra-a"]]
+    assert report["plugins"]["extra@imago-extra-b"] == ["imago-extra-b", ["extra-b"]]
+    assert (report["a"], report["b"]) == ("A", "B")
+
+
+# --- duplicates registered in-process --------------------------------------------------------
+
+
+def test_duplicate_storage_driver_between_plugins(register_plugin: Callable[[str, object], None]) -> None:
+    first_cls, second_cls = storage_class("dupe"), storage_class("dupe")
+    register_plugin("dupe-first", make_plugin(storage=[first_cls, storage_class("only-first")]))
+    register_plugin("dupe-second", make_plugin(storage=[storage_class("only-second"), second_cls]))
+
+    with pytest.raises(imago.DuplicateDriverError) as caught:
+        imago.storage_driver("dupe")
+    error = caught.value
+    assert isinstance(error, imago.PluginError)
+    assert (error.kind, error.name, error.plugins) == ("storage", "dupe", ("dupe-first", "dupe-second"))
+    assert "'dupe'" in str(error)
+
+    first, second = plugin_info("dupe-first"), plugin_info("dupe-second")
+    assert first.error is None
+    assert first.storage_drivers == ("dupe", "only-first")
+    assert isinstance(second.error, imago.PluginLoadError)
+    assert second.error.__cause__ is error
+    assert second.storage_drivers == ()
+    # The failed plugin registers nothing, not even its valid driver.
+    with pytest.raises(imago.DriverNotFoundError):
+        imago.storage_driver("only-second")
+    assert imago.storage_driver("only-first").name == "only-first"
+    assert null_raw_roundtrip() == bytes(1024)
+
+
+def test_duplicate_format_driver_of_an_installed_plugin(register_plugin: Callable[[str, object], None]) -> None:
+    import imago_raw
+
+    register_plugin("fake-raw", make_plugin(formats=[format_class("raw")]))
+    with pytest.raises(imago.DuplicateDriverError) as caught:
+        imago.format_driver("raw")
+    assert caught.value.kind == "format"
+    assert caught.value.plugins == ("raw", "fake-raw")
+    assert plugin_info("raw").error is None
+    assert isinstance(plugin_info("fake-raw").error, imago.PluginLoadError)
+    # The table still holds the first registration; other drivers are untouched.
+    assert imago.format_drivers()["raw"] is imago_raw.Raw
+    assert imago.storage_driver("null").name == "null"
+
+
+def test_duplicate_within_one_plugin(register_plugin: Callable[[str, object], None]) -> None:
+    register_plugin("twice", make_plugin(storage=[storage_class("twice"), storage_class("twice")]))
+    info = plugin_info("twice")
+    assert isinstance(info.error, imago.PluginLoadError)
+    assert isinstance(info.error.__cause__, imago.DuplicateDriverError)
+    with pytest.raises(imago.DuplicateDriverError):
+        imago.storage_driver("twice")
+
+
+def test_same_name_for_storage_and_format_is_not_a_duplicate(register_plugin: Callable[[str, object], None]) -> None:
+    register_plugin("both", make_plugin(storage=[storage_class("both")], formats=[format_class("both")]))
+    assert plugin_info("both").error is None
+    assert imago.storage_driver("both").name == "both"
+    assert imago.format_driver("both").name == "both"
+
+
+# --- broken plugins registered in-process ----------------------------------------------------
+
+
+def test_plugin_whose_hook_raises(register_plugin: Callable[[str, object], None]) -> None:
+    failure = RuntimeError("disk on fire")
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: Callable[[Any], None]) -> None:
+        raise failure
+
+    register_plugin("broken", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    info = plugin_info("broken")
+    assert info.distribution is None
+    assert isinstance(info.error, imago.PluginLoadError)
+    assert info.error.__cause__ is failure
+    assert info.error.plugin == "broken"
+    assert info.error.reason == "RuntimeError: disk on fire"
+
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.storage_driver("broken")
+    assert caught.value.__cause__ is info.error
+    assert "disk on fire" in str(caught.value)
+
+    # An unrelated missing driver mentions the broken plugin too.
+    with pytest.raises(imago.DriverNotFoundError) as unrelated:
+        imago.format_driver("nothing-like-it")
+    assert "plugins that failed to load: broken" in str(unrelated.value)
+    assert unrelated.value.__cause__ is info.error
+
+    assert {"file", "null"} <= set(imago.storage_drivers())
+    assert null_raw_roundtrip() == bytes(1024)
+
+
+def test_failing_hook_discards_what_the_plugin_registered(register_plugin: Callable[[str, object], None]) -> None:
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: Callable[[Any], None]) -> None:
+        register(storage_class("half"))
+
+    @imago.hookimpl
+    def imago_register_format_drivers(register: Callable[[Any], None]) -> None:
+        raise ValueError("second hook fails")
+
+    plugin = types.SimpleNamespace(
+        imago_register_storage_drivers=imago_register_storage_drivers,
+        imago_register_format_drivers=imago_register_format_drivers,
+    )
+    register_plugin("half", plugin)
+    assert plugin_info("half").storage_drivers == ()
+    assert "half" not in imago.storage_drivers()
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.storage_driver("half")
+    assert isinstance(caught.value.__cause__, imago.PluginLoadError)
+    assert isinstance(caught.value.__cause__.__cause__, ValueError)
+
+
+def test_plugin_with_a_hook_argument_that_is_not_in_the_spec(register_plugin: Callable[[str, object], None]) -> None:
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: Callable[[Any], None], extra: object) -> None:
+        raise AssertionError("must not be called")
+
+    register_plugin("bad-args", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    info = plugin_info("bad-args")
+    assert isinstance(info.error, imago.PluginLoadError)
+    assert "extra" in str(info.error)
+    assert imago.storage_driver("null").name == "null"
+
+
+class _NotADriver:
+    name = "not-a-driver"
+
+
+@pytest.mark.parametrize(
+    ("kind", "obj", "message"),
+    [
+        pytest.param("storage", print, "must be a subclass of Storage", id="function"),
+        pytest.param("storage", "file", "must be a subclass of Storage", id="string"),
+        pytest.param("storage", _NotADriver(), "must be a subclass of Storage", id="instance"),
+        pytest.param("storage", _NotADriver, "must be a subclass of Storage", id="plain-class"),
+        pytest.param("storage", format_class("fmt"), "must be a subclass of Storage", id="format-as-storage"),
+        pytest.param("format", storage_class("sto"), "must be a subclass of FormatDriver", id="storage-as-format"),
+        pytest.param("storage", storage_class(""), "has no name", id="storage-empty-name"),
+        pytest.param("format", format_class(""), "has no name", id="format-empty-name"),
+        pytest.param("storage", storage_class(42), "has no name", id="non-string-name"),
+        pytest.param("format", imago.FormatDriver, "has no name", id="base-class-itself"),
+    ],
+)
+def test_invalid_driver_is_a_load_error(
+    register_plugin: Callable[[str, object], None], kind: str, obj: object, message: str
+) -> None:
+    plugin = make_plugin(storage=[obj]) if kind == "storage" else make_plugin(formats=[obj])
+    register_plugin("invalid", plugin)
+    info = plugin_info("invalid")
+    assert isinstance(info.error, imago.PluginLoadError)
+    cause = info.error.__cause__
+    assert isinstance(cause, imago.InvalidDriverError)
+    assert isinstance(cause, TypeError)
+    assert message in str(cause)
+    assert message in str(info.error)
+    assert info.storage_drivers == info.format_drivers == ()
+    assert imago.format_driver("raw").name == "raw"
+
+
+# --- missing drivers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lookup", "name", "distribution"),
+    [
+        (imago.format_driver, "qcow2", "imago-qcow2"),
+        (imago.storage_driver, "foo", "imago-foo"),
+        (imago.format_driver, "vmdk", "imago-vmdk"),
+    ],
+)
+def test_missing_driver_names_the_distribution(lookup: Callable[[str], type], name: str, distribution: str) -> None:
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        lookup(name)
+    error = caught.value
+    assert isinstance(error, LookupError)
+    assert isinstance(error, imago.ImagoError)
+    assert error.name == name
+    assert error.distribution == distribution
+    assert f"install the distribution {distribution!r}" in str(error)
+    assert error.__cause__ is None
+
+
+def test_installed_driver_of_the_other_kind_is_not_found() -> None:
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.storage_driver("raw")
+    assert caught.value.kind == "storage"
+    assert "no storage driver named 'raw'" in str(caught.value)
+
+
+# --- lazy, idempotent loading ----------------------------------------------------------------
+
+
+def test_loading_is_lazy_and_idempotent() -> None:
+    real = importlib_metadata.entry_points
+    imago._plugins.reset()
+    try:
+        with mock.patch.object(imago._plugins.importlib_metadata, "entry_points", wraps=real) as scan:
+            assert scan.call_count == 0
+            imago.storage_drivers()
+            imago.format_driver("raw")
+            imago.plugins()
+            with pytest.raises(imago.DriverNotFoundError):
+                imago.storage_driver("nope")
+            assert scan.call_count == 1
+            assert scan.call_args.kwargs == {"group": "imago"}
+
+            imago._plugins.reset()
+            assert scan.call_count == 1  # reset only forgets; the scan waits for a look-up
+            assert "null" in imago.storage_drivers()
+            assert scan.call_count == 2
+            imago.storage_driver("null")
+            assert scan.call_count == 2
+    finally:
+        imago._plugins.reset()
+
+
+def test_hooks_run_once_and_again_after_changes(register_plugin: Callable[[str, object], None]) -> None:
+    calls: list[str] = []
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: Callable[[Any], None]) -> None:
+        calls.append("storage")
+        register(storage_class("counted"))
+
+    register_plugin("counted", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    assert calls == []  # registering is lazy too
+    for _ in range(3):
+        assert imago.storage_driver("counted").name == "counted"
+        imago.plugins()
+    assert calls == ["storage"]
+
+    register_plugin("other", make_plugin(storage=[storage_class("other")]))
+    assert imago.storage_driver("other").name == "other"
+    assert imago.storage_driver("counted").name == "counted"
+    assert calls == ["storage", "storage"]
+
+    imago.unregister_plugin("other")
+    with pytest.raises(imago.DriverNotFoundError):
+        imago.storage_driver("other")
+    assert [info.name for info in imago.plugins()].count("other") == 0
+
+
+def test_plugins_are_not_imported_before_first_lookup(run_python: RunPython) -> None:
+    report = run_script(
+        run_python,
+        """
+        import json
+        import sys
+        import imago
+        before = sorted(m for m in sys.modules if m.startswith(("imago_file", "imago_null", "imago_raw")))
+        imago.format_drivers()
+        after = sorted(m for m in sys.modules if m.startswith(("imago_file", "imago_null", "imago_raw")))
+        print(json.dumps({"before": before, "after": after}))
+        """,
+        [],
+    )
+    assert report["before"] == []
+    assert {"imago_file.plugin", "imago_null.plugin", "imago_raw.plugin"} <= set(report["after"])
+
+
+def test_plugin_calling_sys_exit_on_registration_is_isolated(register_plugin: Callable[[str, object], None]) -> None:
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: Callable[..., None]) -> None:
+        raise SystemExit(3)
+
+    register_plugin("exits", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    info = {p.name: p for p in imago.plugins()}["exits"]
+    assert info.error is not None
+    assert "SystemExit" in str(info.error)
+    assert imago.storage_driver("file") is not None
+
+
+def test_three_plugins_with_one_name_are_all_listed(register_plugin: Callable[[str, object], None]) -> None:
+    for _ in range(3):
+        register_plugin("same", types.SimpleNamespace())
+    names = [p.name for p in imago.plugins()]
+    assert [n for n in names if n.startswith("same")] == ["same", "same#2", "same#3"]
