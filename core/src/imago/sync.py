@@ -9,6 +9,7 @@ the engine already resolved go straight to the storage's inline read.
 from __future__ import annotations
 
 import io
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -220,6 +221,7 @@ class ImageFile(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         """Move the position, as :meth:`io.IOBase.seek`."""
         image = self._live()
+        offset = operator.index(offset)  # TypeError for floats and strings, as real files raise
         if whence == io.SEEK_SET:
             position = offset
         elif whence == io.SEEK_CUR:

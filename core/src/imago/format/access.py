@@ -183,9 +183,9 @@ class FormatAccess:
             if kind is ShallowRaw:
                 assert isinstance(mapping, ShallowRaw)
                 await mapping.storage.readv(part, mapping.offset)
-                self._cache = _CachedExtent(
-                    guest, guest + mapped, mapping.storage, mapping.offset - guest, driver.mapping_epoch
-                )
+                # Clipped to the disk: the synchronous fast path trusts the extent for bounds.
+                end = min(guest + mapped, driver.size)
+                self._cache = _CachedExtent(guest, end, mapping.storage, mapping.offset - guest, driver.mapping_epoch)
             elif kind is ShallowZero or kind is ShallowEof:
                 zero_fill(part)
             elif kind is ShallowIndirect:
