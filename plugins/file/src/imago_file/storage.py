@@ -39,6 +39,8 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _CHUNK = 4 << 20
 # Alignments tried when probing what O_DIRECT needs; the largest is the safe fallback.
 _ALIGNMENTS = (1, 512, 1024, 2048, 4096)
+# End of the range a write locks when it must own everything from its start to the end of the file.
+_TO_EOF = 1 << 63
 
 
 class File(Storage):
@@ -290,6 +292,8 @@ class File(Storage):
         """Write all of *bufs* at *offset*, growing the file if needed."""
         fd = self._writable_fd()
         total = iovec_length(bufs)
+        if not total:
+            return  # like pwrite(2): writing nothing changes nothing, not even the size
         if self._direct:
             await self._writev_direct(fd, bufs, offset, total)
         elif aio.inline():
@@ -331,20 +335,22 @@ class File(Storage):
         align = self._req_align
         start = offset // align * align
         end = -(-(offset + total) // align) * align
-        token = await self._locks.acquire(start, end)
+        aligned = is_aligned(bufs, offset, self._mem_align, align)
+        # A bounced write past the end cuts its padding off afterwards; holding everything from its
+        # start on keeps that truncation from cutting off data concurrent writes put further on.
+        token = await self._locks.acquire(start, end if aligned or end <= self._size else _TO_EOF)
         try:
-            if is_aligned(bufs, offset, self._mem_align, align):
+            if aligned:
                 await aio.run_blocking(self._pwritev_full, fd, bufs, offset)
                 return
-            old_size = self._size
             done = 0
             while done < total:
                 step = min(total - done, _CHUNK)
                 await self._write_bounced(fd, slice_iovec(bufs, done, step), offset + done, step)
                 done += step
-            if end > max(old_size, offset + total):
+            if end > max(self._size, offset + total):
                 # The aligned write ran past the intended end of the file: cut the padding off.
-                await aio.run_blocking(os.ftruncate, fd, max(old_size, offset + total))
+                await aio.run_blocking(os.ftruncate, fd, max(self._size, offset + total))
         finally:
             self._locks.release(token)
 
@@ -374,13 +380,13 @@ class File(Storage):
         inside = min(end, self._size) - offset  # punching holes cannot extend the file
         try:
             if unmap and inside > 0:
-                await aio.run_blocking(
-                    syscalls.fallocate, fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, offset, inside
+                await self._zero_fallocate(
+                    fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, offset, inside
                 )
                 if end > self._size:
                     await self._grow_sparse(fd, offset + inside, end)
             else:
-                await aio.run_blocking(syscalls.fallocate, fd, syscalls.FALLOC_FL_ZERO_RANGE, offset, length)
+                await self._zero_fallocate(fd, syscalls.FALLOC_FL_ZERO_RANGE, offset, length)
                 self._size = max(self._size, end)
             return
         except OSError as error:
@@ -388,12 +394,29 @@ class File(Storage):
                 raise
         await super().write_zeroes(offset, length, unmap=unmap)
 
+    async def _zero_fallocate(self, fd: int, mode: int, offset: int, length: int) -> None:
+        """``fallocate`` that zeroes a range, serialised with O_DIRECT against overlapping writes.
+
+        A read-modify-write cycle on a shared block would otherwise write stale data back over
+        the zeroes.
+        """
+        if not self._direct:
+            await aio.run_blocking(syscalls.fallocate, fd, mode, offset, length)
+            return
+        align = self._req_align
+        token = await self._locks.acquire(offset // align * align, -(-(offset + length) // align) * align)
+        try:
+            await aio.run_blocking(syscalls.fallocate, fd, mode, offset, length)
+        finally:
+            self._locks.release(token)
+
     async def _grow_sparse(self, fd: int, start: int, end: int) -> None:
         if self._block_device:
             await super().write_zeroes(start, end - start)
         else:
-            await aio.run_blocking(os.ftruncate, fd, end)
-            self._size = end
+            # One zero byte at the end grows the file sparsely; unlike ftruncate it can never cut off
+            # what concurrent writes put past *end* meanwhile.
+            await self.writev([memoryview(bytes(1))], end - 1)
 
     async def discard(self, offset: int, length: int) -> None:
         """Punch a hole where the file system can; a no-op where it cannot."""
