@@ -150,16 +150,19 @@ class FormatAccess:
         """Fill *buf* (any writable buffer) with the disk's bytes at *offset*."""
         view = memoryview(buf) if type(buf) is bytearray else byte_view(buf, writable=True)
         length = view.nbytes
-        self._check(offset, length)
         cached = self._cache
+        # A hit needs no further checks: extents lie inside the disk, and closing or resizing
+        # drops the cache.
         if (
             cached is not None
+            and type(offset) is int
             and cached.start <= offset
             and offset + length <= cached.end
             and cached.epoch == self._driver.mapping_epoch
         ):
             await cached.storage.readv([view], offset + cached.delta)
             return
+        self._check(offset, length)
         await self._readv_mapped([view], offset, length)
 
     async def readv(self, bufs: Sequence[Any], offset: int) -> None:

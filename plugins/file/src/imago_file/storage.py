@@ -228,13 +228,13 @@ class File(Storage):
         fd = self._live_fd()
         if self._direct and not is_aligned(bufs, offset, self._mem_align, self._req_align):
             await self._readv_bounced(bufs, offset)
-        elif aio.inline():
-            self._preadv_full(fd, bufs, offset)
-        else:
-            done = self._try_nowait_read(fd, bufs, offset)
-            total = iovec_length(bufs)
-            if done < total:
-                await aio.run_blocking(self._preadv_full, fd, slice_iovec(bufs, done, total - done), offset + done)
+            return
+        # What the page cache holds is read in place whatever the mode; only the rest needs
+        # the inline-or-thread decision (which costs a loop look-up).
+        done = self._try_nowait_read(fd, bufs, offset)
+        total = bufs[0].nbytes if len(bufs) == 1 else iovec_length(bufs)
+        if done < total:
+            await aio.run_blocking(self._preadv_full, fd, slice_iovec(bufs, done, total - done), offset + done)
 
     def _try_nowait_read(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
         """Read what the page cache holds without blocking; returns the bytes read."""
