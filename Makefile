@@ -5,7 +5,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DISTS := core plugins/file plugins/null plugins/raw
+DISTS := core plugins/file plugins/null plugins/raw plugins/qcow2
 PYTEST_ARGS ?=
 
 .PHONY: setup run test lint typecheck pytest qemu bench clean

@@ -18,9 +18,10 @@ from typing import Any, ParamSpec, TypeVar
 
 from .errors import SuspendedInSyncModeError
 
-__all__ = ["RangeLock", "gather_all", "inline", "run_blocking", "run_sync"]
+__all__ = ["RangeLock", "gather_all", "inline", "run_blocking", "run_parallel", "run_sync"]
 
 T = TypeVar("T")
+R = TypeVar("R")
 P = ParamSpec("P")
 
 _get_running_loop = asyncio._get_running_loop  # the C accelerated look-up, no exception on "none"
@@ -131,3 +132,18 @@ async def gather_all(awaitables: list[Awaitable[T]]) -> list[T]:
     if inline():
         return [await a for a in awaitables]
     return list(await asyncio.gather(*awaitables))
+
+
+async def run_parallel(func: Callable[[T], R], items: list[T]) -> list[R]:
+    """``[func(item) for item in items]`` on imago's thread pool, in parallel, in order.
+
+    For CPU work that releases the GIL (decompression, compression). Used inline (no loop),
+    it blocks the calling thread until all are done; under a loop it awaits them.
+    """
+    if len(items) <= 1:
+        return [func(item) for item in items]
+    pool = _thread_pool()
+    loop = _get_running_loop()
+    if loop is None or _state.depth > 0:
+        return list(pool.map(func, items))
+    return list(await asyncio.gather(*(loop.run_in_executor(pool, func, item) for item in items)))

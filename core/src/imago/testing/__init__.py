@@ -13,6 +13,7 @@ Every ``test_*`` method of the suite then runs against the plugin's driver.
 
 from .format import FormatConformance
 from .model import DiskModel
+from .readonly import ReadOnlyFormatConformance
 from .storage import StorageConformance
 
-__all__ = ["DiskModel", "FormatConformance", "StorageConformance"]
+__all__ = ["DiskModel", "FormatConformance", "ReadOnlyFormatConformance", "StorageConformance"]

@@ -1,0 +1,44 @@
+"""Cluster compression: deflate (zlib) and zstd, as qcow2 stores them."""
+
+from __future__ import annotations
+
+import sys
+import zlib
+
+from imago import CorruptImageError
+
+if sys.version_info >= (3, 14):
+    from compression import zstd
+else:
+    from backports import zstd
+
+__all__ = ["decompress_cluster"]
+
+
+def decompress_cluster(data: bytes, cluster_size: int, compression_type: int, where: str, offset: int) -> bytes:
+    """Decompress one cluster; the output must be exactly *cluster_size* bytes.
+
+    *where* (the file name) and *offset* (the host offset of the data) go into errors.
+    Releases the GIL while inflating, so clusters decompress in parallel on threads.
+    """
+    try:
+        if compression_type == 0:
+            # Raw deflate; a 15-bit window accepts the 12-bit window QEMU writes with.
+            inflater = zlib.decompressobj(-15)
+            out = inflater.decompress(data, cluster_size)
+            more = inflater.decompress(inflater.unconsumed_tail, 1) if len(out) == cluster_size else b""
+        else:
+            decompressor = zstd.ZstdDecompressor()
+            out = decompressor.decompress(data, max_length=cluster_size)
+            more = b""
+            if len(out) == cluster_size and not decompressor.eof and not decompressor.needs_input:
+                more = decompressor.decompress(b"", max_length=1)
+    except (zlib.error, zstd.ZstdError) as error:
+        raise CorruptImageError(where, offset, f"compressed cluster cannot be decompressed: {error}") from None
+    if more:
+        raise CorruptImageError(where, offset, "compressed cluster decompresses to more than a cluster")
+    if len(out) != cluster_size:
+        raise CorruptImageError(
+            where, offset, f"compressed cluster decompresses to {len(out)} bytes instead of {cluster_size}"
+        )
+    return out

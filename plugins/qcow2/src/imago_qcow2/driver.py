@@ -1,0 +1,551 @@
+"""The ``qcow2`` format driver (reading)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any, Self
+
+import attrs
+
+from imago import (
+    CorruptImageError,
+    FormatAccess,
+    FormatDriver,
+    FormatDriverBuilder,
+    ImagoError,
+    ImplicitOpenGate,
+    InvalidOptionError,
+    ReadOnlyError,
+    ShallowMapping,
+    Storage,
+    StorageOpenOptions,
+    UnsupportedFeatureError,
+    aio,
+    format_driver,
+    probe,
+)
+from imago.cache import MetadataCache
+from imago.format import check_local_file_name
+from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
+from imago.io_buffers import iovec_length
+
+from .compression import decompress_cluster
+from .header import MAGIC, Header, parse_header
+from .snapshots import Snapshot, read_snapshot_table
+from .tables import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
+
+__all__ = ["Qcow2", "Qcow2Builder"]
+
+_UNSET: Any = object()
+# Raw L2 table bytes kept in memory at most (the classified form takes about 2.5 times that).
+_L2_CACHE_BYTES = 16 << 20
+# Decompressed clusters kept, so that small reads of one compressed cluster decompress it once.
+_DECOMPRESSED_CLUSTERS = 16
+_HEADER_PROBE = 112
+
+
+class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
+    """Opens qcow2 images: ``Qcow2.builder(storage).backing(...).data_file(...).open(gate)``."""
+
+    def __init__(self, driver: type[Qcow2], **kwargs: Any) -> None:
+        super().__init__(driver, **kwargs)
+        self._backing: FormatAccess | None = _UNSET
+        self._data_file: Storage | None = _UNSET
+        self._allow_corrupt = False
+
+    def backing(self, backing: FormatAccess | None) -> Self:
+        """The backing layer: ``None`` opens none, a :class:`FormatAccess` is used as given.
+
+        Not calling this opens what the header names, through the gate.
+        """
+        if backing is not None and not isinstance(backing, FormatAccess):
+            raise InvalidOptionError("backing", f"expected a FormatAccess or None, got {type(backing).__name__}")
+        self._backing = backing
+        return self
+
+    def data_file(self, storage: Storage | None) -> Self:
+        """The external data file: ``None`` opens none, a :class:`Storage` is used as given.
+
+        Not calling this opens what the header names, through the gate.
+        """
+        if storage is not None and not isinstance(storage, Storage):
+            raise InvalidOptionError("data_file", f"expected a Storage or None, got {type(storage).__name__}")
+        self._data_file = storage
+        return self
+
+    def allow_corrupt(self, allow: bool = True) -> Self:
+        """Allow a read-only open of an image whose corrupt bit is set."""
+        self._allow_corrupt = bool(allow)
+        return self
+
+
+class Qcow2(FormatDriver):
+    """A qcow2 image (versions 2 and 3), read-only for now.
+
+    ``Qcow2.builder_path("vm.qcow2").open_sync(gate)`` follows the backing file and external
+    data file the header names, through *gate*; :class:`Qcow2Builder` overrides either.
+    """
+
+    name = "qcow2"
+    builder_class = Qcow2Builder
+
+    def __init__(
+        self,
+        *,
+        storage: Storage,
+        header: Header,
+        l1: Sequence[int],
+        size: int,
+        data_storage: Storage,
+        backing: FormatAccess | None,
+        snapshots: list[Snapshot],
+        tables: MetadataCache[int, L2Table] | None = None,
+        owns_storages: bool = True,
+        snapshot: Snapshot | None = None,
+    ) -> None:
+        self._storage = storage
+        self._header = header
+        self._l1 = l1
+        self._size = size
+        self._data_storage = data_storage
+        self._backing = backing
+        self._snapshots = snapshots
+        self._owns_storages = owns_storages
+        self._snapshot = snapshot
+        self._filename = storage.filename
+        self._cluster_bits = header.cluster_bits
+        self._cluster_mask = header.cluster_size - 1
+        self._l2_mask = header.l2_entries - 1
+        self._l2_bits = header.l2_entries.bit_length() - 1
+        self._table_shift = self._cluster_bits + self._l2_bits
+        self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+        self._tables = tables or MetadataCache(max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2)
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    async def probe(cls, storage: Storage) -> bool:
+        """Whether *storage* starts with the qcow2 magic."""
+        magic = bytearray(4)
+        await storage.readv([memoryview(magic)], 0)
+        return bytes(magic) == MAGIC
+
+    @classmethod
+    async def open_image(cls, builder: FormatDriverBuilder[Qcow2], gate: ImplicitOpenGate) -> Qcow2:
+        """Open and validate the image; open its data file and backing chain as *builder* says."""
+        assert isinstance(builder, Qcow2Builder)
+        storage = await builder.open_storage(gate)
+        opened: list[Storage | FormatAccess] = [storage] if builder.path is not None else []
+        try:
+            return await cls._open(builder, gate, storage, opened)
+        except BaseException:
+            for resource in reversed(opened):
+                await resource.close()
+            raise
+
+    @classmethod
+    async def _open(
+        cls, builder: Qcow2Builder, gate: ImplicitOpenGate, storage: Storage, opened: list[Storage | FormatAccess]
+    ) -> Qcow2:
+        filename = storage.filename
+        file_size = storage.size
+        head = bytearray(min(_HEADER_PROBE, file_size))
+        await storage.readv([memoryview(head)], 0)
+        if len(head) >= 24 and bytes(head[:4]) == MAGIC and 9 <= int.from_bytes(head[20:24], "big") <= 21:
+            cluster_size = 1 << int.from_bytes(head[20:24], "big")
+            head = bytearray(min(cluster_size, file_size))
+            await storage.readv([memoryview(head)], 0)
+        header = parse_header(bytes(head), file_size, filename)
+
+        if builder.writable:
+            raise UnsupportedFeatureError("writing qcow2 images", filename)
+        if header.incompatible_features & 2 and not builder._allow_corrupt:
+            raise CorruptImageError(
+                filename, 72, "the image is marked corrupt; open it read-only with allow_corrupt(True) to read it"
+            )
+
+        raw_l1 = bytearray(header.l1_size * 8)
+        if raw_l1:
+            await storage.readv([memoryview(raw_l1)], header.l1_table_offset)
+        l1 = parse_l1(
+            raw_l1,
+            table_offset=header.l1_table_offset,
+            cluster_bits=header.cluster_bits,
+            file_size=file_size,
+            filename=filename,
+        )
+        snapshots = await read_snapshot_table(storage, header, filename)
+
+        data_storage = storage
+        if header.has_data_file:
+            data_storage = await cls._open_data_file(builder, gate, storage, header)
+            if builder._data_file is _UNSET:
+                opened.append(data_storage)
+        elif builder._data_file is not _UNSET and builder._data_file is not None:
+            raise InvalidOptionError("data_file", f"{filename}: the image has no external data file")
+
+        backing = builder._backing
+        if backing is _UNSET:
+            backing = await cls._open_backing(builder, gate, storage, header)
+            if backing is not None:
+                opened.append(backing)
+        return cls(
+            storage=storage,
+            header=header,
+            l1=l1,
+            size=header.size,
+            data_storage=data_storage,
+            backing=backing,
+            snapshots=snapshots,
+        )
+
+    @staticmethod
+    async def _open_data_file(
+        builder: Qcow2Builder, gate: ImplicitOpenGate, storage: Storage, header: Header
+    ) -> Storage:
+        given = builder._data_file
+        if given is None:
+            raise ImagoError(
+                f"{storage.filename}: the image keeps its data in an external data file, and none was given"
+            )
+        if given is not _UNSET:
+            assert isinstance(given, Storage)
+            return given
+        if not header.data_file:
+            raise CorruptImageError(storage.filename, 72, "the image needs an external data file but does not name one")
+        name = storage.resolve_relative_path(check_local_file_name(header.data_file))
+        return await gate.open_storage(StorageOpenOptions(filename=name, writable=builder.writable))
+
+    @staticmethod
+    async def _open_backing(
+        builder: Qcow2Builder, gate: ImplicitOpenGate, storage: Storage, header: Header
+    ) -> FormatAccess | None:
+        if header.backing_file is None:
+            return None
+        name = storage.resolve_relative_path(check_local_file_name(header.backing_file))
+        if header.backing_format is not None:
+            # The recorded format is used as it is: never probed.
+            driver = format_driver(header.backing_format)
+        else:
+            probe_storage = await gate.open_storage(StorageOpenOptions(filename=name))
+            try:
+                driver = await probe(probe_storage)
+            finally:
+                await probe_storage.close()
+        child = driver.builder_path(name).below(builder)
+        return FormatAccess(await gate.open_format(child))
+
+    # --- facts ---------------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Virtual disk size."""
+        return self._size
+
+    @property
+    def writable(self) -> bool:
+        """Always false: writing comes later."""
+        return False
+
+    @property
+    def storage(self) -> Storage:
+        """The image file."""
+        return self._storage
+
+    def storages(self) -> Sequence[Storage]:
+        """The image file, and the external data file if there is one."""
+        if self._data_storage is self._storage:
+            return (self._storage,)
+        return (self._storage, self._data_storage)
+
+    @property
+    def backing(self) -> FormatAccess | None:
+        """The backing layer, if opened."""
+        return self._backing
+
+    @property
+    def header(self) -> Header:
+        """The parsed header."""
+        return self._header
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return self._header.cluster_size
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The internal snapshots."""
+        return list(self._snapshots)
+
+    @property
+    def implicit_backing_file(self) -> str | None:
+        """The backing file name the header records (as recorded)."""
+        return self._header.backing_file
+
+    @property
+    def implicit_backing_format(self) -> str | None:
+        """The backing format the header records."""
+        return self._header.backing_format
+
+    @property
+    def requires_external_data_file(self) -> bool:
+        """Whether the image keeps its data in an external data file."""
+        return self._header.has_data_file
+
+    def info(self) -> dict[str, Any]:
+        """Header facts, in the shape of ``qemu-img info --output=json``'s format-specific data."""
+        header = self._header
+        data: dict[str, Any] = {
+            "compat": "1.1" if header.version == 3 else "0.10",
+            "cluster-size": header.cluster_size,
+            "refcount-bits": header.refcount_bits,
+            "compression-type": header.compression,
+            "corrupt": bool(header.incompatible_features & 2),
+            "dirty": bool(header.incompatible_features & 1),
+            "extended-l2": header.extended_l2,
+        }
+        if header.version == 3:
+            data["lazy-refcounts"] = bool(header.compatible_features & 1)
+        if header.has_data_file:
+            data["data-file"] = header.data_file
+            data["data-file-raw"] = header.data_file_raw
+        info: dict[str, Any] = {
+            "format": "qcow2",
+            "virtual-size": self._size,
+            "cluster-size": header.cluster_size,
+            "format-specific": {"type": "qcow2", "data": data},
+            "header": header.describe(),
+            "feature-names": {f"{kind}:{bit}": name for (kind, bit), name in sorted(header.feature_names.items())},
+            "unknown-extensions": [{"type": ext.type, "length": len(ext.data)} for ext in header.extensions],
+        }
+        if header.backing_file is not None:
+            info["backing-filename"] = header.backing_file
+            info["full-backing-filename"] = self._storage.resolve_relative_path(header.backing_file)
+        if header.backing_format is not None:
+            info["backing-filename-format"] = header.backing_format
+        if self._snapshots:
+            info["snapshots"] = [snapshot.describe() for snapshot in self._snapshots]
+        return info
+
+    # --- snapshots -----------------------------------------------------------------------------
+
+    def find_snapshot(self, name_or_id: str) -> Snapshot:
+        """The snapshot with this ID, or else this name."""
+        for snapshot in self._snapshots:
+            if snapshot.id == name_or_id:
+                return snapshot
+        for snapshot in self._snapshots:
+            if snapshot.name == name_or_id:
+                return snapshot
+        raise ImagoError(f"{self._filename}: no snapshot with ID or name {name_or_id!r}")
+
+    async def read_snapshot(self, name_or_id: str) -> Qcow2:
+        """A read-only view of an internal snapshot (wrap it in a FormatAccess to read it).
+
+        The view shares this image's storages: close it before closing the image.
+        """
+        snapshot = self.find_snapshot(name_or_id)
+        raw = bytearray(snapshot.l1_size * 8)
+        if raw:
+            await self._storage.readv([memoryview(raw)], snapshot.l1_table_offset)
+        l1 = parse_l1(
+            raw,
+            table_offset=snapshot.l1_table_offset,
+            cluster_bits=self._cluster_bits,
+            file_size=self._storage.size,
+            filename=self._filename,
+        )
+        return Qcow2(
+            storage=self._storage,
+            header=attrs.evolve(self._header, size=snapshot.disk_size),
+            l1=l1,
+            size=snapshot.disk_size,
+            data_storage=self._data_storage,
+            backing=self._backing,
+            snapshots=self._snapshots,
+            tables=self._tables,
+            owns_storages=False,
+            snapshot=snapshot,
+        )
+
+    def read_snapshot_sync(self, name_or_id: str) -> Qcow2:
+        """Synchronous :meth:`read_snapshot`."""
+        return aio.run_sync(self.read_snapshot(name_or_id))
+
+    # --- mappings ------------------------------------------------------------------------------
+
+    async def _load_l2(self, offset: int) -> L2Table:
+        raw = bytearray(1 << self._cluster_bits)
+        await self._storage.readv([memoryview(raw)], offset)
+        header = self._header
+        return L2Table(
+            raw,
+            offset=offset,
+            cluster_bits=self._cluster_bits,
+            extended=header.extended_l2,
+            zero_flag=header.version >= 3,
+            external_data=header.has_data_file,
+            image_size=self._storage.size,
+            data_size=self._data_storage.size if header.has_data_file else self._storage.size,
+            filename=self._filename,
+        )
+
+    def _unallocated(self, offset: int) -> ShallowMapping:
+        backing = self._backing
+        return ShallowIndirect(backing, offset) if backing is not None else ShallowZero(False)
+
+    async def _table(self, offset: int) -> L2Table | None:
+        l1_index = offset >> self._table_shift
+        l2_offset = self._l1[l1_index] if l1_index < len(self._l1) else 0
+        if not l2_offset:
+            return None
+        table = self._tables.peek(l2_offset)
+        return table if table is not None else await self._tables.get(l2_offset)
+
+    async def get_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
+        """Where guest *offset* lives, and the length of its run (up to the L2 table's end)."""
+        size = self._size
+        if offset >= size:
+            return ShallowEof(), max_length
+        table_end = ((offset >> self._table_shift) + 1) << self._table_shift
+        end = table_end if table_end < size else size
+        table = await self._table(offset)
+        if table is None:
+            return self._unallocated(offset), end - offset
+        index = (offset >> self._cluster_bits) & self._l2_mask
+        if table.extended:
+            return self._extended_mapping(table, offset, index, min(end, offset + max_length))
+        within = offset & self._cluster_mask
+        length = ((table.run_end[index] - index) << self._cluster_bits) - within
+        if offset + length > end:
+            length = end - offset
+        kind = table.kinds[index]
+        if kind == DATA:
+            return ShallowRaw(self._data_storage, table.hosts[index] + within, False), length
+        if kind == UNALLOCATED:
+            return self._unallocated(offset), length
+        if kind == ZERO:
+            return ShallowZero(True), length
+        return ShallowSpecial(offset), length
+
+    def _extended_mapping(self, table: L2Table, offset: int, index: int, limit: int) -> tuple[ShallowMapping, int]:
+        cluster_bits = self._cluster_bits
+        sub_bits = cluster_bits - 5
+        sub_size = 1 << sub_bits
+        kind, host = table.subcluster(index, (offset >> sub_bits) & 31, cluster_bits)
+        host_start = host + (offset & (sub_size - 1))
+        step_bits = cluster_bits if kind == COMPRESSED else sub_bits
+        position = ((offset >> step_bits) + 1) << step_bits
+        while position < limit:
+            next_index = (position >> cluster_bits) & self._l2_mask
+            next_kind, next_host = table.subcluster(next_index, (position >> sub_bits) & 31, cluster_bits)
+            if next_kind != kind or (kind == DATA and next_host != host_start + position - offset):
+                break
+            position += 1 << step_bits
+        length = min(position, limit) - offset if position > offset else 0
+        length = max(length, min(limit, ((offset >> step_bits) + 1) << step_bits) - offset)
+        if kind == DATA:
+            return ShallowRaw(self._data_storage, host_start, False), length
+        if kind == UNALLOCATED:
+            return self._unallocated(offset), length
+        if kind == ZERO:
+            return ShallowZero(True), length
+        return ShallowSpecial(offset), length
+
+    # --- compressed clusters ---------------------------------------------------------------
+
+    async def _descriptor(self, guest_cluster_offset: int) -> int:
+        table = await self._table(guest_cluster_offset)
+        index = (guest_cluster_offset >> self._cluster_bits) & self._l2_mask
+        entry = 0
+        if table is not None:
+            entry = table.entries[2 * index] if table.extended else table.hosts[index]
+            if not table.extended and table.kinds[index] != COMPRESSED:
+                entry = 0
+        if not entry or not entry >> 62 & 1:
+            raise ImagoError(f"{self._filename}: no compressed cluster at guest offset {guest_cluster_offset:#x}")
+        return entry
+
+    async def readv_special(self, bufs: Sequence[memoryview], offset: int) -> None:
+        """Read compressed clusters: their data is read, then decompressed on all cores."""
+        length = iovec_length(bufs)
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        first = offset >> cluster_bits << cluster_bits
+        guest_clusters = list(range(first, offset + length, cluster_size))
+        entries = [await self._descriptor(guest) for guest in guest_clusters]
+        clusters: dict[int, bytes] = {}
+        missing: list[int] = []
+        for entry in entries:
+            cached = self._decompressed.get(entry)
+            if cached is not None:
+                clusters[entry] = cached
+            elif entry not in missing:
+                missing.append(entry)
+        if missing:
+            compressed = await self._read_compressed([decode_compressed(e, cluster_bits) for e in missing])
+            compression = self._header.compression_type
+            filename = self._filename
+            results = await aio.run_parallel(
+                lambda item: decompress_cluster(item[0], cluster_size, compression, filename or "", item[1]),
+                compressed,
+            )
+            for entry, data in zip(missing, results, strict=True):
+                clusters[entry] = data
+                self._decompressed[entry] = data
+                self._decompressed.move_to_end(entry)
+            while len(self._decompressed) > _DECOMPRESSED_CLUSTERS:
+                self._decompressed.popitem(last=False)
+        # Copy each buffer's part out of the decompressed clusters.
+        position = offset
+        for view in bufs:
+            done = 0
+            while done < view.nbytes:
+                guest = position >> cluster_bits
+                entry = entries[guest - (first >> cluster_bits)]
+                within = position & (cluster_size - 1)
+                step = min(view.nbytes - done, cluster_size - within)
+                view[done : done + step] = clusters[entry][within : within + step]
+                done += step
+                position += step
+
+    async def _read_compressed(self, descriptors: list[tuple[int, int]]) -> list[tuple[bytes, int]]:
+        """The compressed bytes of each descriptor, coalescing adjacent ones into one read."""
+        file_size = self._storage.size
+        spans: list[list[int]] = []  # [start, end, first descriptor index, last descriptor index]
+        for index, (host, length) in enumerate(descriptors):
+            end = min(host + length, file_size)
+            if spans and host >= spans[-1][0] and host <= spans[-1][1] and end - spans[-1][0] <= 8 << 20:
+                spans[-1][1] = max(spans[-1][1], end)
+                spans[-1][3] = index
+            else:
+                spans.append([host, end, index, index])
+        out: list[tuple[bytes, int]] = []
+        for start, end, low, high in spans:
+            data = bytearray(end - start)
+            await self._storage.readv([memoryview(data)], start)
+            for host, length in descriptors[low : high + 1]:
+                out.append((bytes(data[host - start : min(host + length, file_size) - start]), host))
+        return out
+
+    # --- life cycle ---------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Nothing to write back (read-only)."""
+
+    async def close(self) -> None:
+        """Release the image file, data file and backing chain (not for snapshot views)."""
+        self._decompressed.clear()
+        if not self._owns_storages:
+            return
+        await super().close()
+
+    async def ensure_data_mapping(self, offset: int, length: int, overwrite: bool) -> tuple[ShallowMapping, int]:
+        """Writing is not supported yet."""
+        raise ReadOnlyError(self._filename or "qcow2 image")
+
+    def __repr__(self) -> str:
+        view = f" snapshot={self._snapshot.name!r}" if self._snapshot else ""
+        return f"<Qcow2 {self._filename!r} size={self._size}{view}>"

@@ -1,0 +1,391 @@
+"""The qcow2 header and its extensions: parsed, validated, kept for later writes.
+
+Every number read from the image is checked (against the file size and QEMU's caps) before
+anything is allocated or read because of it.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import attrs
+
+from imago import CorruptImageError, UnsupportedFeatureError
+
+__all__ = [
+    "EXT_BACKING_FORMAT",
+    "EXT_DATA_FILE",
+    "EXT_FEATURE_TABLE",
+    "INCOMPAT_COMPRESSION",
+    "INCOMPAT_CORRUPT",
+    "INCOMPAT_DATA_FILE",
+    "INCOMPAT_DIRTY",
+    "INCOMPAT_EXTENDED_L2",
+    "MAGIC",
+    "MAX_L1_BYTES",
+    "MAX_NAME_BYTES",
+    "MAX_REFCOUNT_TABLE_BYTES",
+    "MAX_SNAPSHOTS",
+    "Header",
+    "HeaderExtension",
+    "parse_header",
+]
+
+MAGIC = b"QFI\xfb"
+V2_HEADER_LENGTH = 72
+V3_HEADER_LENGTH = 104
+MIN_CLUSTER_BITS = 9
+MAX_CLUSTER_BITS = 21
+
+INCOMPAT_DIRTY = 1 << 0
+INCOMPAT_CORRUPT = 1 << 1
+INCOMPAT_DATA_FILE = 1 << 2
+INCOMPAT_COMPRESSION = 1 << 3
+INCOMPAT_EXTENDED_L2 = 1 << 4
+KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTENDED_L2
+COMPAT_LAZY_REFCOUNTS = 1 << 0
+AUTOCLEAR_BITMAPS = 1 << 0
+AUTOCLEAR_DATA_FILE_RAW = 1 << 1
+
+EXT_END = 0
+EXT_BACKING_FORMAT = 0xE2792ACA
+EXT_FEATURE_TABLE = 0x6803F857
+EXT_BITMAPS = 0x23852875
+EXT_CRYPTO = 0x0537BE77
+EXT_DATA_FILE = 0x44415441
+
+# QEMU's limits, so that no image makes us allocate more than they would.
+MAX_L1_BYTES = 32 << 20
+MAX_REFCOUNT_TABLE_BYTES = 8 << 20
+MAX_SNAPSHOTS = 65536
+MAX_NAME_BYTES = 1023
+
+COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
+_FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
+_BUILTIN_FEATURE_NAMES = {
+    (0, 0): "dirty bit",
+    (0, 1): "corrupt bit",
+    (0, 2): "external data file",
+    (0, 3): "compression type",
+    (0, 4): "extended L2 entries",
+    (1, 0): "lazy refcounts",
+    (2, 0): "bitmaps",
+    (2, 1): "raw external data",
+}
+
+_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
+_V3 = struct.Struct(">QQQII")
+
+
+@attrs.frozen(kw_only=True)
+class HeaderExtension:
+    """A header extension kept as raw bytes (unknown ones are preserved for later writes)."""
+
+    type: int
+    data: bytes
+
+
+@attrs.frozen(kw_only=True)
+class Header:
+    """The fields of a qcow2 header, validated."""
+
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    cluster_bits: int
+    size: int
+    crypt_method: int
+    l1_size: int
+    l1_table_offset: int
+    refcount_table_offset: int
+    refcount_table_clusters: int
+    nb_snapshots: int
+    snapshots_offset: int
+    incompatible_features: int = 0
+    compatible_features: int = 0
+    autoclear_features: int = 0
+    refcount_order: int = 4
+    header_length: int = V2_HEADER_LENGTH
+    compression_type: int = 0
+    backing_file: str | None = None
+    backing_format: str | None = None
+    data_file: str | None = None
+    feature_names: dict[tuple[int, int], str] = attrs.field(factory=dict)
+    extensions: tuple[HeaderExtension, ...] = ()
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return 1 << self.cluster_bits
+
+    @property
+    def extended_l2(self) -> bool:
+        """Whether L2 entries are 128 bits with 32 subclusters each."""
+        return bool(self.incompatible_features & INCOMPAT_EXTENDED_L2)
+
+    @property
+    def l2_entry_size(self) -> int:
+        """Bytes per L2 entry."""
+        return 16 if self.extended_l2 else 8
+
+    @property
+    def l2_entries(self) -> int:
+        """L2 entries per table (a table fills one cluster)."""
+        return self.cluster_size // self.l2_entry_size
+
+    @property
+    def refcount_bits(self) -> int:
+        """Width of a refcount entry."""
+        return 1 << self.refcount_order
+
+    @property
+    def compression(self) -> str:
+        """``zlib`` or ``zstd``."""
+        return COMPRESSION_TYPES[self.compression_type]
+
+    @property
+    def has_data_file(self) -> bool:
+        """Whether guest data lives in an external data file."""
+        return bool(self.incompatible_features & INCOMPAT_DATA_FILE)
+
+    @property
+    def data_file_raw(self) -> bool:
+        """Whether the external data file is kept valid as a raw image."""
+        return bool(self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+
+    def feature_name(self, kind: int, bit: int) -> str:
+        """The name of a feature bit, from the image's table or the specification."""
+        name = self.feature_names.get((kind, bit)) or _BUILTIN_FEATURE_NAMES.get((kind, bit))
+        return f"{name} ({_FEATURE_KINDS[kind]} bit {bit})" if name else f"unknown {_FEATURE_KINDS[kind]} bit {bit}"
+
+    def l1_entries_needed(self, size: int | None = None) -> int:
+        """L1 entries needed to map a disk of *size* bytes (default: this image's)."""
+        size = self.size if size is None else size
+        per_table = self.cluster_size * self.l2_entries
+        return -(-size // per_table)
+
+    def describe(self) -> dict[str, Any]:
+        """Header facts for ``info()``."""
+        return {
+            "version": self.version,
+            "cluster_size": self.cluster_size,
+            "refcount_bits": self.refcount_bits,
+            "compression_type": self.compression,
+            "extended_l2": self.extended_l2,
+            "incompatible_features": self.incompatible_features,
+            "compatible_features": self.compatible_features,
+            "autoclear_features": self.autoclear_features,
+            "header_length": self.header_length,
+        }
+
+
+def _corrupt(filename: str | None, offset: int | None, problem: str) -> CorruptImageError:
+    return CorruptImageError(filename, offset, problem)
+
+
+def _decode_name(raw: bytes, what: str, filename: str | None, offset: int) -> str:
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _corrupt(filename, offset, f"{what} is not valid UTF-8") from None
+    if "\0" in name:
+        raise _corrupt(filename, offset, f"{what} contains a NUL byte")
+    return name
+
+
+def fixed_header_length(data: bytes) -> int:
+    """How many bytes :func:`parse_header` needs before it knows the cluster size."""
+    return 112 if len(data) >= 112 else len(data)
+
+
+def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
+    """Parse and validate the header in *data* (the file's first cluster, or all of a shorter file)."""
+    if len(data) < 4 or data[:4] != MAGIC:
+        raise _corrupt(filename, 0, "not a qcow2 image (bad magic)")
+    if len(data) < V2_HEADER_LENGTH:
+        raise _corrupt(filename, 0, f"header truncated: the file has only {len(data)} bytes")
+    (
+        _magic,
+        version,
+        backing_file_offset,
+        backing_file_size,
+        cluster_bits,
+        size,
+        crypt_method,
+        l1_size,
+        l1_table_offset,
+        refcount_table_offset,
+        refcount_table_clusters,
+        nb_snapshots,
+        snapshots_offset,
+    ) = _V2.unpack_from(data, 0)
+    if version not in (2, 3):
+        raise UnsupportedFeatureError(f"qcow2 version {version}", filename)
+    if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
+        raise _corrupt(filename, 20, f"cluster_bits {cluster_bits} outside [{MIN_CLUSTER_BITS}, {MAX_CLUSTER_BITS}]")
+    cluster_size = 1 << cluster_bits
+    fields: dict[str, Any] = {}
+    if version == 3:
+        if len(data) < V3_HEADER_LENGTH:
+            raise _corrupt(filename, 0, "version 3 header truncated")
+        incompat, compat, autoclear, refcount_order, header_length = _V3.unpack_from(data, 72)
+        if header_length < V3_HEADER_LENGTH:
+            raise _corrupt(filename, 100, f"header_length {header_length} is less than {V3_HEADER_LENGTH}")
+        if header_length > cluster_size:
+            raise _corrupt(filename, 100, f"header_length {header_length} exceeds the cluster size {cluster_size}")
+        if header_length > len(data):
+            raise _corrupt(filename, 100, f"header_length {header_length} runs past the end of the file")
+        compression_type = data[104] if header_length > 104 else 0
+        fields.update(
+            incompatible_features=incompat,
+            compatible_features=compat,
+            autoclear_features=autoclear,
+            refcount_order=refcount_order,
+            header_length=header_length,
+            compression_type=compression_type,
+        )
+    else:
+        header_length = V2_HEADER_LENGTH
+        incompat = 0
+        refcount_order = 4
+        compression_type = 0
+
+    if crypt_method == 1:
+        raise UnsupportedFeatureError("encryption (AES, crypt_method 1)", filename)
+    if crypt_method == 2:
+        raise UnsupportedFeatureError("encryption (LUKS, crypt_method 2)", filename)
+    if crypt_method != 0:
+        raise UnsupportedFeatureError(f"encryption (unknown crypt_method {crypt_method})", filename)
+    if refcount_order > 6:
+        raise _corrupt(filename, 96, f"refcount_order {refcount_order} is above 6 (64-bit refcounts)")
+
+    # Extensions: from the end of the header to the backing file name (or the cluster's end).
+    limit = min(cluster_size, len(data))
+    if backing_file_offset:
+        if backing_file_size > MAX_NAME_BYTES:
+            raise _corrupt(
+                filename, 16, f"backing file name is {backing_file_size} bytes long (at most {MAX_NAME_BYTES})"
+            )
+        if backing_file_offset + backing_file_size > cluster_size:
+            raise _corrupt(filename, 8, "backing file name does not lie in the header cluster")
+        if backing_file_offset + backing_file_size > len(data):
+            raise _corrupt(filename, 8, "backing file name runs past the end of the file")
+        if backing_file_offset < header_length:
+            raise _corrupt(filename, 8, "backing file name overlaps the header")
+        limit = backing_file_offset
+    feature_names: dict[tuple[int, int], str] = {}
+    extensions: list[HeaderExtension] = []
+    known: dict[int, bytes] = {}
+    position = header_length
+    while position + 8 <= limit:
+        ext_type, ext_length = struct.unpack_from(">II", data, position)
+        if ext_type == EXT_END:
+            break
+        end = position + 8 + ext_length
+        if end > limit:
+            what = "the backing file name" if limit == backing_file_offset else "the header cluster"
+            raise _corrupt(filename, position, f"header extension {ext_type:#x} runs past {what}")
+        payload = bytes(data[position + 8 : end])
+        if ext_type in (EXT_BACKING_FORMAT, EXT_FEATURE_TABLE, EXT_DATA_FILE, EXT_BITMAPS, EXT_CRYPTO):
+            if ext_type in known:
+                raise _corrupt(filename, position, f"header extension {ext_type:#x} appears twice")
+            known[ext_type] = payload
+            if ext_type == EXT_FEATURE_TABLE:
+                if ext_length % 48:
+                    raise _corrupt(filename, position, "feature name table length is not a multiple of 48")
+                for entry in range(0, ext_length, 48):
+                    kind, bit = payload[entry], payload[entry + 1]
+                    raw_name = payload[entry + 2 : entry + 48].split(b"\0", 1)[0]
+                    if kind in _FEATURE_KINDS:
+                        feature_names[(kind, bit)] = raw_name.decode("utf-8", "replace")
+            elif ext_type in (EXT_BITMAPS, EXT_CRYPTO):
+                extensions.append(HeaderExtension(type=ext_type, data=payload))
+        else:
+            extensions.append(HeaderExtension(type=ext_type, data=payload))
+        position = end + (-ext_length % 8)
+
+    header = Header(
+        version=version,
+        backing_file_offset=backing_file_offset,
+        backing_file_size=backing_file_size,
+        cluster_bits=cluster_bits,
+        size=size,
+        crypt_method=crypt_method,
+        l1_size=l1_size,
+        l1_table_offset=l1_table_offset,
+        refcount_table_offset=refcount_table_offset,
+        refcount_table_clusters=refcount_table_clusters,
+        nb_snapshots=nb_snapshots,
+        snapshots_offset=snapshots_offset,
+        feature_names=feature_names,
+        extensions=tuple(extensions),
+        **fields,
+    )
+
+    unknown = incompat & ~KNOWN_INCOMPAT
+    if unknown:
+        names = ", ".join(header.feature_name(0, bit) for bit in range(64) if unknown >> bit & 1)
+        raise UnsupportedFeatureError(names, filename)
+    if compression_type not in COMPRESSION_TYPES:
+        raise UnsupportedFeatureError(f"compression type {compression_type}", filename)
+    if (compression_type != 0) != bool(incompat & INCOMPAT_COMPRESSION):
+        raise _corrupt(filename, 104, "compression type and its incompatible feature bit disagree")
+    if header.extended_l2 and cluster_bits < 14:
+        raise _corrupt(filename, 20, "extended L2 entries need clusters of at least 16 KiB")
+
+    backing_file = None
+    if backing_file_offset:
+        raw = data[backing_file_offset : backing_file_offset + backing_file_size]
+        backing_file = _decode_name(raw, "backing file name", filename, backing_file_offset)
+    backing_format = None
+    if EXT_BACKING_FORMAT in known:
+        raw = known[EXT_BACKING_FORMAT]
+        if len(raw) > MAX_NAME_BYTES:
+            raise _corrupt(filename, header_length, "backing format name too long")
+        backing_format = _decode_name(raw, "backing format name", filename, header_length)
+    data_file = None
+    if EXT_DATA_FILE in known:
+        if not header.has_data_file:
+            raise _corrupt(filename, header_length, "external data file named, but its feature bit is not set")
+        data_file = _decode_name(known[EXT_DATA_FILE], "external data file name", filename, header_length)
+    header = attrs.evolve(header, backing_file=backing_file, backing_format=backing_format, data_file=data_file)
+    _check_tables(header, file_size, filename)
+    return header
+
+
+def check_table(
+    filename: str | None,
+    field_offset: int,
+    what: str,
+    offset: int,
+    length: int,
+    cluster_size: int,
+    file_size: int,
+) -> None:
+    """Check that a metadata table is cluster-aligned and lies inside the file."""
+    if offset % cluster_size:
+        raise _corrupt(filename, field_offset, f"{what} offset {offset:#x} is not cluster-aligned")
+    if offset == 0 and length:
+        raise _corrupt(filename, field_offset, f"{what} would overlap the header")
+    if offset + length > file_size:
+        raise _corrupt(filename, field_offset, f"{what} ({length} bytes at {offset:#x}) runs past the end of the file")
+
+
+def _check_tables(header: Header, file_size: int, filename: str | None) -> None:
+    cluster_size = header.cluster_size
+    l1_bytes = header.l1_size * 8
+    if l1_bytes > MAX_L1_BYTES:
+        raise _corrupt(filename, 36, f"L1 table of {header.l1_size} entries exceeds {MAX_L1_BYTES >> 20} MiB")
+    if header.l1_size < header.l1_entries_needed():
+        raise _corrupt(filename, 36, f"L1 table of {header.l1_size} entries is too small for a {header.size}-byte disk")
+    if header.l1_size:
+        check_table(filename, 40, "L1 table", header.l1_table_offset, l1_bytes, cluster_size, file_size)
+    refcount_bytes = header.refcount_table_clusters * cluster_size
+    if refcount_bytes > MAX_REFCOUNT_TABLE_BYTES:
+        raise _corrupt(filename, 56, f"refcount table of {header.refcount_table_clusters} clusters exceeds 8 MiB")
+    check_table(filename, 48, "refcount table", header.refcount_table_offset, refcount_bytes, cluster_size, file_size)
+    if header.nb_snapshots > MAX_SNAPSHOTS:
+        raise _corrupt(filename, 60, f"{header.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}")
+    if header.nb_snapshots:
+        check_table(filename, 64, "snapshot table", header.snapshots_offset, 40, cluster_size, file_size)

@@ -1,0 +1,227 @@
+"""L1 and L2 tables: entry layout, validation, and contiguous runs.
+
+A standard L2 table is validated once, when loaded, and its entries classified into runs
+(consecutive entries of the same kind, data ones also contiguous in the host file), so a
+mapping request costs a couple of array look-ups. Extended L2 tables (32 subclusters per
+cluster) are validated on load and classified per subcluster on demand.
+"""
+
+from __future__ import annotations
+
+import sys
+from array import array
+
+from imago import CorruptImageError
+
+__all__ = [
+    "COMPRESSED",
+    "DATA",
+    "L1_OFFSET_MASK",
+    "L1_RESERVED",
+    "UNALLOCATED",
+    "ZERO",
+    "CompressedDescriptor",
+    "L2Table",
+    "decode_compressed",
+    "parse_l1",
+]
+
+# Entry kinds (per cluster, or per subcluster in extended tables).
+UNALLOCATED = 0
+DATA = 1
+ZERO = 2
+COMPRESSED = 3
+
+OFLAG_COPIED = 1 << 63
+OFLAG_COMPRESSED = 1 << 62
+OFLAG_ZERO = 1 << 0
+L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L1_RESERVED = 0x7F000000000001FF
+L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard cluster descriptor
+SUBCLUSTERS = 32
+_ALL_SUBCLUSTERS = (1 << SUBCLUSTERS) - 1
+
+CompressedDescriptor = tuple[int, int]
+
+
+def _words(raw: bytes | bytearray | memoryview) -> array[int]:
+    words = array("Q")
+    words.frombytes(raw)
+    if sys.byteorder == "little":
+        words.byteswap()
+    return words
+
+
+def parse_l1(
+    raw: bytes | bytearray, *, table_offset: int, cluster_bits: int, file_size: int, filename: str | None
+) -> array[int]:
+    """Validate an L1 table and return its L2 table offsets (0: no table)."""
+    entries = _words(raw)
+    cluster_mask = (1 << cluster_bits) - 1
+    offsets = array("Q", bytes(len(entries) * 8))
+    for index, entry in enumerate(entries):
+        if not entry:
+            continue
+        where = table_offset + 8 * index
+        if entry & L1_RESERVED:
+            raise CorruptImageError(filename, where, f"L1 entry {index} has reserved bits set ({entry:#018x})")
+        l2_offset = entry & L1_OFFSET_MASK
+        if l2_offset & cluster_mask:
+            raise CorruptImageError(filename, where, f"L1 entry {index}: L2 table offset {l2_offset:#x} is unaligned")
+        if l2_offset and l2_offset + (1 << cluster_bits) > file_size:
+            raise CorruptImageError(
+                filename, where, f"L1 entry {index}: L2 table at {l2_offset:#x} lies past the end of the file"
+            )
+        offsets[index] = l2_offset
+    return offsets
+
+
+def decode_compressed(entry: int, cluster_bits: int) -> CompressedDescriptor:
+    """``(host_offset, length)`` of the compressed data a descriptor points to."""
+    offset_bits = 62 - (cluster_bits - 8)
+    host = entry & ((1 << offset_bits) - 1)
+    sectors = (entry >> offset_bits) & ((1 << (cluster_bits - 8)) - 1)
+    return host, (sectors + 1) * 512 - (host & 511)
+
+
+class L2Table:
+    """One L2 table, validated and classified.
+
+    Standard tables: ``kinds[i]``, ``hosts[i]`` (host cluster offset, or the compressed
+    descriptor) and ``run_end[i]`` (index of the first entry after *i*'s run).
+    """
+
+    __slots__ = ("entries", "extended", "hosts", "kinds", "offset", "run_end")
+
+    def __init__(
+        self,
+        raw: bytes | bytearray | memoryview,
+        *,
+        offset: int,
+        cluster_bits: int,
+        extended: bool,
+        zero_flag: bool,
+        external_data: bool,
+        image_size: int,
+        data_size: int,
+        filename: str | None,
+    ) -> None:
+        self.offset = offset
+        self.extended = extended
+        self.entries = _words(raw)
+        if extended:
+            self.kinds = bytearray()
+            self.hosts = array("Q")
+            self.run_end = array("I")
+            self._validate_extended(cluster_bits, external_data, image_size, data_size, filename)
+        else:
+            self._classify(cluster_bits, zero_flag, external_data, image_size, data_size, filename)
+
+    def _classify(
+        self,
+        cluster_bits: int,
+        zero_flag: bool,
+        external_data: bool,
+        image_size: int,
+        data_size: int,
+        filename: str | None,
+    ) -> None:
+        entries = self.entries
+        count = len(entries)
+        kinds = bytearray(count)
+        hosts = array("Q", bytes(8 * count))
+        cluster_mask = (1 << cluster_bits) - 1
+        reserved = L2_RESERVED if zero_flag else L2_RESERVED | OFLAG_ZERO
+        for index, entry in enumerate(entries):
+            if not entry:
+                continue
+            if entry & OFLAG_COMPRESSED:
+                host, _ = decode_compressed(entry, cluster_bits)
+                if host >= image_size:
+                    raise CorruptImageError(
+                        filename,
+                        self.offset + 8 * index,
+                        f"compressed cluster data at {host:#x} lies past the end of the file",
+                    )
+                kinds[index] = COMPRESSED
+                hosts[index] = entry
+                continue
+            if entry & reserved:
+                raise CorruptImageError(
+                    filename, self.offset + 8 * index, f"L2 entry {index} has reserved bits set ({entry:#018x})"
+                )
+            host = entry & L2_OFFSET_MASK
+            if host & cluster_mask:
+                raise CorruptImageError(
+                    filename, self.offset + 8 * index, f"L2 entry {index}: data offset {host:#x} is unaligned"
+                )
+            if host and host >= data_size:
+                raise CorruptImageError(
+                    filename,
+                    self.offset + 8 * index,
+                    f"L2 entry {index}: data at {host:#x} lies past the end of the file",
+                )
+            if entry & OFLAG_ZERO:
+                kinds[index] = ZERO
+                hosts[index] = host
+            elif host or (external_data and entry & OFLAG_COPIED):
+                kinds[index] = DATA
+                hosts[index] = host
+        run_end = array("I", bytes(4 * count))
+        cluster_size = 1 << cluster_bits
+        following = count
+        for index in range(count - 1, -1, -1):
+            if index + 1 < count:
+                kind = kinds[index]
+                if kind != kinds[index + 1] or (kind == DATA and hosts[index + 1] != hosts[index] + cluster_size):
+                    following = index + 1
+            run_end[index] = following
+        self.kinds = kinds
+        self.hosts = hosts
+        self.run_end = run_end
+
+    def _validate_extended(
+        self, cluster_bits: int, external_data: bool, image_size: int, data_size: int, filename: str | None
+    ) -> None:
+        entries = self.entries
+        cluster_mask = (1 << cluster_bits) - 1
+        for index in range(0, len(entries), 2):
+            entry, bitmap = entries[index], entries[index + 1]
+            where = self.offset + 8 * index
+            if entry & OFLAG_COMPRESSED:
+                host, _ = decode_compressed(entry, cluster_bits)
+                if host >= image_size:
+                    raise CorruptImageError(
+                        filename, where, f"compressed cluster data at {host:#x} lies past the end of the file"
+                    )
+                if bitmap:
+                    raise CorruptImageError(filename, where + 8, "compressed cluster has a subcluster bitmap")
+                continue
+            if entry & (L2_RESERVED | OFLAG_ZERO):
+                raise CorruptImageError(filename, where, f"extended L2 entry {index // 2} has reserved bits set")
+            if bitmap & (bitmap >> SUBCLUSTERS) & _ALL_SUBCLUSTERS:
+                raise CorruptImageError(filename, where + 8, "subcluster is marked both allocated and zero")
+            host = entry & L2_OFFSET_MASK
+            allocated = host or (external_data and entry & OFLAG_COPIED)
+            if not allocated and bitmap & _ALL_SUBCLUSTERS:
+                raise CorruptImageError(filename, where + 8, "unallocated cluster has allocated subclusters")
+            if host & cluster_mask:
+                raise CorruptImageError(filename, where, f"L2 entry {index // 2}: data offset {host:#x} is unaligned")
+            if host and host >= data_size:
+                raise CorruptImageError(
+                    filename, where, f"L2 entry {index // 2}: data at {host:#x} lies past the end of the file"
+                )
+
+    def subcluster(self, index: int, subcluster: int, cluster_bits: int) -> tuple[int, int]:
+        """Extended tables: ``(kind, host offset or descriptor)`` of one subcluster."""
+        entries = self.entries
+        entry = entries[2 * index]
+        if entry & OFLAG_COMPRESSED:
+            return COMPRESSED, entry
+        bitmap = entries[2 * index + 1]
+        if bitmap >> subcluster & 1:
+            return DATA, (entry & L2_OFFSET_MASK) + (subcluster << (cluster_bits - 5))
+        if bitmap >> (SUBCLUSTERS + subcluster) & 1:
+            return ZERO, 0
+        return UNALLOCATED, 0
