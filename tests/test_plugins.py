@@ -641,7 +641,6 @@ def test_invalid_driver_is_a_load_error(
 @pytest.mark.parametrize(
     ("lookup", "name", "distribution"),
     [
-        (imago.format_driver, "qcow2", "imago-qcow2"),
         (imago.storage_driver, "foo", "imago-foo"),
         (imago.format_driver, "vmdk", "imago-vmdk"),
     ],
@@ -656,6 +655,13 @@ def test_missing_driver_names_the_distribution(lookup: Callable[[str], type], na
     assert error.distribution == distribution
     assert f"install the distribution {distribution!r}" in str(error)
     assert error.__cause__ is None
+
+
+def test_missing_known_driver_names_its_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every in-repo driver is installed here; pretend one is known but missing.
+    monkeypatch.setitem(imago._plugins._KNOWN_DISTRIBUTIONS, "vhdx", "imago-formats-extra")
+    with pytest.raises(imago.DriverNotFoundError, match="install the distribution 'imago-formats-extra'"):
+        imago.format_driver("vhdx")
 
 
 def test_installed_driver_of_the_other_kind_is_not_found() -> None:
