@@ -89,16 +89,12 @@ class SyncFormatAccess:
     def read(self, buf: Any, offset: int) -> None:
         """Fill *buf* with the disk's bytes at *offset*."""
         access = self._access
-        cached = access._cache
-        if cached is not None:
+        cache = access._cache
+        if cache.epoch == access._driver.mapping_epoch and type(offset) is int:
             view = memoryview(buf) if type(buf) is bytearray else byte_view(buf, writable=True)
-            if (
-                type(offset) is int
-                and cached.start <= offset
-                and offset + view.nbytes <= cached.end
-                and cached.epoch == access._driver.mapping_epoch
-            ):
-                cached.storage.readv_inline([view], offset + cached.delta)
+            extent = cache.find(offset, view.nbytes)
+            if extent is not None:
+                extent.storage.readv_inline([view], offset + extent.delta)
                 return
         aio.run_sync(access.read(buf, offset))
 

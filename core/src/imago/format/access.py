@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ClosedError, ImagoError, InvalidRequestError, ReadOnlyError
 from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
 from ..storage import PreallocateMode, Storage
 from .driver import FormatDriver
+from .extents import Extent, ExtentCache
 from .mapping import (
     Mapping,
     MappingEof,
@@ -28,20 +29,6 @@ if TYPE_CHECKING:
     from ..sync import SyncFormatAccess
 
 __all__ = ["FormatAccess"]
-
-
-class _CachedExtent(NamedTuple):
-    """A raw mapping kept from an earlier request.
-
-    Guest ``[start, end)`` lives in *storage* at guest offset + *delta*; valid while the
-    driver's mapping epoch equals *epoch*.
-    """
-
-    start: int
-    end: int
-    storage: Storage
-    delta: int
-    epoch: int
 
 
 def _non_negative(name: str, value: int) -> None:
@@ -71,7 +58,7 @@ class FormatAccess:
         if not isinstance(driver, FormatDriver):
             raise InvalidRequestError(f"FormatAccess needs a FormatDriver, got {type(driver).__name__}")
         self._driver = driver
-        self._cache: _CachedExtent | None = None
+        self._cache = ExtentCache(driver.mapping_epoch)
         self._closed = False
 
     # --- facts ------------------------------------------------------------------------------
@@ -150,18 +137,14 @@ class FormatAccess:
         """Fill *buf* (any writable buffer) with the disk's bytes at *offset*."""
         view = memoryview(buf) if type(buf) is bytearray else byte_view(buf, writable=True)
         length = view.nbytes
-        cached = self._cache
+        cache = self._cache
         # A hit needs no further checks: extents lie inside the disk, and closing or resizing
         # drops the cache.
-        if (
-            cached is not None
-            and type(offset) is int
-            and cached.start <= offset
-            and offset + length <= cached.end
-            and cached.epoch == self._driver.mapping_epoch
-        ):
-            await cached.storage.readv([view], offset + cached.delta)
-            return
+        if type(offset) is int and cache.epoch == self._driver.mapping_epoch:
+            extent = cache.find(offset, length)
+            if extent is not None:
+                await extent.storage.readv([view], offset + extent.delta)
+                return
         self._check(offset, length)
         await self._readv_mapped([view], offset, length)
 
@@ -186,9 +169,7 @@ class FormatAccess:
             if kind is ShallowRaw:
                 assert isinstance(mapping, ShallowRaw)
                 await mapping.storage.readv(part, mapping.offset)
-                # Clipped to the disk: the synchronous fast path trusts the extent for bounds.
-                end = min(guest + mapped, driver.size)
-                self._cache = _CachedExtent(guest, end, mapping.storage, mapping.offset - guest, driver.mapping_epoch)
+                self._remember(guest, mapped, mapping)
             elif kind is ShallowZero or kind is ShallowEof:
                 zero_fill(part)
             elif kind is ShallowIndirect:
@@ -200,6 +181,15 @@ class FormatAccess:
             else:
                 raise ImagoError(f"{driver.name} driver returned an unknown mapping {mapping!r}")
             pos += step
+
+    def _remember(self, guest: int, length: int, mapping: ShallowRaw) -> None:
+        """Cache a raw extent, clipped to the disk (hits are trusted for bounds)."""
+        epoch = self._driver.mapping_epoch
+        cache = self._cache
+        if cache.epoch != epoch:
+            cache = self._cache = ExtentCache(epoch)
+        end = min(guest + length, self._driver.size)
+        cache.add(Extent(guest, end, mapping.storage, mapping.offset - guest))
 
     async def _read_as_backing(self, iov: IoVector, offset: int, length: int) -> None:
         """Read as a backing layer: bytes past this layer's end read as zero."""
@@ -353,7 +343,7 @@ class FormatAccess:
             raise ClosedError(f"{self._name()} is closed")
         if not self._driver.writable:
             raise ReadOnlyError(self._name())
-        self._cache = None
+        self._cache = ExtentCache(-1)
         await self._driver.resize(new_size, mode)
         self._driver.mappings_changed()
 
@@ -361,7 +351,7 @@ class FormatAccess:
         """Flush (if writable) and release the image. Closing twice does nothing."""
         if self._closed:
             return
-        self._cache = None
+        self._cache = ExtentCache(-1)
         try:
             if self._driver.writable:
                 await self._driver.flush()
