@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import ClosedError, ImagoError, InvalidRequestError, ReadOnlyError
 from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
-from ..storage import PreallocateMode, Storage
+from ..storage import PreallocateMode
 from .driver import FormatDriver
 from .extents import Extent, ExtentCache
 from .mapping import (
