@@ -28,11 +28,18 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int, wh
             out = inflater.decompress(data, cluster_size)
             more = inflater.decompress(inflater.unconsumed_tail, 1) if len(out) == cluster_size else b""
         else:
-            decompressor = zstd.ZstdDecompressor()
-            out = decompressor.decompress(data, max_length=cluster_size)
+            # Like QEMU, consecutive frames are decompressed until the cluster is full.
+            out = b""
             more = b""
-            if len(out) == cluster_size and not decompressor.eof and not decompressor.needs_input:
-                more = decompressor.decompress(b"", max_length=1)
+            rest = data
+            while rest and len(out) < cluster_size:
+                decompressor = zstd.ZstdDecompressor()
+                out += decompressor.decompress(rest, max_length=cluster_size - len(out))
+                if not decompressor.eof:
+                    if len(out) == cluster_size and not decompressor.needs_input:
+                        more = decompressor.decompress(b"", max_length=1)
+                    break
+                rest = decompressor.unused_data
     except (zlib.error, zstd.ZstdError) as error:
         raise CorruptImageError(where, offset, f"compressed cluster cannot be decompressed: {error}") from None
     if more:

@@ -31,7 +31,7 @@ from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, Shallo
 from imago.io_buffers import iovec_length
 
 from .compression import decompress_cluster
-from .header import MAGIC, Header, parse_header
+from .header import INCOMPAT_CORRUPT, MAGIC, Header, parse_header
 from .snapshots import Snapshot, read_snapshot_table
 from .tables import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
 
@@ -158,12 +158,15 @@ class Qcow2(FormatDriver):
             await storage.readv([memoryview(head)], 0)
         header = parse_header(bytes(head), file_size, filename)
 
+        if header.incompatible_features & INCOMPAT_CORRUPT:
+            if builder.writable:
+                raise CorruptImageError(filename, 72, "the image is marked corrupt; it cannot be opened for writing")
+            if not builder._allow_corrupt:
+                raise CorruptImageError(
+                    filename, 72, "the image is marked corrupt; open it read-only with allow_corrupt(True) to read it"
+                )
         if builder.writable:
             raise UnsupportedFeatureError("writing qcow2 images", filename)
-        if header.incompatible_features & 2 and not builder._allow_corrupt:
-            raise CorruptImageError(
-                filename, 72, "the image is marked corrupt; open it read-only with allow_corrupt(True) to read it"
-            )
 
         raw_l1 = bytearray(header.l1_size * 8)
         if raw_l1:
@@ -302,7 +305,7 @@ class Qcow2(FormatDriver):
             "cluster-size": header.cluster_size,
             "refcount-bits": header.refcount_bits,
             "compression-type": header.compression,
-            "corrupt": bool(header.incompatible_features & 2),
+            "corrupt": bool(header.incompatible_features & INCOMPAT_CORRUPT),
             "dirty": bool(header.incompatible_features & 1),
             "extended-l2": header.extended_l2,
         }

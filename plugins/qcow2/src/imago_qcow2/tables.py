@@ -137,6 +137,10 @@ class L2Table:
             if not entry:
                 continue
             if entry & OFLAG_COMPRESSED:
+                if external_data:
+                    raise CorruptImageError(
+                        filename, self.offset + 8 * index, "compressed cluster in an image with an external data file"
+                    )
                 host, _ = decode_compressed(entry, cluster_bits)
                 if host >= image_size:
                     raise CorruptImageError(
@@ -190,6 +194,10 @@ class L2Table:
             entry, bitmap = entries[index], entries[index + 1]
             where = self.offset + 8 * index
             if entry & OFLAG_COMPRESSED:
+                if external_data:
+                    raise CorruptImageError(
+                        filename, where, "compressed cluster in an image with an external data file"
+                    )
                 host, _ = decode_compressed(entry, cluster_bits)
                 if host >= image_size:
                     raise CorruptImageError(

@@ -1,0 +1,1175 @@
+#!/usr/bin/env python3
+"""Reads from qcow2 images through imago: against bare ``os.preadv``, one thread, and qemu-img.
+
+One run measures:
+
+* a fully allocated qcow2 image (``--size``, 64 KiB clusters, made by ``qemu-img convert``),
+  page-cached, through ``SyncFormatAccess.read``, against bare ``os.preadv`` of the same bytes of
+  the image file (the host offsets imago's ``get_mapping`` reports):
+  ``1M sequential`` (target >= 0.80), ``4K random`` (target >= 0.40), ``4K sequential``, and
+  ``qemu-img bench -f qcow2`` reference figures;
+* compressed images (zlib and zstd) read whole with large requests, the driver decompressing the
+  clusters of a request on all cores, against the same reads decompressing on one thread
+  (target: >= 1.5 times faster), and ``qemu-img convert -O raw`` of the same image;
+* the peak RSS of a child process reading a sparse 1 TiB qcow2 end to end (target < 150 MiB).
+
+The last line of the output is one JSON object with every figure. Exit status 0, unless a
+correctness check fails (1), or qemu-img/qemu-io, which create the images, are missing (2).
+See ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import imago
+import imago.aio
+from imago import Mapping, SyncFormatAccess
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+SMALL = 4 * KiB
+LARGE = 1 * MiB
+CLUSTER = 64 * KiB
+COMPRESSIONS = ("zlib", "zstd")
+RSS_TARGET_MIB = 150.0
+
+_QEMU_TIME = re.compile(r"Run completed in ([0-9.]+) seconds")
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """``1G``, ``64M``, ``1T``, ``65536``, ``2GiB``... as bytes; a positive multiple of 1 MiB."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    value = int(match.group(1)) << (10 * " kmgt".index(match.group(2).lower() or " "))
+    if value <= 0 or value % MiB:
+        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 1 MiB, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Config:
+    size: int
+    ops: int
+    ops_1m: int
+    qemu_ops: int
+    repeat: int
+    seed: int
+    compressed_size: int
+    request: int
+    big_size: int
+    big_stride: int
+    big_buffer: int
+    big_verify: str
+    skip_big: bool
+    directory: str | None
+    qemu: bool
+    quick: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "cluster_size": CLUSTER,
+            "ops_4k": self.ops,
+            "ops_1m": self.ops_1m,
+            "qemu_ops_4k": self.qemu_ops,
+            "repeat": self.repeat,
+            "seed": self.seed,
+            "compressed_size": self.compressed_size,
+            "request_size": self.request,
+            "big_size": self.big_size,
+            "big_stride": self.big_stride,
+            "big_buffer": self.big_buffer,
+            "big_verify": self.big_verify,
+            "skip_big": self.skip_big,
+            "cpus": os.cpu_count(),
+            "quick": self.quick,
+            "statistic": "best",
+        }
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = argparse.ArgumentParser(
+        description="Benchmark imago's qcow2 read path against bare os.preadv, one thread, and qemu-img.",
+    )
+    parser.add_argument("--size", type=parse_size, help="allocated image size (default 1G; --quick: 64M)")
+    parser.add_argument("--dir", help="directory for the temporary images (default: the system temp dir)")
+    parser.add_argument("--ops", type=int, help="4 KiB reads per run (default 200000; --quick: 20000)")
+    parser.add_argument("--ops-1m", type=int, help="1 MiB reads per run (default 2000; --quick: 200)")
+    parser.add_argument("--qemu-ops", type=int, help="4 KiB requests per qemu-img run (default 50000; --quick: 5000)")
+    parser.add_argument("--repeat", type=int, help="timed runs per test, best is reported (default 5; --quick: 3)")
+    parser.add_argument("--seed", type=int, default=1, help="seed for offsets and generated data (default 1)")
+    parser.add_argument(
+        "--compressed-size", type=parse_size, help="virtual size of the compressed images (default 256M; --quick: 16M)"
+    )
+    parser.add_argument(
+        "--request-size", type=parse_size, help="request size for reading compressed images (default 16M; --quick: 4M)"
+    )
+    parser.add_argument("--big-size", type=parse_size, help="sparse image virtual size (default 1T; --quick: 4G)")
+    parser.add_argument(
+        "--big-stride", type=parse_size, help="one 1 MiB write per this many bytes (default 64G; --quick: 256M)"
+    )
+    parser.add_argument("--big-buffer", type=parse_size, help="request size for the sparse read (default 64M)")
+    parser.add_argument(
+        "--big-verify",
+        choices=("sample", "full"),
+        default="sample",
+        help="sparse read: check written ranges and spots of every request (sample, default) or every byte (full)",
+    )
+    parser.add_argument("--skip-big", action="store_true", help="skip the sparse-image memory test")
+    parser.add_argument("--no-qemu", action="store_true", help="skip the qemu-img reference runs (images still use it)")
+    parser.add_argument("--quick", action="store_true", help="small images and few ops: a smoke run of seconds")
+    args = parser.parse_args(argv)
+
+    def pick(value: int | None, full: int, quick: int) -> int:
+        return value if value is not None else (quick if args.quick else full)
+
+    config = Config(
+        size=pick(args.size, GiB, 64 * MiB),
+        ops=pick(args.ops, 200_000, 20_000),
+        ops_1m=pick(args.ops_1m, 2_000, 200),
+        qemu_ops=pick(args.qemu_ops, 50_000, 5_000),
+        repeat=pick(args.repeat, 5, 3),
+        seed=args.seed,
+        compressed_size=pick(args.compressed_size, 256 * MiB, 16 * MiB),
+        request=pick(args.request_size, 16 * MiB, 4 * MiB),
+        big_size=pick(args.big_size, TiB, 4 * GiB),
+        big_stride=pick(args.big_stride, 64 * GiB, 256 * MiB),
+        big_buffer=pick(args.big_buffer, 64 * MiB, 64 * MiB),
+        big_verify=args.big_verify,
+        skip_big=args.skip_big,
+        directory=args.dir,
+        qemu=not args.no_qemu,
+        quick=args.quick,
+    )
+    for name in ("ops", "ops_1m", "qemu_ops", "repeat"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if config.size % CLUSTER or config.compressed_size % CLUSTER:
+        parser.error("image sizes must be multiples of the 64 KiB cluster size")
+    if config.big_stride < 4 * MiB or config.big_stride > config.big_size:
+        parser.error("--big-stride must be at least 4M and at most --big-size")
+    return config
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_tool(cmd: list[str], timeout: float = 3600) -> subprocess.CompletedProcess[str]:
+    """Run qemu-img/qemu-io; a failure raises with the tool's last line of output."""
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        detail = (out.stderr or out.stdout).strip().splitlines()
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {out.returncode}): {detail[-1] if detail else ''}")
+    return out
+
+
+def write_file(path: str, chunks: Iterator[bytes]) -> str:
+    """Write the chunks to *path*; returns the sha256 of its content."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as file:
+        for chunk in chunks:
+            file.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def random_chunks(size: int, chunk: int = 16 * MiB) -> Iterator[bytes]:
+    pos = 0
+    while pos < size:
+        step = min(chunk, size - pos)
+        yield os.urandom(step)
+        pos += step
+
+
+def text_chunks(size: int, seed: int, chunk: int = 16 * MiB) -> Iterator[bytes]:
+    """Text-like bytes that deflate about 3.5x per 64 KiB cluster.
+
+    A pool of words (500 made-up words, Zipf-like weights, a number every 50 words) from which
+    each cluster takes a window at a random place: no two clusters are alike, each compresses
+    like prose, not like a run of one byte.
+    """
+    rng = random.Random(seed)
+    letters = "etaoinshrdlcumwfgypbvkjxqz"
+    vocabulary = ["".join(rng.choices(letters, weights=range(26, 0, -1), k=rng.randint(2, 9))) for _ in range(500)]
+    words = rng.choices(vocabulary, weights=[1 / (i + 1) ** 1.2 for i in range(500)], k=400_000)
+    for i in range(0, len(words), 50):
+        words[i] = str(rng.randrange(10**6))
+    pool = " ".join(words).encode()
+    pos = 0
+    while pos < size:
+        step = min(chunk, size - pos)
+        out = bytearray(step)
+        for at in range(0, step, CLUSTER):
+            start = rng.randrange(len(pool) - CLUSTER)
+            out[at : at + CLUSTER] = pool[start : start + CLUSTER]
+        yield bytes(out)
+        pos += step
+
+
+def settle_and_cache(path: str) -> None:
+    """fsync (no writeback while measuring), then read the file once into the page cache."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+        buf = bytearray(16 * MiB)
+        pos = 0
+        while count := os.preadv(fd, [buf], pos):
+            pos += count
+    finally:
+        os.close(fd)
+
+
+def cache_residency(path: str, samples: int, rng: random.Random) -> tuple[int, int] | None:
+    """How many of *samples* random pages of the file are in the page cache (``RWF_NOWAIT``)."""
+    flag = getattr(os, "RWF_NOWAIT", None)
+    if flag is None:
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        buf = bytearray(SMALL)
+        resident = 0
+        for _ in range(samples):
+            try:
+                if os.preadv(fd, [buf], rng.randrange(size // SMALL) * SMALL, flag) == SMALL:
+                    resident += 1
+            except BlockingIOError:
+                pass
+            except OSError:
+                return None
+        return resident, samples
+    finally:
+        os.close(fd)
+
+
+def pread_exact(fd: int, length: int, offset: int) -> bytes:
+    buf = bytearray(length)
+    if os.preadv(fd, [buf], offset) != length:
+        raise OSError(f"short read of {length} bytes at {offset}")
+    return bytes(buf)
+
+
+def tmpfs_dir(fallback: str) -> str:
+    """Where qemu-img convert writes its raw output: /dev/shm if usable (memory, no disk)."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK):
+        return shm
+    return fallback
+
+
+# --- qemu-img ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Qemu:
+    """qemu-img (and qemu-io) for creating images, and for reference figures unless disabled."""
+
+    img: str | None
+    io: str | None
+    version: str | None
+    reference: bool
+    note: str | None = None
+
+    @classmethod
+    def find(cls, reference: bool) -> Qemu:
+        img, io = shutil.which("qemu-img"), shutil.which("qemu-io")
+        version = None
+        if img is not None:
+            out = subprocess.run([img, "--version"], capture_output=True, text=True, check=False, timeout=30)
+            version = out.stdout.splitlines()[0] if out.stdout else "unknown"
+        note = None if reference else "qemu-img reference runs skipped (--no-qemu)"
+        return cls(img, io, version, reference and img is not None, note)
+
+    def bench(self, path: str, count: int, size: int) -> tuple[float, float] | None:
+        """``qemu-img bench`` at QD1: its own "Run completed in" seconds and the process wall clock."""
+        if not self.reference or self.img is None:
+            return None
+        # -t writeback is qemu-img bench's default: reads come from the page cache, like ours.
+        cmd = [
+            self.img, "bench", "-f", "qcow2", "-t", "writeback",
+            "-c", str(count), "-d", "1", "-s", str(size), "-S", str(size), path,
+        ]  # fmt: skip
+        start = time.perf_counter()
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+        except (OSError, subprocess.SubprocessError) as error:
+            self.disable(f"qemu-img bench failed to run ({error})")
+            return None
+        wall = time.perf_counter() - start
+        match = _QEMU_TIME.search(out.stdout)
+        if out.returncode != 0 or match is None:
+            detail = (out.stderr or out.stdout).strip().splitlines()
+            self.disable(f"qemu-img bench failed (exit {out.returncode}: {detail[-1] if detail else 'no output'})")
+            return None
+        return float(match.group(1)), wall
+
+    def convert_to_raw(self, path: str, target: str) -> float | None:
+        """Wall clock of ``qemu-img convert -O raw`` (process start-up included)."""
+        if not self.reference or self.img is None:
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+        cmd = [self.img, "convert", "-f", "qcow2", "-O", "raw", path, target]
+        start = time.perf_counter()
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
+        except (OSError, subprocess.SubprocessError) as error:
+            self.disable(f"qemu-img convert failed to run ({error})")
+            return None
+        wall = time.perf_counter() - start
+        if out.returncode != 0:
+            detail = (out.stderr or out.stdout).strip().splitlines()
+            self.disable(f"qemu-img convert failed (exit {out.returncode}: {detail[-1] if detail else 'no output'})")
+            return None
+        return wall
+
+    def disable(self, note: str) -> None:
+        self.reference = False
+        self.note = f"{note}: remaining qemu-img reference figures skipped"
+
+
+# --- measurement groups -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """One contender of a group: ``run(warm)`` returns seconds for ``ops`` requests of ``block`` bytes."""
+
+    name: str
+    ops: int
+    block: int
+    run: Callable[[bool], float | None]
+    seconds: list[float] = field(default_factory=list)
+    #: qemu-img bench only: wall clock of the whole process (start-up and image open included).
+    wall_seconds: list[float] = field(default_factory=list)
+
+    def figure(self, unit: str) -> dict[str, Any] | None:
+        rates = [self.ops / s for s in self.seconds if s > 0]
+        if not rates:
+            return None
+        scale = 1.0 if unit == "IOPS" else self.block / MiB
+        values = [r * scale for r in rates]
+        figure: dict[str, Any] = {
+            "unit": unit,
+            "best": max(values),
+            "median": statistics.median(values),
+            "runs": values,
+            "ops": self.ops,
+            "block": self.block,
+        }
+        if self.wall_seconds:
+            figure["best_by_wall_clock"] = max(self.ops / s for s in self.wall_seconds) * scale
+        return figure
+
+
+def measure(group: str, runners: list[Runner], repeat: int) -> None:
+    """Warm every runner up, then time ``repeat`` rounds, rotating the order each round."""
+    progress(f"  measuring {group} ...")
+    for runner in runners:
+        runner.run(True)
+    for round_no in range(repeat):
+        shift = round_no % len(runners)
+        for runner in runners[shift:] + runners[:shift]:
+            seconds = runner.run(False)
+            if seconds is not None:
+                runner.seconds.append(seconds)
+
+
+def imago_loop(disk: SyncFormatAccess, buf: bytearray, offsets: Sequence[int]) -> float:
+    """``SyncFormatAccess.read(buf, off)`` over the offsets, one buffer reused."""
+    read = disk.read
+    start = time.perf_counter()
+    for off in offsets:
+        read(buf, off)
+    return time.perf_counter() - start
+
+
+def bare_loop(fd: int, buf: bytearray, offsets: Sequence[int]) -> float:
+    """The baseline: ``os.preadv(fd, [buf], off)`` over the (host) offsets, one buffer reused."""
+    preadv = os.preadv
+    start = time.perf_counter()
+    for off in offsets:
+        preadv(fd, [buf], off)
+    return time.perf_counter() - start
+
+
+#: How often the one-thread stand-in was called (0 after a run: the driver no longer uses it).
+_serial_calls = 0
+
+
+async def _run_serially(func: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """Stand-in for :func:`imago.aio.run_parallel`: the same work, on the calling thread."""
+    global _serial_calls
+    _serial_calls += 1
+    return [func(item) for item in items]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Make the qcow2 driver decompress on the calling thread only.
+
+    ``imago_qcow2.driver`` looks up ``aio.run_parallel`` (``aio`` is the ``imago.aio`` module)
+    at every call, so replacing the module attribute for the duration of the run is enough.
+    """
+    original = imago.aio.run_parallel
+    imago.aio.run_parallel = _run_serially
+    try:
+        yield
+    finally:
+        imago.aio.run_parallel = original
+
+
+# --- part 1: an allocated image against bare reads of its host ranges -------------------------------------
+
+
+@dataclass(frozen=True)
+class Extent:
+    guest: int
+    length: int
+    host: int
+
+
+def merge_extents(extents: list[Extent]) -> list[Extent]:
+    merged: list[Extent] = []
+    for ext in extents:
+        last = merged[-1] if merged else None
+        if last and last.guest + last.length == ext.guest and last.host + last.length == ext.host:
+            merged[-1] = Extent(last.guest, last.length + ext.length, last.host)
+        else:
+            merged.append(ext)
+    return merged
+
+
+class Allocated:
+    """The fully allocated image, its host extents, and the runners of its groups."""
+
+    def __init__(self, config: Config, qemu: Qemu, tmp: str, failures: list[str]) -> None:
+        self.config = config
+        self.qemu = qemu
+        self.failures = failures
+        self.size = config.size
+        self.source = os.path.join(tmp, "allocated.raw")
+        self.path = os.path.join(tmp, "allocated.qcow2")
+        progress(f"creating a {config.size // MiB} MiB qcow2 image of random data (64 KiB clusters) ...")
+        write_file(self.source, random_chunks(config.size))
+        assert qemu.img is not None
+        run_tool([
+            qemu.img, "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={CLUSTER}", self.source, self.path,
+        ])  # fmt: skip
+        settle_and_cache(self.path)
+        self.residency = cache_residency(self.path, 1024, random.Random(config.seed + 2))
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        self.disk = imago.open(self.path, format="qcow2")
+        self.extents = self._extents()
+        self._starts = [ext.guest for ext in self.extents]
+        rng = random.Random(config.seed)
+        self.random_4k = [rng.randrange(self.size // SMALL) * SMALL for _ in range(config.ops)]
+        self.seq_4k = [(i * SMALL) % self.size for i in range(config.ops)]
+        self.seq_1m = [(i * LARGE) % self.size for i in range(config.ops_1m)]
+        self.warm_count = max(1, min(config.ops // 10, 20_000))
+        self.groups: dict[str, list[Runner]] = {}
+
+    def close(self) -> None:
+        self.disk.close()
+        os.close(self.fd)
+        os.close(self.source_fd)
+
+    def _extents(self) -> list[Extent]:
+        """Where the guest data lives in the image file, from imago's ``get_mapping`` (once)."""
+        extents: list[Extent] = []
+        offset = 0
+        while offset < self.size:
+            mapping, length = self.disk.get_mapping(offset, self.size - offset)
+            if not isinstance(mapping, Mapping.Raw) or mapping.storage.filename != self.path:
+                raise RuntimeError(f"{self.path}: guest offset {offset} is not allocated in the image file: {mapping}")
+            extents.append(Extent(offset, length, mapping.offset))
+            offset += length
+        return merge_extents(extents)
+
+    def host(self, guest: int, length: int) -> int:
+        """The host offset of guest ``[guest, guest + length)``, which must lie in one extent."""
+        ext = self.extents[bisect.bisect_right(self._starts, guest) - 1]
+        if guest + length > ext.guest + ext.length:
+            raise RuntimeError(f"request [{guest}, {guest + length}) straddles host extents: unexpected layout")
+        return ext.host + guest - ext.guest
+
+    def check_correctness(self) -> None:
+        """imago's mapping must match ``qemu-img map``; its reads, the source data and the host bytes."""
+        if self.qemu.img is not None:
+            out = run_tool([self.qemu.img, "map", "--output=json", "-f", "qcow2", self.path])
+            theirs = merge_extents(
+                [Extent(e["start"], e["length"], e["offset"]) for e in json.loads(out.stdout) if e.get("data")]
+            )
+            if theirs != self.extents:
+                self.failures.append(f"allocated: imago's mapping {self.extents} differs from qemu-img map's {theirs}")
+        rng = random.Random(self.config.seed + 1)
+        size = self.size
+        cases = [(0, SMALL), (size - SMALL, SMALL), (0, LARGE), (size - LARGE, LARGE), (12345, 6789)]
+        cases += [(ext.guest - SMALL, 2 * SMALL) for ext in self.extents[1:]]  # across host extents
+        cases += [(rng.randrange(size // SMALL) * SMALL, SMALL) for _ in range(32)]
+        cases += [(rng.randrange(size // LARGE) * LARGE, LARGE) for _ in range(8)]
+        cases += [(rng.randrange(size - 3 * SMALL), rng.randrange(1, 3 * SMALL)) for _ in range(8)]
+        for offset, length in cases:
+            expected = pread_exact(self.source_fd, length, offset)
+            for attempt in ("first", "again"):
+                buf = bytearray(length)
+                self.disk.read(buf, offset)
+                if buf != expected:
+                    self.failures.append(f"allocated: imago read ({attempt}) of {length} bytes at {offset} is wrong")
+            ext = self.extents[bisect.bisect_right(self._starts, offset) - 1]
+            inside = offset + length <= ext.guest + ext.length
+            if inside and pread_exact(self.fd, length, self.host(offset, length)) != expected:
+                self.failures.append(f"allocated: host bytes for guest {offset} differ from the source data")
+
+    def check_last(self, what: str, buf: bytearray, offset: int) -> None:
+        if buf != pread_exact(self.source_fd, len(buf), offset):
+            self.failures.append(f"{what}: buffer after the timed run does not hold the data at {offset}")
+
+    def bare(self, guest_offsets: list[int], block: int) -> Runner:
+        hosts = [self.host(off, block) for off in guest_offsets]
+        buf = bytearray(block)
+
+        def run(warm: bool) -> float:
+            return bare_loop(self.fd, buf, hosts[: self.warm_count] if warm else hosts)
+
+        return Runner("bare", len(hosts), block, run)
+
+    def imago(self, what: str, offsets: list[int], block: int) -> Runner:
+        buf = bytearray(block)
+
+        def run(warm: bool) -> float:
+            buf[:] = bytes(block)
+            seconds = imago_loop(self.disk, buf, offsets[: self.warm_count] if warm else offsets)
+            if not warm:
+                self.check_last(what, buf, offsets[-1])
+            return seconds
+
+        return Runner("imago", len(offsets), block, run)
+
+    def qemu_bench(self, count: int, block: int) -> Runner:
+        def run(warm: bool) -> float | None:
+            timed = self.qemu.bench(self.path, min(count, 1000) if warm else count, block)
+            if timed is None:
+                return None
+            if not warm:
+                runner.wall_seconds.append(timed[1])
+            return timed[0]
+
+        runner = Runner("qemu-img", count, block, run)
+        return runner
+
+    def run(self) -> None:
+        config = self.config
+        plan: dict[str, list[Runner]] = {
+            "1m_seq": [self.bare(self.seq_1m, LARGE), self.imago("1M sequential", self.seq_1m, LARGE)],
+            "4k_random": [self.bare(self.random_4k, SMALL), self.imago("4K random", self.random_4k, SMALL)],
+            "4k_seq": [self.bare(self.seq_4k, SMALL), self.imago("4K sequential", self.seq_4k, SMALL)],
+        }
+        if self.qemu.reference:
+            plan["1m_seq"].append(self.qemu_bench(config.ops_1m, LARGE))
+            plan["4k_seq"].append(self.qemu_bench(config.qemu_ops, SMALL))
+        for group, runners in plan.items():
+            measure(group, runners, config.repeat)
+            self.groups[group] = runners
+
+
+# --- part 2: compressed images, all cores against one thread ------------------------------------------------
+
+
+class Compressed:
+    """Compressed images (one per compression type) of the same text-like data."""
+
+    def __init__(self, config: Config, qemu: Qemu, tmp: str, failures: list[str]) -> None:
+        self.config = config
+        self.qemu = qemu
+        self.failures = failures
+        self.tmp = tmp
+        self.size = config.compressed_size
+        self.source = os.path.join(tmp, "text.raw")
+        progress(f"creating {self.size // MiB} MiB of text-like data ...")
+        self.source_sha256 = write_file(self.source, text_chunks(self.size, config.seed))
+        self.source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
+        self.raw_dir = tmpfs_dir(tmp)
+        self.raw_target = os.path.join(self.raw_dir, f"imago-bench-{os.getpid()}.raw")
+        self.offsets = list(range(0, self.size, config.request))
+        self.groups: dict[str, list[Runner]] = {}
+        self.images: dict[str, dict[str, Any]] = {}
+        self.notes: set[str] = set()
+
+    def close(self) -> None:
+        os.close(self.source_fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.raw_target)
+
+    def create(self, compression: str) -> str:
+        path = os.path.join(self.tmp, f"text-{compression}.qcow2")
+        progress(f"compressing it with qemu-img convert -c -o compression_type={compression} ...")
+        assert self.qemu.img is not None
+        run_tool([
+            self.qemu.img, "convert", "-f", "raw", "-O", "qcow2", "-c",
+            "-o", f"compression_type={compression},cluster_size={CLUSTER}", self.source, path,
+        ])  # fmt: skip
+        settle_and_cache(path)
+        return path
+
+    def read_all(self, disk: SyncFormatAccess, buf: bytearray, offsets: Sequence[int]) -> float:
+        read = disk.read
+        request = len(buf)
+        size = self.size
+        start = time.perf_counter()
+        for off in offsets:
+            # The last request may be shorter (a disk size that is no multiple of the request).
+            read(buf if off + request <= size else memoryview(buf)[: size - off], off)
+        return time.perf_counter() - start
+
+    def check(self, compression: str, disk: SyncFormatAccess) -> dict[str, Any]:
+        """The image is compressed; imago's whole read equals the source and qemu-img's (sha256)."""
+        special = 0
+        offset = 0
+        while offset < self.size:
+            mapping, length = disk.get_mapping(offset, self.size - offset)
+            if isinstance(mapping, Mapping.Special):
+                special += length
+            offset += length
+        digest = hashlib.sha256()
+        buf = bytearray(self.config.request)
+        for off in self.offsets:
+            view = memoryview(buf)[: min(len(buf), self.size - off)]
+            disk.read(view, off)
+            digest.update(view)
+        ours = digest.hexdigest()
+        theirs = None
+        if self.qemu.img is not None:
+            run_tool([self.qemu.img, "convert", "-f", "qcow2", "-O", "raw", disk.filename or "", self.raw_target])
+            with open(self.raw_target, "rb") as file:
+                theirs = hashlib.file_digest(file, "sha256").hexdigest()
+        if special == 0:
+            self.failures.append(f"{compression}: no compressed cluster in the image: nothing measured of interest")
+        if ours != self.source_sha256:
+            self.failures.append(f"{compression}: sha256 of imago's read {ours} differs from the source data's")
+        if theirs is not None and theirs != ours:
+            self.failures.append(
+                f"{compression}: sha256 of imago's read {ours} differs from qemu-img convert's {theirs}"
+            )
+        return {
+            "compressed_fraction": special / self.size,
+            "sha256_imago": ours,
+            "sha256_qemu_img": theirs,
+            "sha256_source": self.source_sha256,
+        }
+
+    def run(self) -> None:
+        config = self.config
+        for compression in COMPRESSIONS:
+            path = self.create(compression)
+            disk = imago.open(path, format="qcow2")
+            try:
+                info = self.check(compression, disk)
+                info["file_size"] = os.path.getsize(path)
+                info["compression_ratio"] = self.size / info["file_size"]
+                self.images[compression] = info
+                if self.failures:
+                    return
+                runners = [self.imago(compression, disk, parallel=True), self.imago(compression, disk, parallel=False)]
+                if self.qemu.reference:
+                    runners.append(self.qemu_convert(path))
+                measure(f"{compression} whole-disk reads", runners, config.repeat)
+                self.groups[compression] = runners
+            finally:
+                disk.close()
+            os.unlink(path)
+
+    def imago(self, compression: str, disk: SyncFormatAccess, *, parallel: bool) -> Runner:
+        buf = bytearray(self.config.request)
+        offsets = self.offsets
+        name = "parallel" if parallel else "one-thread"
+
+        def run(warm: bool) -> float:
+            todo = offsets[:2] if warm else offsets
+            calls = _serial_calls
+            with contextlib.nullcontext() if parallel else one_thread():
+                seconds = self.read_all(disk, buf, todo)
+            if not parallel and _serial_calls == calls:
+                self.notes.add(
+                    "the qcow2 driver did not call imago.aio.run_parallel: the one-thread baseline"
+                    " may not be one thread"
+                )
+            last = todo[-1]
+            length = min(len(buf), self.size - last)
+            if memoryview(buf)[:length] != pread_exact(self.source_fd, length, last):
+                self.failures.append(f"{compression} {name}: buffer after the run does not hold the data at {last}")
+            return seconds
+
+        return Runner(name, len(offsets), self.config.request, run)
+
+    def qemu_convert(self, path: str) -> Runner:
+        def run(warm: bool) -> float | None:
+            return None if warm else self.qemu.convert_to_raw(path, self.raw_target)
+
+        # One "request" of the whole disk: the rate is the disk size over the process's wall clock.
+        return Runner("qemu-img", 1, self.size, run)
+
+
+# --- part 3: peak memory of reading a huge sparse image ----------------------------------------------------------
+
+
+def big_writes(config: Config) -> list[tuple[int, int, int]]:
+    """``(offset, length, pattern byte)``: 1 MiB at a scattered place in every stride, and at the end."""
+    stride, size = config.big_stride, config.big_size
+    slots = (stride - 2 * MiB) // SMALL
+    writes = []
+    for k in range(size // stride):
+        jitter = (k * 2654435761 + 12345) % slots * SMALL
+        writes.append((k * stride + jitter, MiB, 1 + (k * 37) % 255))
+    if writes[-1][0] + MiB <= size - MiB:
+        writes.append((size - MiB, MiB, 0xEE))
+    return writes
+
+
+def peak_rss_kib() -> dict[str, int]:
+    """This process's peak and current RSS, in KiB (``ru_maxrss`` and /proc's VmHWM/VmRSS).
+
+    VmHWM is the figure to use: it belongs to this process's address space, while ``ru_maxrss``
+    is kept across ``execve`` and so starts, in a child, at the parent's RSS when it forked.
+    """
+    out = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    with contextlib.suppress(OSError), open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                out[line.split(":")[0]] = int(line.split()[1])
+    return out
+
+
+def is_zero(buf: bytearray, start: int, end: int, zeros: memoryview) -> bool:
+    """Whether ``buf[start:end]`` is all zero (compared in place, *zeros* at a time: no copies)."""
+    step = len(zeros)
+    return all(buf.startswith(zeros[: min(step, end - pos)], pos) for pos in range(start, end, step))
+
+
+def fill(view: memoryview, block: bytes) -> None:
+    """Fill *view* with copies of *block* (no temporary of the view's size)."""
+    step = len(block)
+    for pos in range(0, len(view), step):
+        count = min(step, len(view) - pos)
+        view[pos : pos + count] = block[:count]
+
+
+def big_child(spec_text: str) -> int:
+    """The child of the memory test: read the sparse image end to end, check it, print JSON.
+
+    Every request's buffer is first poisoned where it will be checked (so that a read which leaves
+    the buffer alone cannot pass): all of it for requests that overlap a written range (then every
+    byte is checked: the pattern inside the written ranges, zeroes elsewhere) and, with ``sample``
+    verification, the first and last 64 KiB of the others (checked to be zero); ``full`` checks
+    every byte of every request. Only the ``disk.read`` calls are timed as read time.
+    """
+    spec = json.loads(spec_text)
+    size, request, full = spec["size"], spec["buffer"], spec["verify"] == "full"
+    writes = [tuple(w) for w in spec["writes"]]
+    disk = imago.open(spec["path"], format="qcow2")
+    before = peak_rss_kib()
+    buf = bytearray(request)
+    spot = 64 * KiB
+    zeros = memoryview(bytes(MiB))
+    poison = b"\xa5" * MiB
+    errors: list[str] = []
+    read_seconds = check_seconds = 0.0
+    next_write = 0
+    for off in range(0, size, request):
+        end = min(off + request, size)
+        view = memoryview(buf)[: end - off]
+        while next_write < len(writes) and writes[next_write][0] + writes[next_write][1] <= off:
+            next_write += 1
+        mine = [w for w in writes[next_write:] if w[0] < end]
+        started = time.perf_counter()
+        spots = [] if full or mine else [(0, spot), (len(view) - spot, len(view))]
+        if spots:
+            for lo, hi in spots:
+                view[lo:hi] = poison[: hi - lo]
+        else:
+            fill(view, poison)
+        poisoned = time.perf_counter()
+        disk.read(view, off)
+        done = time.perf_counter()
+        read_seconds += done - poisoned
+        if spots:
+            for lo, hi in spots:
+                if not is_zero(buf, lo, hi, zeros):
+                    errors.append(f"non-zero bytes in [{off + lo}, {off + hi})")
+        else:
+            pos = off
+            for w_off, w_len, pattern in mine:
+                lo, hi = max(w_off, off), min(w_off + w_len, end)
+                if not is_zero(buf, pos - off, lo - off, zeros):
+                    errors.append(f"non-zero bytes in [{pos}, {lo})")
+                if buf.count(pattern, lo - off, hi - off) != hi - lo:
+                    errors.append(f"write of {w_len} bytes at {w_off} (pattern {pattern:#04x}) reads wrong")
+                pos = max(pos, hi)
+            if not is_zero(buf, pos - off, end - off, zeros):
+                errors.append(f"non-zero bytes in [{pos}, {end})")
+        check_seconds += time.perf_counter() - done + poisoned - started
+        if len(errors) > 20:
+            errors.append("(stopped reading after 20 errors)")
+            break
+    disk.close()
+    result = {
+        "rss_before_kib": before,
+        "rss_after_kib": peak_rss_kib(),
+        "read_seconds": read_seconds,
+        "check_seconds": check_seconds,
+        "bytes": size,
+        "errors": errors,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+class Big:
+    def __init__(self, config: Config, qemu: Qemu, tmp: str, failures: list[str]) -> None:
+        self.config = config
+        self.qemu = qemu
+        self.tmp = tmp
+        self.failures = failures
+        self.result: dict[str, Any] | None = None
+
+    def run(self) -> None:
+        config = self.config
+        path = os.path.join(self.tmp, "sparse.qcow2")
+        writes = big_writes(config)
+        progress(
+            f"creating a {fmt_bytes(config.big_size)} sparse qcow2 image with {len(writes)} scattered 1 MiB writes ..."
+        )
+        assert self.qemu.img is not None
+        assert self.qemu.io is not None
+        run_tool([self.qemu.img, "create", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", path, str(config.big_size)])
+        commands = [arg for off, length, p in writes for arg in ("-c", f"write -P {p} {off} {length}")]
+        run_tool([self.qemu.io, "-f", "qcow2", *commands, path])
+        settle_and_cache(path)
+        spec = {
+            "path": path,
+            "size": config.big_size,
+            "buffer": config.big_buffer,
+            "verify": config.big_verify,
+            "writes": writes,
+        }
+        progress(f"  reading it end to end in a child process ({fmt_bytes(config.big_buffer)} requests) ...")
+        started = time.perf_counter()
+        out = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--big-child", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=24 * 3600,
+            check=False,
+        )
+        wall = time.perf_counter() - started
+        file_size = os.path.getsize(path)
+        os.unlink(path)
+        lines = out.stdout.strip().splitlines()
+        if out.returncode != 0 or not lines:
+            tail = (out.stderr or out.stdout).strip().splitlines()
+            self.failures.append(f"sparse read: child failed (exit {out.returncode}): {tail[-1] if tail else ''}")
+            return
+        result = json.loads(lines[-1])
+        result["wall_seconds"] = wall
+        result["file_size"] = file_size
+        result["writes"] = len(writes)
+        self.result = result
+        for error in result["errors"]:
+            self.failures.append(f"sparse read: {error}")
+
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+
+def fmt_rate(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f} {unit}"
+
+
+def fmt_bytes(value: int) -> str:
+    for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if value >= scale and value % scale == 0:
+            return f"{value // scale} {unit}"
+    return f"{value} B"
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    label: str
+    unit: str
+    imago: tuple[str, str]  # (group, runner)
+    reference: tuple[str, str]
+    target: float | None
+
+
+ROWS = (
+    Row("sync_1m_sequential", "qcow2 1M sequential QD1", "MiB/s", ("1m_seq", "imago"), ("1m_seq", "bare"), 0.80),
+    Row("sync_4k_random", "qcow2 4K random QD1", "IOPS", ("4k_random", "imago"), ("4k_random", "bare"), 0.40),
+    Row("sync_4k_sequential", "qcow2 4K sequential QD1", "IOPS", ("4k_seq", "imago"), ("4k_seq", "bare"), None),
+    Row("qemu_4k_sequential", "qcow2 4K seq vs qemu-img", "IOPS", ("4k_seq", "imago"), ("4k_seq", "qemu-img"), None),
+    Row("qemu_1m_sequential", "qcow2 1M seq vs qemu-img", "MiB/s", ("1m_seq", "imago"), ("1m_seq", "qemu-img"), None),
+    Row("zlib_parallel", "zlib all cores vs 1 thread", "MiB/s", ("zlib", "parallel"), ("zlib", "one-thread"), 1.5),
+    Row("zstd_parallel", "zstd all cores vs 1 thread", "MiB/s", ("zstd", "parallel"), ("zstd", "one-thread"), 1.5),
+    Row("zlib_qemu", "zlib vs qemu-img convert", "MiB/s", ("zlib", "parallel"), ("zlib", "qemu-img"), None),
+    Row("zstd_qemu", "zstd vs qemu-img convert", "MiB/s", ("zstd", "parallel"), ("zstd", "qemu-img"), None),
+)
+
+
+def report(
+    config: Config,
+    qemu: Qemu,
+    groups: dict[str, list[Runner]],
+    allocated: Allocated | None,
+    compressed: Compressed | None,
+    big: Big | None,
+    failures: list[str],
+    elapsed: float,
+    load: tuple[float, float] | None,
+) -> dict[str, Any]:
+    def figure(where: tuple[str, str], unit: str) -> dict[str, Any] | None:
+        for runner in groups.get(where[0], []):
+            if runner.name == where[1]:
+                return runner.figure(unit)
+        return None
+
+    results: dict[str, Any] = {}
+    for group, runners in groups.items():
+        unit = "IOPS" if group.startswith("4k") else "MiB/s"
+        results[group] = {runner.name: runner.figure(unit) for runner in runners}
+
+    ratios: dict[str, Any] = {}
+    lines: list[tuple[str, ...]] = []
+    header = ("test", "imago", "reference", "ratio", "target", "result")
+    for row in ROWS:
+        mine, theirs = figure(row.imago, row.unit), figure(row.reference, row.unit)
+        ref_name = row.reference[1]
+        if mine is None or theirs is None:
+            ratios[row.key] = None
+            if row.target is not None or qemu.reference:
+                best = None if mine is None else mine["best"]
+                lines.append((row.label, fmt_rate(best, row.unit), f"{ref_name}: -", "-", "-", "n/a"))
+            continue
+        ratio = mine["best"] / theirs["best"]
+        meets = None if row.target is None else ratio >= row.target
+        per_op = 1e6 * (mine["block"] / MiB if row.unit == "MiB/s" else 1.0)
+        ratios[row.key] = {
+            "ratio": ratio,
+            "median_ratio": mine["median"] / theirs["median"],
+            "target": row.target,
+            "meets_target": meets,
+            "imago": mine["best"],
+            "reference": theirs["best"],
+            "reference_name": ref_name,
+            "unit": row.unit,
+            "overhead_us_per_op": per_op / mine["best"] - per_op / theirs["best"],
+        }
+        target = "-" if row.target is None else f">= {row.target:.2f}"
+        result = "(reference)" if meets is None else ("PASS" if meets else "FAIL-below-target")
+        lines.append(
+            (
+                row.label,
+                fmt_rate(mine["best"], row.unit),
+                f"{ref_name}: {fmt_rate(theirs['best'], row.unit)}",
+                f"{ratio:.3f}",
+                target,
+                result,
+            )
+        )
+
+    memory: dict[str, Any] | None = None
+    big_label = f"{fmt_bytes(config.big_size)} sparse read peak RSS"
+    if big is not None and big.result is not None:
+        res = big.result
+        # VmHWM: ru_maxrss survives execve, so in a child it can show the parent's peak at fork time.
+        peak = res["rss_after_kib"].get("VmHWM", res["rss_after_kib"]["ru_maxrss"]) / KiB
+        before = res["rss_before_kib"].get("VmHWM", res["rss_before_kib"]["ru_maxrss"]) / KiB
+        memory = {
+            "peak_rss_mib": peak,
+            "rss_after_open_mib": before,
+            "target_mib": RSS_TARGET_MIB,
+            "meets_target": peak < RSS_TARGET_MIB,
+            **res,
+        }
+        lines.append(
+            (
+                big_label,
+                f"{peak:,.1f} MiB",
+                f"after open: {before:,.1f} MiB",
+                "-",
+                f"< {RSS_TARGET_MIB:.0f} MiB",
+                "PASS" if peak < RSS_TARGET_MIB else "FAIL-above-target",
+            )
+        )
+    else:
+        lines.append((big_label, "-", "-", "-", f"< {RSS_TARGET_MIB:.0f} MiB", "skipped" if big is None else "n/a"))
+
+    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
+    print()
+    print(
+        f"imago qcow2 read benchmark: best of {config.repeat} interleaved runs, ratio = imago / reference"
+        f" (higher is better); {os.cpu_count()} CPUs"
+    )
+    print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
+    print("  " + "  ".join("-" * w for w in widths))
+    for line in lines:
+        print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
+    print()
+    if allocated is not None:
+        extents = ", ".join(
+            f"guest {fmt_bytes(e.guest)}+{fmt_bytes(e.length)} at host {e.host:#x}" for e in allocated.extents
+        )
+        print(f"allocated image: {fmt_bytes(config.size)}, 64 KiB clusters; host extents (get_mapping): {extents}")
+        if allocated.residency is not None:
+            print(f"  page cache: {allocated.residency[0]}/{allocated.residency[1]} sampled pages resident")
+    if compressed is not None:
+        print(
+            f"compressed images: {fmt_bytes(config.compressed_size)} of text-like data, read in"
+            f" {fmt_bytes(config.request)} requests; one-thread = imago.aio.run_parallel replaced by a serial loop;"
+            f" qemu-img convert -O raw to {compressed.raw_dir}, timed by its wall clock"
+        )
+        for compression, info in compressed.images.items():
+            same = info["sha256_qemu_img"] == info["sha256_imago"] == info["sha256_source"]
+            print(
+                f"  {compression}: file {info['file_size'] / MiB:.1f} MiB ({info['compression_ratio']:.2f}x),"
+                f" {100 * info['compressed_fraction']:.0f}% of the disk compressed clusters;"
+                f" sha256 imago {'==' if same else '!='} qemu-img convert == source: {info['sha256_imago'][:16]}..."
+            )
+    if memory is not None:
+        gib = memory["bytes"] / GiB
+        print(
+            f"sparse image: {fmt_bytes(config.big_size)} virtual, {memory['writes']} scattered 1 MiB writes,"
+            f" read in {fmt_bytes(config.big_buffer)} requests in a child: reads {memory['read_seconds']:.1f} s"
+            f" ({gib / memory['read_seconds']:.1f} GiB/s),"
+            f" checks ({config.big_verify}) {memory['check_seconds']:.1f} s,"
+            f" child wall clock {memory['wall_seconds']:.1f} s"
+        )
+    if compressed is not None:
+        for note in sorted(compressed.notes):
+            print(f"NOTE: {note}")
+    if load is not None:
+        busy = " (other processes compete for the CPUs: the all-cores figures suffer most)" if load[0] > 0.5 else ""
+        print(f"load average (1 min) before the run: {load[0]:.2f}, after: {load[1]:.2f}{busy}")
+    if qemu.note:
+        print(f"NOTE: {qemu.note}")
+    elif qemu.version:
+        print(
+            f"qemu-img: {qemu.version}; bench timed by its own 'Run completed in' figure (QD1, -t writeback),"
+            " convert by the wall clock of the process"
+        )
+    verdict = "OK" if not failures else "FAILED"
+    print(f"correctness: {verdict}")
+    for failure in failures:
+        print(f"  {failure}")
+    print(f"total time: {elapsed:.1f} s")
+
+    return {
+        "benchmark": "imago-qcow2-read",
+        "config": config.as_dict(),
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "imago_version": imago.__version__,
+        "qemu_img": qemu.version,
+        "qemu_note": qemu.note,
+        "page_cache_resident": None
+        if allocated is None or allocated.residency is None
+        else {"resident": allocated.residency[0], "sampled": allocated.residency[1]},
+        "allocated_extents": None
+        if allocated is None
+        else [{"guest": e.guest, "length": e.length, "host": e.host} for e in allocated.extents],
+        "compressed_images": None if compressed is None else compressed.images,
+        "correct": not failures,
+        "failures": failures,
+        "results": results,
+        "ratios": ratios,
+        "memory": memory,
+        "notes": [] if compressed is None else sorted(compressed.notes),
+        "load_average_1min": None if load is None else {"before": load[0], "after": load[1]},
+        "elapsed_s": elapsed,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--big-child"] and len(args) == 2:
+        return big_child(args[1])
+    config = parse_args(args)
+    started = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    qemu = Qemu.find(config.qemu)
+    if qemu.img is None or qemu.io is None:
+        print("qemu-img and qemu-io are needed to create the images; not found on PATH", file=sys.stderr)
+        return 2
+    failures: list[str] = []
+    groups: dict[str, list[Runner]] = {}
+    allocated: Allocated | None = None
+    compressed: Compressed | None = None
+    big: Big | None = None
+    with tempfile.TemporaryDirectory(prefix="imago-bench-", dir=config.directory) as tmp:
+        allocated = Allocated(config, qemu, tmp, failures)
+        try:
+            if allocated.residency is not None and allocated.residency[0] < allocated.residency[1]:
+                progress(
+                    f"WARNING: only {allocated.residency[0]}/{allocated.residency[1]} sampled pages are in the"
+                    " page cache; figures may include disk I/O"
+                )
+            allocated.check_correctness()
+            if not failures:
+                allocated.run()
+                groups.update(allocated.groups)
+        finally:
+            allocated.close()
+        os.unlink(allocated.source)
+        os.unlink(allocated.path)
+        if not failures:
+            compressed = Compressed(config, qemu, tmp, failures)
+            try:
+                compressed.run()
+                groups.update(compressed.groups)
+            finally:
+                compressed.close()
+        if not failures and not config.skip_big:
+            big = Big(config, qemu, tmp, failures)
+            big.run()
+        if failures:
+            progress("correctness check FAILED: not measuring further")
+    load = None if load_before is None else (load_before, os.getloadavg()[0])
+    elapsed = time.perf_counter() - started
+    summary = report(config, qemu, groups, allocated, compressed, big, failures, elapsed, load)
+    print(json.dumps(summary, sort_keys=True))
+    return 0 if summary["correct"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
