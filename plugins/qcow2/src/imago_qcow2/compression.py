@@ -15,7 +15,9 @@ else:
 __all__ = ["decompress_cluster"]
 
 
-def decompress_cluster(data: bytes, cluster_size: int, compression_type: int, where: str, offset: int) -> bytes:
+def decompress_cluster(
+    data: bytes | memoryview, cluster_size: int, compression_type: int, where: str, offset: int
+) -> bytes:
     """Decompress one cluster; the output must be exactly *cluster_size* bytes.
 
     *where* (the file name) and *offset* (the host offset of the data) go into errors.
@@ -31,7 +33,7 @@ def decompress_cluster(data: bytes, cluster_size: int, compression_type: int, wh
             # Like QEMU, consecutive frames are decompressed until the cluster is full.
             out = b""
             more = b""
-            rest = data
+            rest: bytes | memoryview = data
             while rest and len(out) < cluster_size:
                 decompressor = zstd.ZstdDecompressor()
                 out += decompressor.decompress(rest, max_length=cluster_size - len(out))

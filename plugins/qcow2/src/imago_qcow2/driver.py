@@ -28,7 +28,6 @@ from imago import (
 from imago.cache import MetadataCache
 from imago.format import check_local_file_name
 from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
-from imago.io_buffers import iovec_length
 
 from .compression import decompress_cluster
 from .header import INCOMPAT_CORRUPT, MAGIC, Header, parse_header
@@ -472,65 +471,69 @@ class Qcow2(FormatDriver):
         return entry
 
     async def readv_special(self, bufs: Sequence[memoryview], offset: int) -> None:
-        """Read compressed clusters: their data is read, then decompressed on all cores."""
-        length = iovec_length(bufs)
+        """Read compressed clusters: read their data, then decompress and copy on all cores."""
         cluster_bits = self._cluster_bits
         cluster_size = 1 << cluster_bits
-        first = offset >> cluster_bits << cluster_bits
-        guest_clusters = list(range(first, offset + length, cluster_size))
-        entries = [await self._descriptor(guest) for guest in guest_clusters]
-        clusters: dict[int, bytes] = {}
-        missing: list[int] = []
-        for entry in entries:
-            cached = self._decompressed.get(entry)
-            if cached is not None:
-                clusters[entry] = cached
-            elif entry not in missing:
-                missing.append(entry)
-        if missing:
-            compressed = await self._read_compressed([decode_compressed(e, cluster_bits) for e in missing])
-            compression = self._header.compression_type
-            filename = self._filename
-            results = await aio.run_parallel(
-                lambda item: decompress_cluster(item[0], cluster_size, compression, filename or "", item[1]),
-                compressed,
-            )
-            for entry, data in zip(missing, results, strict=True):
-                clusters[entry] = data
-                self._decompressed[entry] = data
-                self._decompressed.move_to_end(entry)
-            while len(self._decompressed) > _DECOMPRESSED_CLUSTERS:
-                self._decompressed.popitem(last=False)
-        # Copy each buffer's part out of the decompressed clusters.
+        # Where each cluster's part of the request goes: [(destination view, offset in cluster)].
+        pieces: dict[int, list[tuple[memoryview, int]]] = {}
         position = offset
         for view in bufs:
             done = 0
             while done < view.nbytes:
-                guest = position >> cluster_bits
-                entry = entries[guest - (first >> cluster_bits)]
                 within = position & (cluster_size - 1)
                 step = min(view.nbytes - done, cluster_size - within)
-                view[done : done + step] = clusters[entry][within : within + step]
+                pieces.setdefault(position - within, []).append((view[done : done + step], within))
                 done += step
                 position += step
+        work: list[tuple[int, list[tuple[memoryview, int]]]] = []
+        for guest, targets in pieces.items():
+            entry = await self._descriptor(guest)
+            cached = self._decompressed.get(entry)
+            if cached is None:
+                work.append((entry, targets))
+                continue
+            for target, within in targets:
+                target[:] = cached[within : within + target.nbytes]
+        if not work:
+            return
+        compressed = await self._read_compressed([decode_compressed(entry, cluster_bits) for entry, _ in work])
+        compression = self._header.compression_type
+        where = self._filename or ""
 
-    async def _read_compressed(self, descriptors: list[tuple[int, int]]) -> list[tuple[bytes, int]]:
-        """The compressed bytes of each descriptor, coalescing adjacent ones into one read."""
+        def inflate(item: tuple[tuple[memoryview, int], list[tuple[memoryview, int]]]) -> bytes | None:
+            (data, host), targets = item
+            cluster = decompress_cluster(data, cluster_size, compression, where, host)
+            for target, within in targets:
+                target[:] = cluster[within : within + target.nbytes]
+            # Partly read clusters are kept: the next small read likely wants the rest.
+            partial = len(targets) > 1 or targets[0][0].nbytes < cluster_size
+            return cluster if partial else None
+
+        results = await aio.run_parallel(inflate, list(zip(compressed, (t for _, t in work), strict=True)))
+        for (entry, _), cluster in zip(work, results, strict=True):
+            if cluster is not None:
+                self._decompressed[entry] = cluster
+                self._decompressed.move_to_end(entry)
+        while len(self._decompressed) > _DECOMPRESSED_CLUSTERS:
+            self._decompressed.popitem(last=False)
+
+    async def _read_compressed(self, descriptors: list[tuple[int, int]]) -> list[tuple[memoryview, int]]:
+        """The compressed bytes of each descriptor (views, no copies), adjacent ones read at once."""
         file_size = self._storage.size
         spans: list[list[int]] = []  # [start, end, first descriptor index, last descriptor index]
         for index, (host, length) in enumerate(descriptors):
             end = min(host + length, file_size)
-            if spans and host >= spans[-1][0] and host <= spans[-1][1] and end - spans[-1][0] <= 8 << 20:
+            if spans and spans[-1][0] <= host <= spans[-1][1] and end - spans[-1][0] <= 8 << 20:
                 spans[-1][1] = max(spans[-1][1], end)
                 spans[-1][3] = index
             else:
                 spans.append([host, end, index, index])
-        out: list[tuple[bytes, int]] = []
+        out: list[tuple[memoryview, int]] = []
         for start, end, low, high in spans:
-            data = bytearray(end - start)
-            await self._storage.readv([memoryview(data)], start)
+            data = memoryview(bytearray(end - start))
+            await self._storage.readv([data], start)
             for host, length in descriptors[low : high + 1]:
-                out.append((bytes(data[host - start : min(host + length, file_size) - start]), host))
+                out.append((data[host - start : min(host + length, file_size) - start], host))
         return out
 
     # --- life cycle ---------------------------------------------------------------------------

@@ -335,7 +335,7 @@ def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
         raise _corrupt(filename, 20, "extended L2 entries need clusters of at least 16 KiB")
 
     backing_file = None
-    if backing_file_offset:
+    if backing_file_offset and backing_file_size:  # an empty name means no backing file, as in QEMU
         raw = data[backing_file_offset : backing_file_offset + backing_file_size]
         backing_file = _decode_name(raw, "backing file name", filename, backing_file_offset)
     backing_format = None
@@ -384,8 +384,18 @@ def _check_tables(header: Header, file_size: int, filename: str | None) -> None:
     refcount_bytes = header.refcount_table_clusters * cluster_size
     if refcount_bytes > MAX_REFCOUNT_TABLE_BYTES:
         raise _corrupt(filename, 56, f"refcount table of {header.refcount_table_clusters} clusters exceeds 8 MiB")
+    if not refcount_bytes:
+        raise _corrupt(filename, 56, "the image has no refcount table")
     check_table(filename, 48, "refcount table", header.refcount_table_offset, refcount_bytes, cluster_size, file_size)
     if header.nb_snapshots > MAX_SNAPSHOTS:
         raise _corrupt(filename, 60, f"{header.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}")
-    if header.nb_snapshots:
-        check_table(filename, 64, "snapshot table", header.snapshots_offset, 40, cluster_size, file_size)
+    # Aligned even when there are no snapshots, as QEMU demands.
+    check_table(
+        filename,
+        64,
+        "snapshot table",
+        header.snapshots_offset,
+        40 if header.nb_snapshots else 0,
+        cluster_size,
+        file_size,
+    )
