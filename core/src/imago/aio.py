@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
@@ -134,16 +135,49 @@ async def gather_all(awaitables: list[Awaitable[T]]) -> list[T]:
     return list(await asyncio.gather(*awaitables))
 
 
-async def run_parallel(func: Callable[[T], R], items: list[T]) -> list[R]:
-    """``[func(item) for item in items]`` on imago's thread pool, in parallel, in order.
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
-    For CPU work that releases the GIL (decompression, compression). Used inline (no loop),
-    it blocks the calling thread until all are done; under a loop it awaits them.
+
+def _cpu_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _cpu_executor
+    if _cpu_executor is None:
+        with _pool_lock:
+            if _cpu_executor is None:
+                _cpu_executor = concurrent.futures.ThreadPoolExecutor(_cpu_count(), thread_name_prefix="imago-cpu")
+    return _cpu_executor
+
+
+_cpu_executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _run_chunk(func: Callable[[T], R], chunk: list[T]) -> list[R]:
+    return [func(item) for item in chunk]
+
+
+async def run_parallel(func: Callable[[T], R], items: list[T]) -> list[R]:
+    """``[func(item) for item in items]`` on all CPUs, in order.
+
+    For CPU work that releases the GIL (decompression, compression). The items are split into
+    one contiguous chunk per CPU, so that cheap items do not drown in per-item hand-offs.
+    Used inline (no loop) it blocks, the calling thread taking the first chunk itself; under a
+    loop it awaits the chunks, all on the pool.
     """
-    if len(items) <= 1:
+    workers = min(len(items), _cpu_count())
+    if workers <= 1:
         return [func(item) for item in items]
-    pool = _thread_pool()
+    size = -(-len(items) // workers)
+    chunks = [items[start : start + size] for start in range(0, len(items), size)]
+    pool = _cpu_pool()
     loop = _get_running_loop()
     if loop is None or _state.depth > 0:
-        return list(pool.map(func, items))
-    return list(await asyncio.gather(*(loop.run_in_executor(pool, func, item) for item in items)))
+        futures = [pool.submit(_run_chunk, func, chunk) for chunk in chunks[1:]]
+        results = _run_chunk(func, chunks[0])
+        for future in futures:
+            results.extend(future.result())
+        return results
+    parts = await asyncio.gather(*(loop.run_in_executor(pool, _run_chunk, func, chunk) for chunk in chunks))
+    return [result for part in parts for result in part]
