@@ -277,13 +277,13 @@ def test_missing_driver_in_a_subcommand_is_one_line(
     register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
     register_plugin(
-        "needs-qcow2", cli_plugin(("convert", "x", no_arguments, lambda args: imago.format_driver("qcow2")))
+        "needs-vmdk", cli_plugin(("convert", "x", no_arguments, lambda args: imago.format_driver("vmdk")))
     )
     assert imago.cli.main(["convert"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("imago: no format driver named 'qcow2' is installed")
-    assert "'imago-qcow2'" in err
+    assert err.startswith("imago: no format driver named 'vmdk' is installed")
+    assert "'imago-vmdk'" in err
     assert "Traceback" not in err
 
 
