@@ -1394,3 +1394,25 @@ def test_backing_file_name_of_length_zero_means_no_backing(img_backed: Path) -> 
     assert image.implicit_backing_file is None
     assert image.backing is None
     SyncFormatAccess(image).close()
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (lambda entry: entry | 0x1, ("reserved",)),
+        (lambda entry: entry + 0x200, ("aligned",)),
+        (lambda entry: 1 << 40, ("end of the file",)),
+    ],
+    ids=["reserved-bits", "misaligned", "past-eof"],
+)
+def test_bad_refcount_table_entry(img: Path, value: Any, words: tuple[str, ...]) -> None:
+    table = corpus.header(img).refcount_table_offset
+    entry = corpus.get_u64(img, table)
+    assert entry
+    corpus.put_u64(img, table, value(entry))
+    image = Qcow2.builder_path(img).open_sync(PermissiveImplicitOpenGate())
+    assert open_and_read(img) == EXPECTED  # reading needs no refcounts
+    with pytest.raises(CorruptImageError) as info:
+        imago.aio.run_sync(image.refcount(0))
+    check_corrupt(info.value, offset=table, words=words)
+    SyncFormatAccess(image).close()

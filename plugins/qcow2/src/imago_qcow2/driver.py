@@ -16,7 +16,6 @@ from imago import (
     ImagoError,
     ImplicitOpenGate,
     InvalidOptionError,
-    ReadOnlyError,
     ShallowMapping,
     Storage,
     StorageOpenOptions,
@@ -31,6 +30,7 @@ from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, Shallo
 
 from .compression import decompress_cluster
 from .header import INCOMPAT_CORRUPT, MAGIC, Header, parse_header
+from .refcounts import Refcounts
 from .snapshots import Snapshot, read_snapshot_table
 from .tables import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
 
@@ -120,6 +120,7 @@ class Qcow2(FormatDriver):
         self._table_shift = self._cluster_bits + self._l2_bits
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._tables = tables or MetadataCache(max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2)
+        self._refcounts = Refcounts(storage, header)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -331,6 +332,10 @@ class Qcow2(FormatDriver):
             info["snapshots"] = [snapshot.describe() for snapshot in self._snapshots]
         return info
 
+    async def refcount(self, host_offset: int) -> int:
+        """The refcount of the host cluster at *host_offset* in the image file."""
+        return await self._refcounts.get(host_offset)
+
     # --- snapshots -----------------------------------------------------------------------------
 
     def find_snapshot(self, name_or_id: str) -> Snapshot:
@@ -446,8 +451,7 @@ class Qcow2(FormatDriver):
             if next_kind != kind or (kind == DATA and next_host != host_start + position - offset):
                 break
             position += 1 << step_bits
-        length = min(position, limit) - offset if position > offset else 0
-        length = max(length, min(limit, ((offset >> step_bits) + 1) << step_bits) - offset)
+        length = min(position, limit) - offset
         if kind == DATA:
             return ShallowRaw(self._data_storage, host_start, False), length
         if kind == UNALLOCATED:
@@ -538,19 +542,12 @@ class Qcow2(FormatDriver):
 
     # --- life cycle ---------------------------------------------------------------------------
 
-    async def flush(self) -> None:
-        """Nothing to write back (read-only)."""
-
     async def close(self) -> None:
         """Release the image file, data file and backing chain (not for snapshot views)."""
         self._decompressed.clear()
         if not self._owns_storages:
             return
         await super().close()
-
-    async def ensure_data_mapping(self, offset: int, length: int, overwrite: bool) -> tuple[ShallowMapping, int]:
-        """Writing is not supported yet."""
-        raise ReadOnlyError(self._filename or "qcow2 image")
 
     def __repr__(self) -> str:
         view = f" snapshot={self._snapshot.name!r}" if self._snapshot else ""

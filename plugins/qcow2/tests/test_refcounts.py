@@ -1,0 +1,111 @@
+"""Refcount structures of every width, read back from images QEMU made."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imago import PermissiveImplicitOpenGate, SyncFormatAccess, aio
+from imago.format.mapping import ShallowRaw
+from imago_qcow2 import Qcow2
+from imago_qcow2.refcounts import RefcountBlock
+
+CLUSTER = 64 << 10
+
+
+def qemu(*args: str) -> str:
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+
+def referenced_clusters(image: Qcow2) -> dict[int, int]:
+    """Host cluster offset -> how many references the metadata makes to it (active L1 and snapshots)."""
+    header = image.header
+    counts: dict[int, int] = {}
+
+    def add(offset: int, length: int) -> None:
+        for cluster in range(offset // CLUSTER * CLUSTER, offset + length, CLUSTER):
+            counts[cluster] = counts.get(cluster, 0) + 1
+
+    add(0, CLUSTER)
+    add(header.refcount_table_offset, header.refcount_table_clusters * CLUSTER)
+    table = aio.run_sync(image._refcounts.table())
+    for entry in table:
+        if entry:
+            add(entry, CLUSTER)
+    if header.nb_snapshots:
+        snapshots = image.snapshots
+        last = snapshots[-1]
+        table_end = last.table_offset + 40 + len(last.extra_data) + len(last.id) + len(last.name)
+        add(header.snapshots_offset, table_end - header.snapshots_offset)
+    for view in [image, *(image.read_snapshot_sync(s.id) for s in image.snapshots)]:
+        l1 = view._l1
+        add(view._snapshot.l1_table_offset if view._snapshot else header.l1_table_offset, len(l1) * 8)
+        for l2 in l1:
+            if l2:
+                add(l2, CLUSTER)
+        offset = 0
+        while offset < view.size:
+            mapping, length = aio.run_sync(view.get_mapping(offset, view.size - offset))
+            length = min(length, view.size - offset)
+            if isinstance(mapping, ShallowRaw):
+                add(mapping.offset, length)
+            offset += length
+    return counts
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16, 32, 64])
+def test_refcounts_of_every_width_match_the_metadata(tmp_path: Path, bits: int) -> None:
+    path = tmp_path / "img.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"refcount_bits={bits}", str(path), "8M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 3M 200k", str(path))
+    if bits >= 2:
+        qemu("qemu-img", "snapshot", "-c", "s1", str(path))
+        qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x33 0 128k", str(path))
+    check = json.loads(
+        subprocess.run(["qemu-img", "check", "--output=json", str(path)], capture_output=True, text=True).stdout
+    )
+    assert check.get("check-errors", 0) == 0
+    assert check.get("leaks", 0) == 0
+    image = Qcow2.builder_path(path).open_sync(PermissiveImplicitOpenGate())
+    assert image.header.refcount_bits == bits
+    expected = referenced_clusters(image)
+    if bits >= 2:
+        assert max(expected.values()) == 2  # clusters shared with the snapshot
+    for cluster, count in expected.items():
+        assert aio.run_sync(image.refcount(cluster)) == count, f"cluster {cluster:#x}"
+    file_end = path.stat().st_size // CLUSTER * CLUSTER + CLUSTER
+    assert aio.run_sync(image.refcount(file_end + 100 * CLUSTER)) == 0
+    SyncFormatAccess(image).close()
+
+
+@pytest.mark.parametrize("order", range(7))
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_refcount_block_entries_are_independent(order: int, data: st.DataObject) -> None:
+    block = RefcountBlock(bytearray(512), offset=0, refcount_order=order)
+    assert len(block) == 4096 >> order
+    model = [0] * len(block)
+    for _ in range(data.draw(st.integers(1, 30))):
+        index = data.draw(st.integers(0, len(block) - 1))
+        value = data.draw(st.integers(0, block.max_refcount))
+        block.set(index, value)
+        model[index] = value
+    assert [block.get(i) for i in range(len(block))] == model
+    with pytest.raises(ValueError, match="does not fit"):
+        block.set(0, block.max_refcount + 1)
+
+
+def test_sub_byte_refcounts_are_packed_least_significant_bits_first() -> None:
+    block = RefcountBlock(bytearray(2), offset=0, refcount_order=1)  # 2-bit entries
+    block.set(0, 1)
+    block.set(1, 2)
+    block.set(4, 3)
+    assert block.data == bytearray([0b00001001, 0b00000011])
+    wide = RefcountBlock(bytearray(4), offset=0, refcount_order=4)
+    wide.set(1, 0x1234)
+    assert wide.data == bytearray([0, 0, 0x12, 0x34])
