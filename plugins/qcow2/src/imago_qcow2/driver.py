@@ -29,7 +29,7 @@ from imago.format import check_local_file_name
 from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
 
 from .compression import decompress_cluster
-from .header import INCOMPAT_CORRUPT, MAGIC, Header, parse_header
+from .header import HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, MAGIC, Header, header_cluster_size, parse_header
 from .refcounts import Refcounts
 from .snapshots import Snapshot, read_snapshot_table
 from .tables import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
@@ -41,7 +41,6 @@ _UNSET: Any = object()
 _L2_CACHE_BYTES = 16 << 20
 # Decompressed clusters kept, so that small reads of one compressed cluster decompress it once.
 _DECOMPRESSED_CLUSTERS = 16
-_HEADER_PROBE = 112
 
 
 class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
@@ -150,10 +149,10 @@ class Qcow2(FormatDriver):
     ) -> Qcow2:
         filename = storage.filename
         file_size = storage.size
-        head = bytearray(min(_HEADER_PROBE, file_size))
+        head = bytearray(min(HEADER_PROBE_BYTES, file_size))
         await storage.readv([memoryview(head)], 0)
-        if len(head) >= 24 and bytes(head[:4]) == MAGIC and 9 <= int.from_bytes(head[20:24], "big") <= 21:
-            cluster_size = 1 << int.from_bytes(head[20:24], "big")
+        cluster_size = header_cluster_size(bytes(head))
+        if cluster_size is not None:
             head = bytearray(min(cluster_size, file_size))
             await storage.readv([memoryview(head)], 0)
         header = parse_header(bytes(head), file_size, filename)

@@ -15,6 +15,7 @@ from imago import CorruptImageError, UnsupportedFeatureError
 
 __all__ = [
     "EXT_BACKING_FORMAT",
+    "HEADER_PROBE_BYTES",
     "EXT_DATA_FILE",
     "EXT_FEATURE_TABLE",
     "INCOMPAT_COMPRESSION",
@@ -29,6 +30,7 @@ __all__ = [
     "MAX_SNAPSHOTS",
     "Header",
     "HeaderExtension",
+    "header_cluster_size",
     "parse_header",
 ]
 
@@ -194,9 +196,19 @@ def _decode_name(raw: bytes, what: str, filename: str | None, offset: int) -> st
     return name
 
 
-def fixed_header_length(data: bytes) -> int:
-    """How many bytes :func:`parse_header` needs before it knows the cluster size."""
-    return 112 if len(data) >= 112 else len(data)
+#: Bytes to read first: enough for the version 3 header with its compression type.
+HEADER_PROBE_BYTES = 112
+
+
+def header_cluster_size(head: bytes) -> int | None:
+    """The cluster size a header's first bytes announce, if it is a plausible qcow2 header.
+
+    :func:`parse_header` wants the whole header cluster; this says how much to read.
+    """
+    if len(head) < 24 or head[:4] != MAGIC:
+        return None
+    cluster_bits = int.from_bytes(head[20:24], "big")
+    return 1 << cluster_bits if MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS else None
 
 
 def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
