@@ -19,10 +19,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError
 from ..format.access import FormatAccess
 from ..format.driver import FormatDriver
-from ..format.mapping import Mapping, ShallowMapping
 from ..storage import PreallocateMode
 from ..sync import SyncFormatAccess
-from .model import DiskModel, random_bytes
+from .model import DiskModel, check_mappings, random_bytes
 
 __all__ = ["FormatConformance"]
 
@@ -143,29 +142,13 @@ class FormatConformance(abc.ABC):
 
     def test_mappings_cover_the_disk(self, image: SyncFormatAccess) -> None:
         rng = random.Random(16)
-        image.write(random_bytes(rng, 100000), 500000)
+        model = DiskModel(_SIZE)
+        data = random_bytes(rng, 100000)
+        image.write(data, 500000)
+        model.write(500000, data)
         image.write_zeroes(1 << 20, 65536)
-        offset = 0
-        while offset < image.size:
-            mapping, length = image.get_mapping(offset, image.size - offset)
-            assert 0 < length <= image.size - offset
-            assert isinstance(mapping, Mapping)
-            content = self._read(image, offset, length)
-            if isinstance(mapping, Mapping.Raw):
-                raw = bytearray(length)
-                mapping.storage.readv_inline([memoryview(raw)], mapping.offset)
-                assert bytes(raw) == content
-            elif isinstance(mapping, Mapping.Zero):
-                assert content == bytes(length)
-            else:
-                assert isinstance(mapping, Mapping.Special)
-            shallow, shallow_length = image.get_shallow_mapping(offset, length)
-            assert isinstance(shallow, ShallowMapping)
-            assert 0 < shallow_length <= length
-            offset += length
-        assert offset == image.size
-        mapping, _ = image.get_mapping(image.size, 4096)
-        assert isinstance(mapping, Mapping.Eof)
+        model.zero(1 << 20, 65536)
+        check_mappings(image, bytes(model.data))
         image.close()
 
     def test_requests_out_of_bounds(self, image: SyncFormatAccess) -> None:

@@ -1,10 +1,16 @@
-"""A plain in-memory model of a disk, to compare drivers against."""
+"""A plain in-memory model of a disk, and checks of a driver against known content."""
 
 from __future__ import annotations
 
 import random
+from typing import TYPE_CHECKING
 
-__all__ = ["DiskModel"]
+from ..format.mapping import Mapping, ShallowMapping
+
+if TYPE_CHECKING:
+    from ..sync import SyncFormatAccess
+
+__all__ = ["DiskModel", "check_mappings"]
 
 
 class DiskModel:
@@ -59,3 +65,31 @@ class DiskModel:
 def random_bytes(rng: random.Random, length: int) -> bytes:
     """Deterministic pseudo-random data (never all zero, so zeroing is visible)."""
     return rng.randbytes(length).replace(b"\0", b"\x5a")
+
+
+def check_mappings(image: SyncFormatAccess, content: bytes) -> None:
+    """Walk every mapping of *image* and check it against the disk's known *content*.
+
+    Raw mappings must hold the bytes, zero mappings must read zero; the mappings must tile the
+    disk exactly, and past its end lies ``Eof``.
+    """
+    offset = 0
+    while offset < image.size:
+        mapping, length = image.get_mapping(offset, image.size - offset)
+        assert 0 < length <= image.size - offset
+        assert isinstance(mapping, Mapping)
+        expected = content[offset : offset + length]
+        if isinstance(mapping, Mapping.Raw):
+            raw = bytearray(length)
+            mapping.storage.readv_inline([memoryview(raw)], mapping.offset)
+            assert bytes(raw) == expected, f"mapping at {offset} does not hold the data"
+        elif isinstance(mapping, Mapping.Zero):
+            assert expected == bytes(length), f"zero mapping at {offset} holds data"
+        else:
+            assert isinstance(mapping, Mapping.Special)
+        shallow, shallow_length = image.get_shallow_mapping(offset, length)
+        assert isinstance(shallow, ShallowMapping)
+        assert 0 < shallow_length <= length
+        offset += length
+    assert offset == image.size
+    assert isinstance(image.get_mapping(image.size, 4096)[0], Mapping.Eof)

@@ -13,8 +13,8 @@ import pytest
 
 from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError
 from ..format.driver import FormatDriver
-from ..format.mapping import Mapping, ShallowMapping
 from ..sync import SyncFormatAccess
+from .model import check_mappings
 
 __all__ = ["ReadOnlyFormatConformance"]
 
@@ -92,24 +92,7 @@ class ReadOnlyFormatConformance(abc.ABC):
 
     def test_mappings_cover_the_disk(self, image: tuple[SyncFormatAccess, bytes]) -> None:
         access, expected = image
-        offset = 0
-        while offset < access.size:
-            mapping, length = access.get_mapping(offset, access.size - offset)
-            assert 0 < length <= access.size - offset
-            content = expected[offset : offset + length]
-            if isinstance(mapping, Mapping.Raw):
-                raw = bytearray(length)
-                mapping.storage.readv_inline([memoryview(raw)], mapping.offset)
-                assert bytes(raw) == content, f"mapping at {offset} does not hold the data"
-            elif isinstance(mapping, Mapping.Zero):
-                assert content == bytes(length), f"zero mapping at {offset} holds data"
-            else:
-                assert isinstance(mapping, Mapping.Special)
-            shallow, shallow_length = access.get_shallow_mapping(offset, length)
-            assert isinstance(shallow, ShallowMapping)
-            assert 0 < shallow_length <= length
-            offset += length
-        assert isinstance(access.get_mapping(access.size, 1)[0], Mapping.Eof)
+        check_mappings(access, expected)
         access.close()
 
     def test_writes_are_refused(self, image: tuple[SyncFormatAccess, bytes]) -> None:
