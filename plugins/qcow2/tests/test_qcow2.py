@@ -189,6 +189,7 @@ def test_snapshots(tmp_path: Path) -> None:
     image = Qcow2.builder_path(image_path).open_sync(PermissiveImplicitOpenGate())
     theirs = json.loads(qemu("qemu-img", "info", "--output=json", str(image_path)))["snapshots"]
     ours = image.info()["snapshots"]
+    assert [snapshot["disk-size"] for snapshot in ours] == [2 << 20, 2 << 20]
     for mine, qemus in zip(ours, theirs, strict=True):
         for key in ("id", "name", "vm-state-size", "date-sec", "date-nsec", "vm-clock-sec", "vm-clock-nsec"):
             assert mine[key] == qemus[key], key

@@ -38,11 +38,12 @@ class Snapshot:
     table_offset: int
 
     def describe(self) -> dict[str, Any]:
-        """The snapshot as ``qemu-img info --output=json`` lists it."""
+        """The snapshot as ``qemu-img info --output=json`` lists it, plus its virtual ``disk-size``."""
         info: dict[str, Any] = {
             "id": self.id,
             "name": self.name,
             "vm-state-size": self.vm_state_size,
+            "disk-size": self.disk_size,
             "date-sec": self.date_sec,
             "date-nsec": self.date_nsec,
             "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
