@@ -26,59 +26,37 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
 import random
-import re
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import imago
 import imago.aio
 from imago import Mapping, SyncFormatAccess
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
-TiB = 1 << 40
-SMALL = 4 * KiB
-LARGE = 1 * MiB
+# The shared machinery is the sibling module bench/_benchlib.py, found from any working directory.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _benchlib as lib
+from _benchlib import LARGE, SMALL, GiB, KiB, MiB, Row, Runner, TiB, parse_size
+
 CLUSTER = 64 * KiB
 COMPRESSIONS = ("zlib", "zstd")
 RSS_TARGET_MIB = 150.0
-
-_QEMU_TIME = re.compile(r"Run completed in ([0-9.]+) seconds")
 
 
 # --- options ---------------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``1G``, ``64M``, ``1T``, ``65536``, ``2GiB``... as bytes; a positive multiple of 1 MiB."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    value = int(match.group(1)) << (10 * " kmgt".index(match.group(2).lower() or " "))
-    if value <= 0 or value % MiB:
-        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 1 MiB, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
-class Config:
-    size: int
-    ops: int
-    ops_1m: int
-    qemu_ops: int
-    repeat: int
-    seed: int
+class Config(lib.ReadConfig):
     compressed_size: int
     request: int
     big_size: int
@@ -86,19 +64,11 @@ class Config:
     big_buffer: int
     big_verify: str
     skip_big: bool
-    directory: str | None
-    qemu: bool
-    quick: bool
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "size": self.size,
+            **super().as_dict(),
             "cluster_size": CLUSTER,
-            "ops_4k": self.ops,
-            "ops_1m": self.ops_1m,
-            "qemu_ops_4k": self.qemu_ops,
-            "repeat": self.repeat,
-            "seed": self.seed,
             "compressed_size": self.compressed_size,
             "request_size": self.request,
             "big_size": self.big_size,
@@ -107,8 +77,6 @@ class Config:
             "big_verify": self.big_verify,
             "skip_big": self.skip_big,
             "cpus": os.cpu_count(),
-            "quick": self.quick,
-            "statistic": "best",
         }
 
 
@@ -116,12 +84,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         description="Benchmark imago's qcow2 read path against bare os.preadv, one thread, and qemu-img.",
     )
-    parser.add_argument("--size", type=parse_size, help="allocated image size (default 1G; --quick: 64M)")
-    parser.add_argument("--dir", help="directory for the temporary images (default: the system temp dir)")
-    parser.add_argument("--ops", type=int, help="4 KiB reads per run (default 200000; --quick: 20000)")
-    parser.add_argument("--ops-1m", type=int, help="1 MiB reads per run (default 2000; --quick: 200)")
-    parser.add_argument("--qemu-ops", type=int, help="4 KiB requests per qemu-img run (default 50000; --quick: 5000)")
-    parser.add_argument("--repeat", type=int, help="timed runs per test, best is reported (default 5; --quick: 3)")
+    lib.add_read_options(
+        parser,
+        size_help="allocated image size (default 1G; --quick: 64M)",
+        dir_help="directory for the temporary images (default: the system temp dir)",
+        repeat_help="timed runs per test, best is reported (default 5; --quick: 3)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="seed for offsets and generated data (default 1)")
     parser.add_argument(
         "--compressed-size", type=parse_size, help="virtual size of the compressed images (default 256M; --quick: 16M)"
@@ -141,20 +109,16 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         help="sparse read: check written ranges and spots of every request (sample, default) or every byte (full)",
     )
     parser.add_argument("--skip-big", action="store_true", help="skip the sparse-image memory test")
-    parser.add_argument("--no-qemu", action="store_true", help="skip the qemu-img reference runs (images still use it)")
-    parser.add_argument("--quick", action="store_true", help="small images and few ops: a smoke run of seconds")
+    lib.add_final_options(
+        parser,
+        no_qemu_help="skip the qemu-img reference runs (images still use it)",
+        quick_help="small images and few ops: a smoke run of seconds",
+    )
     args = parser.parse_args(argv)
 
-    def pick(value: int | None, full: int, quick: int) -> int:
-        return value if value is not None else (quick if args.quick else full)
-
+    pick = lib.picker(args)
     config = Config(
-        size=pick(args.size, GiB, 64 * MiB),
-        ops=pick(args.ops, 200_000, 20_000),
-        ops_1m=pick(args.ops_1m, 2_000, 200),
-        qemu_ops=pick(args.qemu_ops, 50_000, 5_000),
-        repeat=pick(args.repeat, 5, 3),
-        seed=args.seed,
+        **lib.ReadConfig.values(args),
         compressed_size=pick(args.compressed_size, 256 * MiB, 16 * MiB),
         request=pick(args.request_size, 16 * MiB, 4 * MiB),
         big_size=pick(args.big_size, TiB, 4 * GiB),
@@ -162,13 +126,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         big_buffer=pick(args.big_buffer, 64 * MiB, 64 * MiB),
         big_verify=args.big_verify,
         skip_big=args.skip_big,
-        directory=args.dir,
-        qemu=not args.no_qemu,
-        quick=args.quick,
     )
-    for name in ("ops", "ops_1m", "qemu_ops", "repeat"):
-        if getattr(config, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    config.check_counts(parser, ("ops", "ops_1m", "qemu_ops", "repeat"))
     if config.size % CLUSTER or config.compressed_size % CLUSTER:
         parser.error("image sizes must be multiples of the 64 KiB cluster size")
     if config.big_stride < 4 * MiB or config.big_stride > config.big_size:
@@ -179,35 +138,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 # --- helpers -----------------------------------------------------------------------------------------
 
 
-def progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_tool(cmd: list[str], timeout: float = 3600) -> subprocess.CompletedProcess[str]:
     """Run qemu-img/qemu-io; a failure raises with the tool's last line of output."""
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     if out.returncode != 0:
-        detail = (out.stderr or out.stdout).strip().splitlines()
-        raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {out.returncode}): {detail[-1] if detail else ''}")
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed (exit {out.returncode}): {lib.last_line(out, '')}")
     return out
-
-
-def write_file(path: str, chunks: Iterator[bytes]) -> str:
-    """Write the chunks to *path*; returns the sha256 of its content."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as file:
-        for chunk in chunks:
-            file.write(chunk)
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def random_chunks(size: int, chunk: int = 16 * MiB) -> Iterator[bytes]:
-    pos = 0
-    while pos < size:
-        step = min(chunk, size - pos)
-        yield os.urandom(step)
-        pos += step
 
 
 def text_chunks(size: int, seed: int, chunk: int = 16 * MiB) -> Iterator[bytes]:
@@ -233,49 +169,6 @@ def text_chunks(size: int, seed: int, chunk: int = 16 * MiB) -> Iterator[bytes]:
             out[at : at + CLUSTER] = pool[start : start + CLUSTER]
         yield bytes(out)
         pos += step
-
-
-def settle_and_cache(path: str) -> None:
-    """fsync (no writeback while measuring), then read the file once into the page cache."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-        buf = bytearray(16 * MiB)
-        pos = 0
-        while count := os.preadv(fd, [buf], pos):
-            pos += count
-    finally:
-        os.close(fd)
-
-
-def cache_residency(path: str, samples: int, rng: random.Random) -> tuple[int, int] | None:
-    """How many of *samples* random pages of the file are in the page cache (``RWF_NOWAIT``)."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None:
-        return None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.fstat(fd).st_size
-        buf = bytearray(SMALL)
-        resident = 0
-        for _ in range(samples):
-            try:
-                if os.preadv(fd, [buf], rng.randrange(size // SMALL) * SMALL, flag) == SMALL:
-                    resident += 1
-            except BlockingIOError:
-                pass
-            except OSError:
-                return None
-        return resident, samples
-    finally:
-        os.close(fd)
-
-
-def pread_exact(fd: int, length: int, offset: int) -> bytes:
-    buf = bytearray(length)
-    if os.preadv(fd, [buf], offset) != length:
-        raise OSError(f"short read of {length} bytes at {offset}")
-    return bytes(buf)
 
 
 def tmpfs_dir(fallback: str) -> str:
@@ -313,24 +206,11 @@ class Qemu:
         """``qemu-img bench`` at QD1: its own "Run completed in" seconds and the process wall clock."""
         if not self.reference or self.img is None:
             return None
-        # -t writeback is qemu-img bench's default: reads come from the page cache, like ours.
-        cmd = [
-            self.img, "bench", "-f", "qcow2", "-t", "writeback",
-            "-c", str(count), "-d", "1", "-s", str(size), "-S", str(size), path,
-        ]  # fmt: skip
-        start = time.perf_counter()
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        except (OSError, subprocess.SubprocessError) as error:
-            self.disable(f"qemu-img bench failed to run ({error})")
+            return lib.run_qemu_bench(lib.qemu_bench_command(self.img, "qcow2", path, count, size, 1))
+        except lib.QemuError as error:
+            self.disable(str(error))
             return None
-        wall = time.perf_counter() - start
-        match = _QEMU_TIME.search(out.stdout)
-        if out.returncode != 0 or match is None:
-            detail = (out.stderr or out.stdout).strip().splitlines()
-            self.disable(f"qemu-img bench failed (exit {out.returncode}: {detail[-1] if detail else 'no output'})")
-            return None
-        return float(match.group(1)), wall
 
     def convert_to_raw(self, path: str, target: str) -> float | None:
         """Wall clock of ``qemu-img convert -O raw`` (process start-up included)."""
@@ -339,87 +219,22 @@ class Qemu:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
         cmd = [self.img, "convert", "-f", "qcow2", "-O", "raw", path, target]
-        start = time.perf_counter()
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
-        except (OSError, subprocess.SubprocessError) as error:
-            self.disable(f"qemu-img convert failed to run ({error})")
+            wall, out = lib.run_timed(cmd, "qemu-img convert", 3600)
+        except lib.QemuError as error:
+            self.disable(str(error))
             return None
-        wall = time.perf_counter() - start
         if out.returncode != 0:
-            detail = (out.stderr or out.stdout).strip().splitlines()
-            self.disable(f"qemu-img convert failed (exit {out.returncode}: {detail[-1] if detail else 'no output'})")
+            self.disable(f"qemu-img convert failed (exit {out.returncode}: {lib.last_line(out, 'no output')})")
             return None
         return wall
 
     def disable(self, note: str) -> None:
         self.reference = False
-        self.note = f"{note}: remaining qemu-img reference figures skipped"
+        self.note = lib.skipped_note(note)
 
 
-# --- measurement groups -----------------------------------------------------------------------------------
-
-
-@dataclass
-class Runner:
-    """One contender of a group: ``run(warm)`` returns seconds for ``ops`` requests of ``block`` bytes."""
-
-    name: str
-    ops: int
-    block: int
-    run: Callable[[bool], float | None]
-    seconds: list[float] = field(default_factory=list)
-    #: qemu-img bench only: wall clock of the whole process (start-up and image open included).
-    wall_seconds: list[float] = field(default_factory=list)
-
-    def figure(self, unit: str) -> dict[str, Any] | None:
-        rates = [self.ops / s for s in self.seconds if s > 0]
-        if not rates:
-            return None
-        scale = 1.0 if unit == "IOPS" else self.block / MiB
-        values = [r * scale for r in rates]
-        figure: dict[str, Any] = {
-            "unit": unit,
-            "best": max(values),
-            "median": statistics.median(values),
-            "runs": values,
-            "ops": self.ops,
-            "block": self.block,
-        }
-        if self.wall_seconds:
-            figure["best_by_wall_clock"] = max(self.ops / s for s in self.wall_seconds) * scale
-        return figure
-
-
-def measure(group: str, runners: list[Runner], repeat: int) -> None:
-    """Warm every runner up, then time ``repeat`` rounds, rotating the order each round."""
-    progress(f"  measuring {group} ...")
-    for runner in runners:
-        runner.run(True)
-    for round_no in range(repeat):
-        shift = round_no % len(runners)
-        for runner in runners[shift:] + runners[:shift]:
-            seconds = runner.run(False)
-            if seconds is not None:
-                runner.seconds.append(seconds)
-
-
-def imago_loop(disk: SyncFormatAccess, buf: bytearray, offsets: Sequence[int]) -> float:
-    """``SyncFormatAccess.read(buf, off)`` over the offsets, one buffer reused."""
-    read = disk.read
-    start = time.perf_counter()
-    for off in offsets:
-        read(buf, off)
-    return time.perf_counter() - start
-
-
-def bare_loop(fd: int, buf: bytearray, offsets: Sequence[int]) -> float:
-    """The baseline: ``os.preadv(fd, [buf], off)`` over the (host) offsets, one buffer reused."""
-    preadv = os.preadv
-    start = time.perf_counter()
-    for off in offsets:
-        preadv(fd, [buf], off)
-    return time.perf_counter() - start
+# --- the one-thread baseline ------------------------------------------------------------------------------
 
 
 #: How often the one-thread stand-in was called (0 after a run: the driver no longer uses it).
@@ -479,24 +294,21 @@ class Allocated:
         self.size = config.size
         self.source = os.path.join(tmp, "allocated.raw")
         self.path = os.path.join(tmp, "allocated.qcow2")
-        progress(f"creating a {config.size // MiB} MiB qcow2 image of random data (64 KiB clusters) ...")
-        write_file(self.source, random_chunks(config.size))
+        lib.progress(f"creating a {config.size // MiB} MiB qcow2 image of random data (64 KiB clusters) ...")
+        lib.write_file(self.source, lib.random_chunks(config.size))
         assert qemu.img is not None
         run_tool([
             qemu.img, "convert", "-f", "raw", "-O", "qcow2", "-o", f"cluster_size={CLUSTER}", self.source, self.path,
         ])  # fmt: skip
-        settle_and_cache(self.path)
-        self.residency = cache_residency(self.path, 1024, random.Random(config.seed + 2))
+        lib.settle_and_cache(self.path)
+        self.residency = lib.cache_residency(self.path, 1024, random.Random(config.seed + 2))
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
         self.disk = imago.open(self.path, format="qcow2")
         self.extents = self._extents()
         self._starts = [ext.guest for ext in self.extents]
-        rng = random.Random(config.seed)
-        self.random_4k = [rng.randrange(self.size // SMALL) * SMALL for _ in range(config.ops)]
-        self.seq_4k = [(i * SMALL) % self.size for i in range(config.ops)]
-        self.seq_1m = [(i * LARGE) % self.size for i in range(config.ops_1m)]
-        self.warm_count = max(1, min(config.ops // 10, 20_000))
+        self.random_4k, self.seq_4k, self.seq_1m = lib.read_offsets(self.size, config.ops, config.ops_1m, config.seed)
+        self.warm_count = lib.warm_count(config.ops)
         self.groups: dict[str, list[Runner]] = {}
 
     def close(self) -> None:
@@ -532,15 +344,10 @@ class Allocated:
             )
             if theirs != self.extents:
                 self.failures.append(f"allocated: imago's mapping {self.extents} differs from qemu-img map's {theirs}")
-        rng = random.Random(self.config.seed + 1)
-        size = self.size
-        cases = [(0, SMALL), (size - SMALL, SMALL), (0, LARGE), (size - LARGE, LARGE), (12345, 6789)]
-        cases += [(ext.guest - SMALL, 2 * SMALL) for ext in self.extents[1:]]  # across host extents
-        cases += [(rng.randrange(size // SMALL) * SMALL, SMALL) for _ in range(32)]
-        cases += [(rng.randrange(size // LARGE) * LARGE, LARGE) for _ in range(8)]
-        cases += [(rng.randrange(size - 3 * SMALL), rng.randrange(1, 3 * SMALL)) for _ in range(8)]
+        across = [(ext.guest - SMALL, 2 * SMALL) for ext in self.extents[1:]]  # across host extents
+        cases = lib.read_cases(self.size, random.Random(self.config.seed + 1), small=32, large=8, extra=across)
         for offset, length in cases:
-            expected = pread_exact(self.source_fd, length, offset)
+            expected = lib.pread_exact(self.source_fd, length, offset)
             for attempt in ("first", "again"):
                 buf = bytearray(length)
                 self.disk.read(buf, offset)
@@ -548,45 +355,23 @@ class Allocated:
                     self.failures.append(f"allocated: imago read ({attempt}) of {length} bytes at {offset} is wrong")
             ext = self.extents[bisect.bisect_right(self._starts, offset) - 1]
             inside = offset + length <= ext.guest + ext.length
-            if inside and pread_exact(self.fd, length, self.host(offset, length)) != expected:
+            if inside and lib.pread_exact(self.fd, length, self.host(offset, length)) != expected:
                 self.failures.append(f"allocated: host bytes for guest {offset} differ from the source data")
 
     def check_last(self, what: str, buf: bytearray, offset: int) -> None:
-        if buf != pread_exact(self.source_fd, len(buf), offset):
-            self.failures.append(f"{what}: buffer after the timed run does not hold the data at {offset}")
+        lib.check_last(self.failures, what, buf, self.source_fd, offset)
 
     def bare(self, guest_offsets: list[int], block: int) -> Runner:
         hosts = [self.host(off, block) for off in guest_offsets]
-        buf = bytearray(block)
-
-        def run(warm: bool) -> float:
-            return bare_loop(self.fd, buf, hosts[: self.warm_count] if warm else hosts)
-
-        return Runner("bare", len(hosts), block, run)
+        return lib.bare_runner(self.fd, hosts, block, self.warm_count)
 
     def imago(self, what: str, offsets: list[int], block: int) -> Runner:
-        buf = bytearray(block)
-
-        def run(warm: bool) -> float:
-            buf[:] = bytes(block)
-            seconds = imago_loop(self.disk, buf, offsets[: self.warm_count] if warm else offsets)
-            if not warm:
-                self.check_last(what, buf, offsets[-1])
-            return seconds
-
-        return Runner("imago", len(offsets), block, run)
+        return lib.imago_sync_runner(
+            self.disk, offsets, block, self.warm_count, lambda buf, offset: self.check_last(what, buf, offset)
+        )
 
     def qemu_bench(self, count: int, block: int) -> Runner:
-        def run(warm: bool) -> float | None:
-            timed = self.qemu.bench(self.path, min(count, 1000) if warm else count, block)
-            if timed is None:
-                return None
-            if not warm:
-                runner.wall_seconds.append(timed[1])
-            return timed[0]
-
-        runner = Runner("qemu-img", count, block, run)
-        return runner
+        return lib.qemu_bench_runner(count, block, lambda n: self.qemu.bench(self.path, n, block))
 
     def run(self) -> None:
         config = self.config
@@ -598,9 +383,7 @@ class Allocated:
         if self.qemu.reference:
             plan["1m_seq"].append(self.qemu_bench(config.ops_1m, LARGE))
             plan["4k_seq"].append(self.qemu_bench(config.qemu_ops, SMALL))
-        for group, runners in plan.items():
-            measure(group, runners, config.repeat)
-            self.groups[group] = runners
+        lib.measure_plan(plan, config.repeat, self.groups)
 
 
 # --- part 2: compressed images, all cores against one thread ------------------------------------------------
@@ -616,8 +399,10 @@ class Compressed:
         self.tmp = tmp
         self.size = config.compressed_size
         self.source = os.path.join(tmp, "text.raw")
-        progress(f"creating {self.size // MiB} MiB of text-like data ...")
-        self.source_sha256 = write_file(self.source, text_chunks(self.size, config.seed))
+        lib.progress(f"creating {self.size // MiB} MiB of text-like data ...")
+        digest = hashlib.sha256()
+        lib.write_file(self.source, text_chunks(self.size, config.seed), digest.update)
+        self.source_sha256 = digest.hexdigest()
         self.source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
         self.raw_dir = tmpfs_dir(tmp)
         self.raw_target = os.path.join(self.raw_dir, f"imago-bench-{os.getpid()}.raw")
@@ -633,13 +418,13 @@ class Compressed:
 
     def create(self, compression: str) -> str:
         path = os.path.join(self.tmp, f"text-{compression}.qcow2")
-        progress(f"compressing it with qemu-img convert -c -o compression_type={compression} ...")
+        lib.progress(f"compressing it with qemu-img convert -c -o compression_type={compression} ...")
         assert self.qemu.img is not None
         run_tool([
             self.qemu.img, "convert", "-f", "raw", "-O", "qcow2", "-c",
             "-o", f"compression_type={compression},cluster_size={CLUSTER}", self.source, path,
         ])  # fmt: skip
-        settle_and_cache(path)
+        lib.settle_and_cache(path)
         return path
 
     def read_all(self, disk: SyncFormatAccess, buf: bytearray, offsets: Sequence[int]) -> float:
@@ -703,7 +488,7 @@ class Compressed:
                 runners = [self.imago(compression, disk, parallel=True), self.imago(compression, disk, parallel=False)]
                 if self.qemu.reference:
                     runners.append(self.qemu_convert(path))
-                measure(f"{compression} whole-disk reads", runners, config.repeat)
+                lib.measure(f"{compression} whole-disk reads", runners, config.repeat)
                 self.groups[compression] = runners
             finally:
                 disk.close()
@@ -726,7 +511,7 @@ class Compressed:
                 )
             last = todo[-1]
             length = min(len(buf), self.size - last)
-            if memoryview(buf)[:length] != pread_exact(self.source_fd, length, last):
+            if memoryview(buf)[:length] != lib.pread_exact(self.source_fd, length, last):
                 self.failures.append(f"{compression} {name}: buffer after the run does not hold the data at {last}")
             return seconds
 
@@ -866,7 +651,7 @@ class Big:
         config = self.config
         path = os.path.join(self.tmp, "sparse.qcow2")
         writes = big_writes(config)
-        progress(
+        lib.progress(
             f"creating a {fmt_bytes(config.big_size)} sparse qcow2 image with {len(writes)} scattered 1 MiB writes ..."
         )
         assert self.qemu.img is not None
@@ -874,7 +659,7 @@ class Big:
         run_tool([self.qemu.img, "create", "-f", "qcow2", "-o", f"cluster_size={CLUSTER}", path, str(config.big_size)])
         commands = [arg for off, length, p in writes for arg in ("-c", f"write -P {p} {off} {length}")]
         run_tool([self.qemu.io, "-f", "qcow2", *commands, path])
-        settle_and_cache(path)
+        lib.settle_and_cache(path)
         spec = {
             "path": path,
             "size": config.big_size,
@@ -882,7 +667,7 @@ class Big:
             "verify": config.big_verify,
             "writes": writes,
         }
-        progress(f"  reading it end to end in a child process ({fmt_bytes(config.big_buffer)} requests) ...")
+        lib.progress(f"  reading it end to end in a child process ({fmt_bytes(config.big_buffer)} requests) ...")
         started = time.perf_counter()
         out = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--big-child", json.dumps(spec)],
@@ -911,27 +696,11 @@ class Big:
 # --- report -----------------------------------------------------------------------------------------------------
 
 
-def fmt_rate(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f} {unit}"
-
-
 def fmt_bytes(value: int) -> str:
     for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if value >= scale and value % scale == 0:
             return f"{value // scale} {unit}"
     return f"{value} B"
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str
-    label: str
-    unit: str
-    imago: tuple[str, str]  # (group, runner)
-    reference: tuple[str, str]
-    target: float | None
 
 
 ROWS = (
@@ -958,55 +727,8 @@ def report(
     elapsed: float,
     load: tuple[float, float] | None,
 ) -> dict[str, Any]:
-    def figure(where: tuple[str, str], unit: str) -> dict[str, Any] | None:
-        for runner in groups.get(where[0], []):
-            if runner.name == where[1]:
-                return runner.figure(unit)
-        return None
-
-    results: dict[str, Any] = {}
-    for group, runners in groups.items():
-        unit = "IOPS" if group.startswith("4k") else "MiB/s"
-        results[group] = {runner.name: runner.figure(unit) for runner in runners}
-
-    ratios: dict[str, Any] = {}
-    lines: list[tuple[str, ...]] = []
-    header = ("test", "imago", "reference", "ratio", "target", "result")
-    for row in ROWS:
-        mine, theirs = figure(row.imago, row.unit), figure(row.reference, row.unit)
-        ref_name = row.reference[1]
-        if mine is None or theirs is None:
-            ratios[row.key] = None
-            if row.target is not None or qemu.reference:
-                best = None if mine is None else mine["best"]
-                lines.append((row.label, fmt_rate(best, row.unit), f"{ref_name}: -", "-", "-", "n/a"))
-            continue
-        ratio = mine["best"] / theirs["best"]
-        meets = None if row.target is None else ratio >= row.target
-        per_op = 1e6 * (mine["block"] / MiB if row.unit == "MiB/s" else 1.0)
-        ratios[row.key] = {
-            "ratio": ratio,
-            "median_ratio": mine["median"] / theirs["median"],
-            "target": row.target,
-            "meets_target": meets,
-            "imago": mine["best"],
-            "reference": theirs["best"],
-            "reference_name": ref_name,
-            "unit": row.unit,
-            "overhead_us_per_op": per_op / mine["best"] - per_op / theirs["best"],
-        }
-        target = "-" if row.target is None else f">= {row.target:.2f}"
-        result = "(reference)" if meets is None else ("PASS" if meets else "FAIL-below-target")
-        lines.append(
-            (
-                row.label,
-                fmt_rate(mine["best"], row.unit),
-                f"{ref_name}: {fmt_rate(theirs['best'], row.unit)}",
-                f"{ratio:.3f}",
-                target,
-                result,
-            )
-        )
+    results = lib.group_results(groups, lambda group: "IOPS" if group.startswith("4k") else "MiB/s")
+    ratios, lines = lib.ratio_rows(ROWS, groups, qemu=qemu.reference, overhead_column=False)
 
     memory: dict[str, Any] | None = None
     big_label = f"{fmt_bytes(config.big_size)} sparse read peak RSS"
@@ -1035,17 +757,12 @@ def report(
     else:
         lines.append((big_label, "-", "-", "-", f"< {RSS_TARGET_MIB:.0f} MiB", "skipped" if big is None else "n/a"))
 
-    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
-    print()
-    print(
+    lib.print_table(
         f"imago qcow2 read benchmark: best of {config.repeat} interleaved runs, ratio = imago / reference"
-        f" (higher is better); {os.cpu_count()} CPUs"
+        f" (higher is better); {os.cpu_count()} CPUs",
+        lib.HEADER,
+        lines,
     )
-    print("  " + "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    print("  " + "  ".join("-" * w for w in widths))
-    for line in lines:
-        print("  " + "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-    print()
     if allocated is not None:
         extents = ", ".join(
             f"guest {fmt_bytes(e.guest)}+{fmt_bytes(e.length)} at host {e.host:#x}" for e in allocated.extents
@@ -1081,43 +798,32 @@ def report(
     if load is not None:
         busy = " (other processes compete for the CPUs: the all-cores figures suffer most)" if load[0] > 0.5 else ""
         print(f"load average (1 min) before the run: {load[0]:.2f}, after: {load[1]:.2f}{busy}")
-    if qemu.note:
-        print(f"NOTE: {qemu.note}")
-    elif qemu.version:
-        print(
-            f"qemu-img: {qemu.version}; bench timed by its own 'Run completed in' figure (QD1, -t writeback),"
-            " convert by the wall clock of the process"
-        )
-    verdict = "OK" if not failures else "FAILED"
-    print(f"correctness: {verdict}")
-    for failure in failures:
-        print(f"  {failure}")
-    print(f"total time: {elapsed:.1f} s")
+    lib.print_qemu(
+        qemu.note,
+        qemu.version,
+        "bench timed by its own 'Run completed in' figure (QD1, -t writeback),"
+        " convert by the wall clock of the process",
+    )
+    lib.print_verdict(failures, elapsed)
 
-    return {
-        "benchmark": "imago-qcow2-read",
-        "config": config.as_dict(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "imago_version": imago.__version__,
-        "qemu_img": qemu.version,
-        "qemu_note": qemu.note,
-        "page_cache_resident": None
-        if allocated is None or allocated.residency is None
-        else {"resident": allocated.residency[0], "sampled": allocated.residency[1]},
-        "allocated_extents": None
+    return lib.summary(
+        "imago-qcow2-read",
+        config,
+        qemu_version=qemu.version,
+        qemu_note=qemu.note,
+        residency=None if allocated is None else allocated.residency,
+        failures=failures,
+        results=results,
+        ratios=ratios,
+        elapsed=elapsed,
+        allocated_extents=None
         if allocated is None
         else [{"guest": e.guest, "length": e.length, "host": e.host} for e in allocated.extents],
-        "compressed_images": None if compressed is None else compressed.images,
-        "correct": not failures,
-        "failures": failures,
-        "results": results,
-        "ratios": ratios,
-        "memory": memory,
-        "notes": [] if compressed is None else sorted(compressed.notes),
-        "load_average_1min": None if load is None else {"before": load[0], "after": load[1]},
-        "elapsed_s": elapsed,
-    }
+        compressed_images=None if compressed is None else compressed.images,
+        memory=memory,
+        notes=[] if compressed is None else sorted(compressed.notes),
+        load_average_1min=None if load is None else {"before": load[0], "after": load[1]},
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1136,14 +842,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     allocated: Allocated | None = None
     compressed: Compressed | None = None
     big: Big | None = None
-    with tempfile.TemporaryDirectory(prefix="imago-bench-", dir=config.directory) as tmp:
+    with lib.temporary_directory(config.directory) as tmp:
         allocated = Allocated(config, qemu, tmp, failures)
         try:
-            if allocated.residency is not None and allocated.residency[0] < allocated.residency[1]:
-                progress(
-                    f"WARNING: only {allocated.residency[0]}/{allocated.residency[1]} sampled pages are in the"
-                    " page cache; figures may include disk I/O"
-                )
+            lib.warn_if_not_resident(allocated.residency)
             allocated.check_correctness()
             if not failures:
                 allocated.run()
@@ -1163,12 +865,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             big = Big(config, qemu, tmp, failures)
             big.run()
         if failures:
-            progress("correctness check FAILED: not measuring further")
+            lib.progress("correctness check FAILED: not measuring further")
     load = None if load_before is None else (load_before, os.getloadavg()[0])
     elapsed = time.perf_counter() - started
-    summary = report(config, qemu, groups, allocated, compressed, big, failures, elapsed, load)
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["correct"] else 1
+    return lib.print_summary(report(config, qemu, groups, allocated, compressed, big, failures, elapsed, load))
 
 
 if __name__ == "__main__":

@@ -17,108 +17,57 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
-import re
 import shutil
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import imago
-from imago import FormatAccess, SyncFormatAccess
+from imago import FormatAccess
 
-KiB = 1 << 10
-MiB = 1 << 20
-GiB = 1 << 30
-SMALL = 4 * KiB
-LARGE = 1 * MiB
+# The shared machinery is the sibling module bench/_benchlib.py, found from any working directory.
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-_QEMU_TIME = re.compile(r"Run completed in ([0-9.]+) seconds")
-
+import _benchlib as lib
+from _benchlib import LARGE, SMALL, MiB, Row, Runner
 
 # --- options ---------------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """``1G``, ``64M``, ``65536``, ``2GiB``... as bytes; a positive multiple of 1 MiB."""
-    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(i?b)?\s*", text, re.IGNORECASE)
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
-    value = int(match.group(1)) << (10 * " kmgt".index(match.group(2).lower() or " "))
-    if value <= 0 or value % MiB:
-        raise argparse.ArgumentTypeError(f"size must be a positive multiple of 1 MiB, got {value}")
-    return value
-
-
 @dataclass(frozen=True)
-class Config:
-    size: int
-    ops: int
-    ops_1m: int
-    qemu_ops: int
-    repeat: int
+class Config(lib.ReadConfig):
     depth: int
-    seed: int
-    directory: str | None
-    qemu: bool
-    quick: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "ops_4k": self.ops,
-            "ops_1m": self.ops_1m,
-            "qemu_ops_4k": self.qemu_ops,
-            "repeat": self.repeat,
-            "depth": self.depth,
-            "seed": self.seed,
-            "quick": self.quick,
-            "statistic": "best",
-        }
+        return {**super().as_dict(), "depth": self.depth}
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
     parser = argparse.ArgumentParser(
         description="Benchmark imago's raw/file read path against bare os.preadv and qemu-img.",
     )
-    parser.add_argument("--size", type=parse_size, help="image size (default 1G; --quick: 64M)")
-    parser.add_argument("--dir", help="directory for the temporary image (default: the system temp dir)")
-    parser.add_argument("--ops", type=int, help="4 KiB reads per run (default 200000; --quick: 20000)")
-    parser.add_argument("--ops-1m", type=int, help="1 MiB reads per run (default 2000; --quick: 200)")
-    parser.add_argument("--qemu-ops", type=int, help="4 KiB requests per qemu-img run (default 50000; --quick: 5000)")
-    parser.add_argument("--repeat", type=int, help="timed runs per measurement, best is reported (default 5)")
+    lib.add_read_options(
+        parser,
+        size_help="image size (default 1G; --quick: 64M)",
+        dir_help="directory for the temporary image (default: the system temp dir)",
+        repeat_help="timed runs per measurement, best is reported (default 5)",
+    )
     parser.add_argument("--depth", type=int, default=16, help="reads in flight in the async test (default 16)")
     parser.add_argument("--seed", type=int, default=1, help="seed for the random offsets (default 1)")
-    parser.add_argument("--no-qemu", action="store_true", help="skip the qemu-img reference runs")
-    parser.add_argument("--quick", action="store_true", help="small image and few ops: a smoke run of seconds")
-    args = parser.parse_args(argv)
-
-    def pick(value: int | None, full: int, quick: int) -> int:
-        return value if value is not None else (quick if args.quick else full)
-
-    config = Config(
-        size=pick(args.size, GiB, 64 * MiB),
-        ops=pick(args.ops, 200_000, 20_000),
-        ops_1m=pick(args.ops_1m, 2_000, 200),
-        qemu_ops=pick(args.qemu_ops, 50_000, 5_000),
-        repeat=pick(args.repeat, 5, 3),
-        depth=args.depth,
-        seed=args.seed,
-        directory=args.dir,
-        qemu=not args.no_qemu,
-        quick=args.quick,
+    lib.add_final_options(
+        parser,
+        no_qemu_help="skip the qemu-img reference runs",
+        quick_help="small image and few ops: a smoke run of seconds",
     )
-    for name in ("ops", "ops_1m", "qemu_ops", "repeat", "depth"):
-        if getattr(config, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    args = parser.parse_args(argv)
+    config = Config(**lib.ReadConfig.values(args), depth=args.depth)
+    config.check_counts(parser, ("ops", "ops_1m", "qemu_ops", "repeat", "depth"))
     return config
 
 
@@ -127,73 +76,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 
 def create_image(path: str, size: int) -> None:
     """Write *size* random bytes, wait for writeback, then read it all once into the page cache."""
-    chunk = 16 * MiB
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        pos = 0
-        while pos < size:
-            step = min(chunk, size - pos)
-            data = os.urandom(step)
-            done = 0
-            while done < step:
-                done += os.pwrite(fd, memoryview(data)[done:], pos + done)
-            pos += step
-        # No writeback may run in the background while we measure.
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        buf = bytearray(chunk)
-        pos = 0
-        while pos < size:
-            count = os.preadv(fd, [buf], pos)
-            if count <= 0:
-                raise OSError(f"{path}: short read at {pos} while warming the page cache")
-            pos += count
-    finally:
-        os.close(fd)
+    lib.write_file(path, lib.random_chunks(size))
+    # No writeback may run in the background while we measure.
+    lib.settle_and_cache(path)
 
 
-def cache_residency(fd: int, size: int, samples: int, rng: random.Random) -> tuple[int, int] | None:
-    """How many of *samples* random pages are in the page cache (``RWF_NOWAIT`` probes)."""
-    flag = getattr(os, "RWF_NOWAIT", None)
-    if flag is None:
-        return None
-    buf = bytearray(SMALL)
-    resident = 0
-    for _ in range(samples):
-        try:
-            if os.preadv(fd, [buf], rng.randrange(size // SMALL) * SMALL, flag) == SMALL:
-                resident += 1
-        except BlockingIOError:
-            pass
-        except OSError:
-            return None
-    return resident, samples
-
-
-# --- timed loops ---------------------------------------------------------------------------------------
-#
-# Each returns the seconds the loop itself took (time.perf_counter), nothing else.
-
-
-def bare_loop(fd: int, buf: bytearray, offsets: Sequence[int]) -> float:
-    """The baseline: ``os.preadv(fd, [buf], off)`` over the offsets, one buffer reused."""
-    preadv = os.preadv
-    start = time.perf_counter()
-    for off in offsets:
-        preadv(fd, [buf], off)
-    return time.perf_counter() - start
-
-
-def imago_sync_loop(disk: SyncFormatAccess, buf: bytearray, offsets: Sequence[int]) -> float:
-    """``SyncFormatAccess.read(buf, off)`` over the offsets, one buffer reused."""
-    read = disk.read
-    start = time.perf_counter()
-    for off in offsets:
-        read(buf, off)
-    return time.perf_counter() - start
+# --- the async loop ------------------------------------------------------------------------------------
 
 
 async def imago_async_round(access: FormatAccess, chunks: Sequence[Sequence[int]], bufs: Sequence[bytearray]) -> float:
@@ -236,14 +124,6 @@ class Qemu:
             return cls(None, None, f"qemu-img --version failed ({error}): qemu-img reference figures skipped")
         return cls(binary, out.stdout.splitlines()[0] if out.stdout else "unknown")
 
-    def command(self, path: str, count: int, size: int, depth: int) -> list[str]:
-        assert self.binary is not None
-        # -t writeback is qemu-img bench's default: reads come from the page cache, like ours.
-        return [
-            self.binary, "bench", "-f", "raw", "-t", "writeback",
-            "-c", str(count), "-d", str(depth), "-s", str(size), "-S", str(size), path,
-        ]  # fmt: skip
-
     def bench(self, path: str, count: int, size: int, depth: int) -> tuple[float, float] | None:
         """qemu-img's own "Run completed in" seconds and the wall clock of the whole process.
 
@@ -251,88 +131,18 @@ class Qemu:
         """
         if self.binary is None:
             return None
-        cmd = self.command(path, count, size, depth)
-        start = time.perf_counter()
         try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as error:
-            self.disable(f"qemu-img bench failed to run ({error})")
+            return lib.run_qemu_bench(lib.qemu_bench_command(self.binary, "raw", path, count, size, depth))
+        except lib.QemuError as error:
+            self.disable(str(error))
             return None
-        wall = time.perf_counter() - start
-        match = _QEMU_TIME.search(out.stdout)
-        if out.returncode != 0 or match is None:
-            detail = (out.stderr or out.stdout).strip().splitlines()
-            self.disable(f"qemu-img bench failed (exit {out.returncode}: {detail[-1] if detail else 'no output'})")
-            return None
-        return float(match.group(1)), wall
 
     def disable(self, note: str) -> None:
         self.binary = None
-        self.note = f"{note}: remaining qemu-img reference figures skipped"
-
-
-# --- measurement groups ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Runner:
-    """One contender of a group: ``run(warm)`` returns seconds for ``ops`` requests of ``block`` bytes."""
-
-    name: str
-    ops: int
-    block: int
-    run: Callable[[bool], float | None]
-    seconds: list[float] = field(default_factory=list)
-    #: qemu-img only: wall clock of the whole process (start-up and image open included).
-    wall_seconds: list[float] = field(default_factory=list)
-
-    def rates(self) -> list[float]:
-        """Requests per second (IOPS) of each timed run."""
-        return [self.ops / s for s in self.seconds if s > 0]
-
-    def figure(self, unit: str) -> dict[str, Any] | None:
-        rates = self.rates()
-        if not rates:
-            return None
-        scale = 1.0 if unit == "IOPS" else self.block / MiB
-        values = [r * scale for r in rates]
-        figure: dict[str, Any] = {
-            "unit": unit,
-            "best": max(values),
-            "median": statistics.median(values),
-            "runs": values,
-            "ops": self.ops,
-            "block": self.block,
-        }
-        if self.wall_seconds:
-            figure["best_by_wall_clock"] = max(self.ops / s for s in self.wall_seconds) * scale
-        return figure
-
-
-def measure(group: str, runners: list[Runner], repeat: int) -> None:
-    """Warm every runner up, then time ``repeat`` rounds, rotating the order each round."""
-    print(f"  measuring {group} ...", file=sys.stderr, flush=True)
-    for runner in runners:
-        runner.run(True)
-    for round_no in range(repeat):
-        shift = round_no % len(runners)
-        for runner in runners[shift:] + runners[:shift]:
-            seconds = runner.run(False)
-            if seconds is not None:
-                runner.seconds.append(seconds)
+        self.note = lib.skipped_note(note)
 
 
 # --- the benchmark -------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Row:
-    key: str
-    label: str
-    unit: str
-    imago: tuple[str, str]  # (group, runner)
-    reference: tuple[str, str]
-    target: float | None
 
 
 ROWS = (
@@ -351,12 +161,8 @@ class Benchmark:
         self.config = config
         self.path = path
         self.size = config.size
-        rng = random.Random(config.seed)
-        pages = config.size // SMALL
-        self.random_4k = [rng.randrange(pages) * SMALL for _ in range(config.ops)]
-        self.seq_4k = [(i * SMALL) % config.size for i in range(config.ops)]
-        self.seq_1m = [(i * LARGE) % config.size for i in range(config.ops_1m)]
-        self.warm_count = max(1, min(config.ops // 10, 20_000))
+        self.random_4k, self.seq_4k, self.seq_1m = lib.read_offsets(config.size, config.ops, config.ops_1m, config.seed)
+        self.warm_count = lib.warm_count(config.ops)
         self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.disk = imago.open(path, format="raw")
         self.runner = asyncio.Runner()
@@ -371,25 +177,14 @@ class Benchmark:
         self.disk.close()
         os.close(self.fd)
 
-    def reference(self, offset: int, length: int) -> bytes:
-        buf = bytearray(length)
-        if os.preadv(self.fd, [buf], offset) != length:
-            raise OSError(f"short bare read at {offset}")
-        return bytes(buf)
-
     # correctness ---------------------------------------------------------------------------------------
 
     def check_correctness(self) -> bool:
         """imago (sync, twice: engine and fast path; and async) must read what ``os.preadv`` reads."""
-        rng = random.Random(self.config.seed + 1)
-        size = self.size
-        cases = [(0, SMALL), (size - SMALL, SMALL), (0, LARGE), (size - LARGE, LARGE), (12345, 6789)]
-        cases += [(rng.randrange(size // SMALL) * SMALL, SMALL) for _ in range(16)]
-        cases += [(rng.randrange(size // LARGE) * LARGE, LARGE) for _ in range(4)]
-        cases += [(rng.randrange(size - 3 * SMALL), rng.randrange(1, 3 * SMALL)) for _ in range(8)]
+        cases = lib.read_cases(self.size, random.Random(self.config.seed + 1), small=16, large=4)
         zero_blocks = 0
         for offset, length in cases:
-            expected = self.reference(offset, length)
+            expected = lib.pread_exact(self.fd, length, offset)
             if expected.count(0) == length:
                 zero_blocks += 1
             for attempt in ("sync", "sync again", "async"):
@@ -406,30 +201,17 @@ class Benchmark:
 
     def check_last(self, what: str, buf: bytearray, offset: int) -> None:
         """After a timed run, the buffer must hold the data at the run's last offset."""
-        if buf != self.reference(offset, len(buf)):
-            self.failures.append(f"{what}: buffer after the timed run does not hold the data at {offset}")
+        lib.check_last(self.failures, what, buf, self.fd, offset)
 
     # runners ----------------------------------------------------------------------------------------------
 
     def bare(self, offsets: list[int], block: int) -> Runner:
-        buf = bytearray(block)
-
-        def run(warm: bool) -> float:
-            return bare_loop(self.fd, buf, offsets[: self.warm_count] if warm else offsets)
-
-        return Runner("bare", len(offsets), block, run)
+        return lib.bare_runner(self.fd, offsets, block, self.warm_count)
 
     def imago_sync(self, name: str, offsets: list[int], block: int) -> Runner:
-        buf = bytearray(block)
-
-        def run(warm: bool) -> float:
-            buf[:] = bytes(block)
-            seconds = imago_sync_loop(self.disk, buf, offsets[: self.warm_count] if warm else offsets)
-            if not warm:
-                self.check_last(name, buf, offsets[-1])
-            return seconds
-
-        return Runner("imago", len(offsets), block, run)
+        return lib.imago_sync_runner(
+            self.disk, offsets, block, self.warm_count, lambda buf, offset: self.check_last(name, buf, offset)
+        )
 
     def imago_async(self, offsets: list[int], block: int) -> Runner:
         depth = self.config.depth
@@ -450,16 +232,7 @@ class Benchmark:
         return Runner("imago", len(offsets), block, run)
 
     def qemu_img(self, count: int, block: int, depth: int) -> Runner:
-        def run(warm: bool) -> float | None:
-            timed = self.qemu.bench(self.path, min(count, 1000) if warm else count, block, depth)
-            if timed is None:
-                return None
-            if not warm:
-                runner.wall_seconds.append(timed[1])
-            return timed[0]
-
-        runner = Runner("qemu-img", count, block, run)
-        return runner
+        return lib.qemu_bench_runner(count, block, lambda n: self.qemu.bench(self.path, n, block, depth))
 
     # all of it --------------------------------------------------------------------------------------------
 
@@ -476,150 +249,65 @@ class Benchmark:
             plan["1m_seq"].append(self.qemu_img(config.ops_1m, LARGE, 1))
             plan["async"].append(self.qemu_img(config.qemu_ops, SMALL, config.depth))
             plan["4k_seq"].append(self.qemu_img(config.qemu_ops, SMALL, 1))
-        for group, runners in plan.items():
-            measure(group, runners, config.repeat)
-            self.groups[group] = runners
-
-    def figure(self, where: tuple[str, str], unit: str) -> dict[str, Any] | None:
-        group, name = where
-        for runner in self.groups.get(group, []):
-            if runner.name == name:
-                return runner.figure(unit)
-        return None
+        lib.measure_plan(plan, config.repeat, self.groups)
 
 
 # --- report -----------------------------------------------------------------------------------------------------
 
 
-def fmt_rate(value: float | None, unit: str) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f} {unit}"
-
-
 def report(bench: Benchmark, residency: tuple[int, int] | None, elapsed: float) -> dict[str, Any]:
     config = bench.config
-    results: dict[str, Any] = {}
-    for group, runners in bench.groups.items():
-        unit = "MiB/s" if group == "1m_seq" else "IOPS"
-        results[group] = {runner.name: runner.figure(unit) for runner in runners}
-
-    ratios: dict[str, Any] = {}
-    lines = []
-    header = ("test", "imago", "reference", "ratio", "target", "result", "overhead/op")
-    for row in ROWS:
-        mine = bench.figure(row.imago, row.unit)
-        theirs = bench.figure(row.reference, row.unit)
-        ref_name = row.reference[1]
-        if mine is None or theirs is None:
-            ratios[row.key] = None
-            if row.target is not None or bench.qemu.binary is not None:
-                best = None if mine is None else mine["best"]
-                lines.append((row.label, fmt_rate(best, row.unit), f"{ref_name}: -", "-", "-", "n/a", ""))
-            continue
-        ratio = mine["best"] / theirs["best"]
-        median_ratio = mine["median"] / theirs["median"]
-        meets = None if row.target is None else ratio >= row.target
-        # Extra cost of one imago request over one reference request, from the best runs.
-        per_op = 1e6 * (mine["block"] / MiB if row.unit == "MiB/s" else 1.0)
-        overhead_us = per_op / mine["best"] - per_op / theirs["best"]
-        ratios[row.key] = {
-            "ratio": ratio,
-            "median_ratio": median_ratio,
-            "target": row.target,
-            "meets_target": meets,
-            "imago": mine["best"],
-            "reference": theirs["best"],
-            "reference_name": ref_name,
-            "unit": row.unit,
-            "overhead_us_per_op": overhead_us,
-        }
-        target = "-" if row.target is None else f">= {row.target:.2f}"
-        result = "(reference)" if meets is None else ("PASS" if meets else "FAIL-below-target")
-        lines.append(
-            (
-                row.label,
-                fmt_rate(mine["best"], row.unit),
-                f"{ref_name}: {fmt_rate(theirs['best'], row.unit)}",
-                f"{ratio:.3f}",
-                target,
-                result,
-                f"{overhead_us:+.2f} us",
-            )
-        )
-
-    widths = [max(len(str(line[i])) for line in [header, *lines]) for i in range(len(header))]
-    print()
-    print(
+    results = lib.group_results(bench.groups, lambda group: "MiB/s" if group == "1m_seq" else "IOPS")
+    ratios, lines = lib.ratio_rows(ROWS, bench.groups, qemu=bench.qemu.binary is not None, overhead_column=True)
+    lib.print_table(
         f"imago raw/file read benchmark: image {config.size // MiB} MiB, best of {config.repeat} interleaved runs,"
-        f" ratio = imago / reference (higher is better)"
+        f" ratio = imago / reference (higher is better)",
+        (*lib.HEADER, "overhead/op"),
+        lines,
     )
-    print("  " + "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True)).rstrip())
-    print("  " + "  ".join("-" * w for w in widths))
-    for line in lines:
-        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-    print()
     if residency is not None:
         print(f"page cache: {residency[0]}/{residency[1]} sampled pages resident before measuring")
-    if bench.qemu.note:
-        print(f"NOTE: {bench.qemu.note}")
-    elif bench.qemu.version:
-        print(
-            f"qemu-img: {bench.qemu.version}; timed by its own 'Run completed in' figure"
-            " (process start-up and image open excluded, nothing subtracted)"
-        )
+    lib.print_qemu(
+        bench.qemu.note,
+        bench.qemu.version,
+        "timed by its own 'Run completed in' figure (process start-up and image open excluded, nothing subtracted)",
+    )
     print(
         "qemu-img bench has no random pattern: its rows compare imago's sequential sync figures (QD1) and"
         " imago's random async figure (QD16) with qemu-img's sequential runs."
     )
-    verdict = "OK" if not bench.failures else "FAILED"
-    print(f"correctness: {verdict}")
-    for failure in bench.failures:
-        print(f"  {failure}")
-    print(f"total time: {elapsed:.1f} s")
-
-    return {
-        "benchmark": "imago-raw-file-read",
-        "config": config.as_dict(),
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "imago_version": imago.__version__,
-        "qemu_img": bench.qemu.version,
-        "qemu_note": bench.qemu.note,
-        "page_cache_resident": None if residency is None else {"resident": residency[0], "sampled": residency[1]},
-        "correct": not bench.failures,
-        "failures": bench.failures,
-        "results": results,
-        "ratios": ratios,
-        "elapsed_s": elapsed,
-    }
+    lib.print_verdict(bench.failures, elapsed)
+    return lib.summary(
+        "imago-raw-file-read",
+        config,
+        qemu_version=bench.qemu.version,
+        qemu_note=bench.qemu.note,
+        residency=residency,
+        failures=bench.failures,
+        results=results,
+        ratios=ratios,
+        elapsed=elapsed,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = parse_args(argv)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="imago-bench-", dir=config.directory) as tmp:
+    with lib.temporary_directory(config.directory) as tmp:
         path = os.path.join(tmp, "bench.raw")
-        print(f"creating {config.size // MiB} MiB raw image of random data in {tmp} ...", file=sys.stderr, flush=True)
+        lib.progress(f"creating {config.size // MiB} MiB raw image of random data in {tmp} ...")
         create_image(path, config.size)
         bench = Benchmark(config, path)
         try:
-            residency = cache_residency(bench.fd, config.size, 1024, random.Random(config.seed + 2))
-            if residency is not None and residency[0] < residency[1]:
-                print(
-                    f"WARNING: only {residency[0]}/{residency[1]} sampled pages are in the page cache;"
-                    " figures may include disk I/O",
-                    file=sys.stderr,
-                )
+            residency = lib.cache_residency(path, 1024, random.Random(config.seed + 2))
+            lib.warn_if_not_resident(residency)
             if bench.check_correctness():
                 bench.run()
             else:
                 print("correctness check FAILED: not measuring", file=sys.stderr)
         finally:
             bench.close()
-    summary = report(bench, residency, time.perf_counter() - started)
-    print(json.dumps(summary, sort_keys=True))
-    return 0 if summary["correct"] else 1
+    return lib.print_summary(report(bench, residency, time.perf_counter() - started))
 
 
 if __name__ == "__main__":
