@@ -65,12 +65,18 @@ def test_create_full_preallocation_allocates(tmp_path: pathlib.Path) -> None:
     assert path.stat().st_blocks * 512 >= 1 << 20
 
 
+def test_create_accepts_qemu_img_option_names(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "full.img"
+    imago.create(path, "raw", 1 << 20, preallocation="full")  # qemu-img's name for "preallocate"
+    assert path.stat().st_blocks * 512 >= 1 << 20
+
+
 @pytest.mark.parametrize(
     ("options", "name"),
     [
         ({"cluster_size": 65536}, "cluster_size"),
         ({"backing_file": "base.img"}, "backing_file"),
-        ({"preallocation": "full"}, "preallocation"),
+        ({"lazy_refcounts": True}, "lazy_refcounts"),
         ({"compat": "1.1"}, "compat"),
     ],
 )

@@ -101,6 +101,7 @@ async def create_async(filename: str | os.PathLike[str], format: str, size: int,
     probe_builder = driver.create_builder(_NO_STORAGE).size(size)
     for key, value in options.items():
         probe_builder.set_option(key, value)
+    probe_builder.validate()
     storage = await storage_cls.create(StorageCreateOptions(filename=os.fspath(filename), overwrite=True))
     try:
         builder = driver.create_builder(storage).size(size)

@@ -154,6 +154,8 @@ class FormatCreateBuilder(Generic[D]):
 
     #: Names accepted by :meth:`set_option`; subclasses extend it with their own methods.
     option_names: ClassVar[tuple[str, ...]] = ("size", "preallocate")
+    #: Other names for options (``qemu-img``'s), mapped to the method they set.
+    option_aliases: ClassVar[dict[str, str]] = {"preallocation": "preallocate"}
 
     def __init__(self, driver: type[D], storage: Storage) -> None:
         if not isinstance(storage, Storage):
@@ -174,12 +176,20 @@ class FormatCreateBuilder(Generic[D]):
         return self
 
     def set_option(self, name: str, value: Any) -> Self:
-        """Set the option *name*, as the method of that name would."""
-        if name not in self.option_names:
-            known = ", ".join(self.option_names)
+        """Set the option *name* (or a ``qemu-img`` alias of it), as the method of that name would."""
+        method_name = self.option_aliases.get(name, name)
+        if method_name not in self.option_names:
+            known = ", ".join(sorted({*self.option_names, *self.option_aliases}))
             raise InvalidOptionError(name, f"not an option of the {self._driver.name} format (options: {known})")
-        method: Callable[[Any], Self] = getattr(self, name)
+        method: Callable[[Any], Self] = getattr(self, method_name)
         return method(value)
+
+    def validate(self) -> None:
+        """Check the options together (each is checked alone when it is set).
+
+        Raises :class:`InvalidOptionError` naming the option at fault; runs before anything
+        is written. The default has nothing to check.
+        """
 
     @property
     def storage(self) -> Storage:
@@ -197,7 +207,8 @@ class FormatCreateBuilder(Generic[D]):
         return self._preallocate
 
     async def create(self) -> None:
-        """Write the new image to the storage (emptying it first)."""
+        """Check the options, then write the new image to the storage (emptying it first)."""
+        self.validate()
         await self._driver.create_image(self)
 
     def create_sync(self) -> None:

@@ -11,6 +11,7 @@ import attrs
 from imago import (
     CorruptImageError,
     FormatAccess,
+    FormatCreateBuilder,
     FormatDriver,
     FormatDriverBuilder,
     ImagoError,
@@ -29,6 +30,7 @@ from imago.format import check_local_file_name
 from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
 
 from .compression import decompress_cluster
+from .create import Qcow2CreateBuilder
 from .header import HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, MAGIC, Header, header_cluster_size, parse_header
 from .refcounts import Refcounts
 from .snapshots import Snapshot, read_snapshot_table
@@ -87,6 +89,7 @@ class Qcow2(FormatDriver):
 
     name = "qcow2"
     builder_class = Qcow2Builder
+    create_builder_class = Qcow2CreateBuilder
 
     def __init__(
         self,
@@ -122,6 +125,12 @@ class Qcow2(FormatDriver):
         self._refcounts = Refcounts(storage, header)
 
     # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    async def create_image(cls, builder: FormatCreateBuilder[Qcow2]) -> None:
+        """Write a new, empty image as *builder* says (the storage is emptied first)."""
+        assert isinstance(builder, Qcow2CreateBuilder)
+        await builder.write_image()
 
     @classmethod
     async def probe(cls, storage: Storage) -> bool:

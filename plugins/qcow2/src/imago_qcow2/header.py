@@ -28,8 +28,11 @@ __all__ = [
     "MAX_NAME_BYTES",
     "MAX_REFCOUNT_TABLE_BYTES",
     "MAX_SNAPSHOTS",
+    "V2_HEADER_LENGTH",
+    "V3_HEADER_LENGTH",
     "Header",
     "HeaderExtension",
+    "build_header",
     "header_cluster_size",
     "parse_header",
 ]
@@ -411,3 +414,64 @@ def _check_tables(header: Header, file_size: int, filename: str | None) -> None:
         cluster_size,
         file_size,
     )
+
+
+#: The feature name table a version 3 image carries: (kind, bit, name) per known feature.
+FEATURE_TABLE: tuple[tuple[int, int, str], ...] = tuple(
+    (kind, bit, name) for (kind, bit), name in sorted(_BUILTIN_FEATURE_NAMES.items())
+)
+
+
+def _extension(ext_type: int, payload: bytes) -> bytes:
+    return struct.pack(">II", ext_type, len(payload)) + payload + bytes(-len(payload) % 8)
+
+
+def build_header(header: Header) -> bytes:
+    """The bytes of *header*'s cluster start: fields, extensions, end marker, backing name.
+
+    Known extensions come from the header's fields (backing format, data file name, and the
+    feature name table for version 3); unknown ones are written back as they were read.
+    ``backing_file_offset``/``backing_file_size`` are computed here.
+    """
+    extensions = b""
+    if header.backing_format is not None:
+        extensions += _extension(EXT_BACKING_FORMAT, header.backing_format.encode())
+    if header.version >= 3:
+        table = b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_TABLE)
+        extensions += _extension(EXT_FEATURE_TABLE, table)
+    if header.data_file is not None:
+        extensions += _extension(EXT_DATA_FILE, header.data_file.encode())
+    for extension in header.extensions:
+        extensions += _extension(extension.type, extension.data)
+    extensions += bytes(8)  # end of extensions
+    backing = header.backing_file.encode() if header.backing_file is not None else b""
+    header_length = header.header_length
+    backing_offset = header_length + len(extensions) if backing else 0
+    fixed = _V2.pack(
+        MAGIC,
+        header.version,
+        backing_offset,
+        len(backing),
+        header.cluster_bits,
+        header.size,
+        header.crypt_method,
+        header.l1_size,
+        header.l1_table_offset,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+        header.nb_snapshots,
+        header.snapshots_offset,
+    )
+    if header.version >= 3:
+        fixed += _V3.pack(
+            header.incompatible_features,
+            header.compatible_features,
+            header.autoclear_features,
+            header.refcount_order,
+            header_length,
+        )
+        fixed += bytes([header.compression_type]) + bytes(header_length - V3_HEADER_LENGTH - 1)
+    data = fixed + extensions + backing
+    if len(data) > header.cluster_size:
+        raise ValueError(f"the header ({len(data)} bytes) does not fit in one {header.cluster_size}-byte cluster")
+    return data

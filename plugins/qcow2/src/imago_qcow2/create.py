@@ -1,0 +1,364 @@
+"""Creating qcow2 images: ``Qcow2.create_builder(storage)...create()``.
+
+Options, defaults and validation follow ``qemu-img create -f qcow2 -o ...``. The layout is
+QEMU's: header cluster, refcount table, refcount blocks, L1 table, then (when preallocating)
+the L2 tables and the data clusters, contiguously.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any, ClassVar, Self
+
+from imago import (
+    FormatCreateBuilder,
+    InvalidOptionError,
+    PreallocateMode,
+    Storage,
+    StorageCreateOptions,
+    storage_driver,
+)
+from imago.format import check_local_file_name
+
+from .header import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_EXTENDED_L2,
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    MAX_NAME_BYTES,
+    MIN_CLUSTER_BITS,
+    V2_HEADER_LENGTH,
+    Header,
+    build_header,
+)
+from .refcounts import RefcountBlock
+from .tables import OFLAG_COPIED
+
+if TYPE_CHECKING:
+    from .driver import Qcow2
+
+__all__ = ["Qcow2CreateBuilder"]
+
+_COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+_COMPRESSION = {"zlib": 0, "zstd": 1}
+# Header length QEMU writes for version 3: the compression type byte, padded to 8 bytes.
+_V3_HEADER_LENGTH = 112
+
+
+def _flag(option: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("on", "off", "true", "false", "yes", "no"):
+        return value.lower() in ("on", "true", "yes")
+    raise InvalidOptionError(option, f"must be on or off, got {value!r}")
+
+
+def _recorded_name(option: str, name: Any) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidOptionError(option, f"must be a non-empty file name, got {name!r}")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InvalidOptionError(option, f"names are at most {MAX_NAME_BYTES} bytes long")
+    try:
+        check_local_file_name(name)
+    except Exception as error:
+        raise InvalidOptionError(option, str(error)) from None
+    return name
+
+
+class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
+    """The options of a new qcow2 image (``qemu-img create -f qcow2 -o ...``)."""
+
+    option_names: ClassVar[tuple[str, ...]] = (
+        *FormatCreateBuilder.option_names,
+        "cluster_size",
+        "refcount_width",
+        "compat",
+        "lazy_refcounts",
+        "compression_type",
+        "extended_l2",
+        "backing_file",
+        "backing_format",
+        "data_file",
+        "data_file_raw",
+    )
+    option_aliases: ClassVar[dict[str, str]] = {
+        **FormatCreateBuilder.option_aliases,
+        "refcount_bits": "refcount_width",
+        "backing_fmt": "backing_format",
+    }
+
+    def __init__(self, driver: type[Qcow2], storage: Storage) -> None:
+        super().__init__(driver, storage)
+        self._cluster_bits = 16
+        self._refcount_order = 4
+        self._version = 3
+        self._lazy_refcounts = False
+        self._compression_type = 0
+        self._extended_l2 = False
+        self._backing_file: str | None = None
+        self._backing_format: str | None = None
+        self._data_file: str | None = None
+        self._data_storage: Storage | None = None
+        self._data_file_raw = False
+
+    # --- options --------------------------------------------------------------------------------
+
+    def cluster_size(self, size: int) -> Self:
+        """Bytes per cluster: a power of two from 512 to 2 MiB (default 64 KiB)."""
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or size <= 0
+            or size & (size - 1)
+            or not MIN_CLUSTER_BITS <= size.bit_length() - 1 <= MAX_CLUSTER_BITS
+        ):
+            raise InvalidOptionError("cluster_size", f"must be a power of two between 512 and 2048k, got {size!r}")
+        self._cluster_bits = size.bit_length() - 1
+        return self
+
+    def refcount_width(self, bits: int) -> Self:
+        """Bits per refcount: a power of two up to 64 (default 16)."""
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits <= 0 or bits & (bits - 1) or bits > 64:
+            raise InvalidOptionError(
+                "refcount_bits", f"must be a power of two and may not exceed 64 bits, got {bits!r}"
+            )
+        self._refcount_order = bits.bit_length() - 1
+        return self
+
+    def compat(self, level: str) -> Self:
+        """Compatibility level: ``0.10`` (version 2) or ``1.1`` (version 3, the default)."""
+        if level not in _COMPAT:
+            raise InvalidOptionError("compat", f"must be 0.10 or 1.1, got {level!r}")
+        self._version = _COMPAT[level]
+        return self
+
+    def lazy_refcounts(self, enabled: bool | str) -> Self:
+        """Postpone refcount updates (needs compat 1.1)."""
+        self._lazy_refcounts = _flag("lazy_refcounts", enabled)
+        return self
+
+    def compression_type(self, name: str) -> Self:
+        """Compression for compressed clusters: ``zlib`` (default) or ``zstd`` (needs compat 1.1)."""
+        if name not in _COMPRESSION:
+            raise InvalidOptionError("compression_type", f"must be zlib or zstd, got {name!r}")
+        self._compression_type = _COMPRESSION[name]
+        return self
+
+    def extended_l2(self, enabled: bool | str) -> Self:
+        """Extended L2 entries with 32 subclusters (needs compat 1.1 and clusters of 16 KiB or more)."""
+        self._extended_l2 = _flag("extended_l2", enabled)
+        return self
+
+    def backing_file(self, name: str) -> Self:
+        """Record a backing file name (resolved relative to the image when opened)."""
+        self._backing_file = _recorded_name("backing_file", name)
+        return self
+
+    def backing_format(self, name: str) -> Self:
+        """Record the backing file's format."""
+        if not isinstance(name, str) or not name or len(name) > MAX_NAME_BYTES:
+            raise InvalidOptionError("backing_format", f"must be a format name, got {name!r}")
+        self._backing_format = name
+        return self
+
+    def backing(self, name: str, format: str) -> Self:
+        """Record a backing file and its format (nothing is opened)."""
+        return self.backing_file(name).backing_format(format)
+
+    def data_file(self, name: str, data_storage: Storage | None = None, raw: bool | None = None) -> Self:
+        """Keep guest data in the external file *name* (needs compat 1.1).
+
+        *data_storage* is that file, opened for writing; without it the file is created (or
+        emptied) next to the image. *raw* keeps it valid as a raw image (``data_file_raw``).
+        """
+        self._data_file = _recorded_name("data_file", name)
+        if data_storage is not None and not isinstance(data_storage, Storage):
+            raise InvalidOptionError("data_file", f"expected a Storage, got {type(data_storage).__name__}")
+        self._data_storage = data_storage
+        if raw is not None:
+            self.data_file_raw(raw)
+        return self
+
+    def data_file_raw(self, raw: bool | str) -> Self:
+        """Keep the external data file valid as a raw image (needs ``data_file``)."""
+        self._data_file_raw = _flag("data_file_raw", raw)
+        return self
+
+    def validate(self) -> None:
+        """The cross-option rules of ``qemu-img create``."""
+        v3_only = (
+            ("lazy_refcounts", self._lazy_refcounts, "Lazy refcounts"),
+            ("extended_l2", self._extended_l2, "Extended L2 entries"),
+            ("compression_type", self._compression_type != 0, "Compression types other than zlib"),
+            ("data_file", self._data_file is not None, "External data files"),
+            ("refcount_bits", self._refcount_order != 4, "Refcount widths other than 16 bits"),
+        )
+        if self._version < 3:
+            for option, used, what in v3_only:
+                if used:
+                    raise InvalidOptionError(option, f"{what} require compatibility level 1.1 (compat=1.1)")
+        if self._extended_l2 and self._cluster_bits < 14:
+            raise InvalidOptionError("extended_l2", "extended L2 entries need clusters of at least 16 KiB")
+        if self._data_file_raw and self._data_file is None:
+            raise InvalidOptionError("data_file_raw", "data_file_raw requires data_file")
+        if self._backing_file is not None and self._backing_format is None:
+            raise InvalidOptionError("backing_format", "a backing file needs its format recorded (backing_format)")
+        if self._backing_format is not None and self._backing_file is None:
+            raise InvalidOptionError("backing_format", "a backing format needs a backing file")
+        if self._backing_file is not None and self.preallocation is not PreallocateMode.NONE and not self._extended_l2:
+            raise InvalidOptionError(
+                "preallocation", "a backing file and preallocation can only be used together with extended_l2"
+            )
+        entries_per_table = (1 << self._cluster_bits) // (16 if self._extended_l2 else 8)
+        l1_entries = -(-self.virtual_size // (entries_per_table << self._cluster_bits))
+        if l1_entries * 8 > MAX_L1_BYTES:
+            raise InvalidOptionError("size", f"{self.virtual_size} bytes is too large for this cluster size")
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    async def write_image(self) -> None:
+        """Write the image (called by ``Qcow2.create_image`` after :meth:`validate`)."""
+        storage = self.storage
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        size = self.virtual_size
+        prealloc = self.preallocation
+        extended = self._extended_l2
+        entries_per_table = cluster_size // (16 if extended else 8)
+        guest_clusters = -(-size // cluster_size)
+        l1_entries = -(-guest_clusters // entries_per_table)
+        l1_clusters = max(1, -(-l1_entries * 8 // cluster_size))
+        # data_file_raw maps every cluster to the same offset of the data file, as QEMU does.
+        mapped = prealloc is not PreallocateMode.NONE or self._data_file_raw
+        l2_tables = l1_entries if mapped else 0
+        data_clusters = guest_clusters if mapped and self._data_file is None else 0
+
+        # Refcount blocks must cover themselves and the refcount table: grow until stable.
+        per_block = cluster_size * 8 >> self._refcount_order
+        table_clusters = blocks = 1
+        while True:
+            total = 1 + table_clusters + blocks + l1_clusters + l2_tables + data_clusters
+            need_blocks = -(-total // per_block)
+            need_table = -(-need_blocks * 8 // cluster_size)
+            if (need_blocks, need_table) == (blocks, table_clusters):
+                break
+            blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
+        table_offset = cluster_size
+        blocks_offset = table_offset + table_clusters * cluster_size
+        l1_offset = blocks_offset + blocks * cluster_size
+        l2_offset = l1_offset + l1_clusters * cluster_size
+        data_offset = l2_offset + l2_tables * cluster_size
+        metadata_end = data_offset
+        total = data_offset // cluster_size + data_clusters
+
+        data_storage = self._data_storage
+        if self._data_file is not None and data_storage is None:
+            name = storage.resolve_relative_path(self._data_file)
+            data_storage = await storage_driver("file").create(StorageCreateOptions(filename=name, overwrite=True))
+            created_data = True
+        else:
+            created_data = False
+        try:
+            await storage.resize(0)
+            incompat = (
+                (INCOMPAT_DATA_FILE if self._data_file is not None else 0)
+                | (INCOMPAT_COMPRESSION if self._compression_type else 0)
+                | (INCOMPAT_EXTENDED_L2 if extended else 0)
+            )
+            header = Header(
+                version=self._version,
+                backing_file_offset=0,
+                backing_file_size=0,
+                cluster_bits=cluster_bits,
+                size=size,
+                crypt_method=0,
+                l1_size=l1_entries,
+                l1_table_offset=l1_offset,
+                refcount_table_offset=table_offset,
+                refcount_table_clusters=table_clusters,
+                nb_snapshots=0,
+                snapshots_offset=0,
+                incompatible_features=incompat,
+                compatible_features=COMPAT_LAZY_REFCOUNTS if self._lazy_refcounts else 0,
+                autoclear_features=AUTOCLEAR_DATA_FILE_RAW if self._data_file_raw else 0,
+                refcount_order=self._refcount_order,
+                header_length=_V3_HEADER_LENGTH if self._version >= 3 else V2_HEADER_LENGTH,
+                compression_type=self._compression_type,
+                backing_file=self._backing_file,
+                backing_format=self._backing_format,
+                data_file=self._data_file,
+            )
+            try:
+                header_bytes = build_header(header)
+            except ValueError as error:
+                raise InvalidOptionError("backing_file", str(error)) from None
+            await storage.writev([memoryview(header_bytes)], 0)
+
+            reftable = bytearray(table_clusters * cluster_size)
+            struct.pack_into(f">{blocks}Q", reftable, 0, *(blocks_offset + i * cluster_size for i in range(blocks)))
+            await storage.writev([memoryview(reftable)], table_offset)
+            for index in range(blocks):
+                block = RefcountBlock(bytearray(cluster_size), offset=0, refcount_order=self._refcount_order)
+                first = index * per_block
+                for entry in range(min(per_block, total - first)):
+                    block.set(entry, 1)
+                await storage.writev([memoryview(block.data)], blocks_offset + index * cluster_size)
+
+            l1 = bytearray(l1_clusters * cluster_size)
+            if mapped:
+                struct.pack_into(
+                    f">{l1_entries}Q",
+                    l1,
+                    0,
+                    *((l2_offset + i * cluster_size) | OFLAG_COPIED for i in range(l1_entries)),
+                )
+                await self._write_l2_tables(storage, l2_offset, entries_per_table, guest_clusters, data_offset)
+            await storage.writev([memoryview(l1)], l1_offset)
+
+            if data_clusters:
+                end = data_offset + data_clusters * cluster_size
+                # The data area: sparse (metadata), reserved (falloc) or written (full).
+                mode = prealloc if prealloc in (PreallocateMode.FALLOC, PreallocateMode.FULL) else PreallocateMode.NONE
+                await storage.resize(end, mode)
+            elif storage.size < metadata_end:
+                await storage.resize(metadata_end)
+            if data_storage is not None:
+                await data_storage.resize(0)
+                mode = prealloc if prealloc in (PreallocateMode.FALLOC, PreallocateMode.FULL) else PreallocateMode.NONE
+                if self._data_file_raw or mode is not PreallocateMode.NONE:
+                    await data_storage.resize(size, mode)
+                await data_storage.flush()
+            await storage.flush()
+        finally:
+            if created_data and data_storage is not None:
+                await data_storage.close()
+
+    async def _write_l2_tables(
+        self, storage: Storage, l2_offset: int, entries_per_table: int, guest_clusters: int, data_offset: int
+    ) -> None:
+        """L2 tables mapping every guest cluster: to the data area, or guest = host in a data file."""
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        sub_bits = cluster_bits - 5
+        tables = -(-guest_clusters // entries_per_table)
+        for table in range(tables):
+            first = table * entries_per_table
+            count = min(entries_per_table, guest_clusters - first)
+            words: list[int] = []
+            for cluster in range(first, first + count):
+                if self._data_file is not None:
+                    host = cluster << cluster_bits
+                else:
+                    host = data_offset + (cluster << cluster_bits)
+                words.append(host | OFLAG_COPIED)
+                if self._extended_l2:
+                    # Subclusters inside the disk are allocated, unless a backing file must still
+                    # show through: then only the host cluster is reserved.
+                    inside = min(32, -(-(self.virtual_size - (cluster << cluster_bits)) >> sub_bits))
+                    words.append(0 if self._backing_file is not None else (1 << inside) - 1)
+            raw = bytearray(cluster_size)
+            struct.pack_into(f">{len(words)}Q", raw, 0, *words)
+            await storage.writev([memoryview(raw)], l2_offset + table * cluster_size)
