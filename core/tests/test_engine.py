@@ -264,14 +264,24 @@ def test_write_zeroes_uses_metadata_for_whole_blocks_and_data_for_the_rest() -> 
     assert read(access, 0, len(base)) == expected
 
 
-def test_discard_to_backing_and_partial_refusal() -> None:
+def test_discard_to_backing_whole_and_partial_blocks() -> None:
     top, base = make_chain()
     access = SyncFormatAccess(top)
-    access.write(b"y" * BLOCK, 0)
+    access.write(b"y" * 3 * BLOCK, 0)
     access.discard_to_backing(0, BLOCK)
+    assert top.table[0] == ("backing",)  # whole blocks are given back to the backing layer
     assert read(access, 0, BLOCK) == base[:BLOCK]
-    with pytest.raises(ImagoError, match="backing"):
-        access.discard_to_backing(10, BLOCK)
+    # Partial blocks stay allocated but read as the backing layer does.
+    access.discard_to_backing(BLOCK + 10, BLOCK)
+    assert read(access, BLOCK, 2 * BLOCK) == b"y" * 10 + base[BLOCK + 10 : 2 * BLOCK + 10] + b"y" * (BLOCK - 10)
+
+
+def test_discard_to_backing_without_backing_reads_zero() -> None:
+    driver = BlockDriver(MemoryStorage(0), 8 * BLOCK, None, writable=True)
+    access = SyncFormatAccess(driver)
+    access.write(b"z" * 2 * BLOCK, 0)
+    access.discard_to_backing(100, BLOCK)
+    assert read(access, 0, 2 * BLOCK) == b"z" * 100 + bytes(BLOCK) + b"z" * (BLOCK - 100)
 
 
 def test_mapping_cache_follows_mapping_changes() -> None:

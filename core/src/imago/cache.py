@@ -21,19 +21,25 @@ V = TypeVar("V")
 
 
 class MetadataCache(Generic[K, V]):
-    """An LRU cache of up to *capacity* entries, loaded by *load* and written back by *write*."""
+    """An LRU cache of up to *capacity* entries, loaded by *load* and written back by *write*.
+
+    *barrier* (typically the storage's ``flush``) runs after entries were written back, so
+    that what depends on this cache reaches the disk only after it.
+    """
 
     def __init__(
         self,
         capacity: int,
         load: Callable[[K], Awaitable[V]],
         write: Callable[[K, V], Awaitable[None]] | None = None,
+        barrier: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be at least 1, got {capacity}")
         self._capacity = capacity
         self._load = load
         self._write = write
+        self._barrier = barrier
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._dirty: set[K] = set()
         self._dependencies: list[MetadataCache[object, object]] = []
@@ -95,6 +101,11 @@ class MetadataCache(Generic[K, V]):
             raise ValueError("a cache cannot depend on itself")
         self._dependencies.append(other)
 
+    @property
+    def dirty(self) -> bool:
+        """Whether entries wait to be written back."""
+        return bool(self._dirty)
+
     def discard(self, key: K) -> None:
         """Forget the entry for *key* without writing it back."""
         self._entries.pop(key, None)
@@ -111,6 +122,8 @@ class MetadataCache(Generic[K, V]):
         assert self._write is not None
         await self._write(key, self._entries[key])
         self._dirty.discard(key)
+        if self._barrier is not None:
+            await self._barrier()
 
     async def _evict_oldest(self) -> None:
         key = next(iter(self._entries))
@@ -129,3 +142,5 @@ class MetadataCache(Generic[K, V]):
             if key in self._entries:
                 await self._write(key, self._entries[key])
             self._dirty.discard(key)
+        if self._barrier is not None:
+            await self._barrier()

@@ -15,10 +15,11 @@ from imago import (
     FormatAccess,
     FormatDriver,
     PermissiveImplicitOpenGate,
+    StorageCreateOptions,
     StorageOpenOptions,
     SyncFormatAccess,
 )
-from imago.testing import ReadOnlyFormatConformance
+from imago.testing import FormatConformance, ReadOnlyFormatConformance
 from imago_file import File
 from imago_qcow2 import Qcow2
 
@@ -210,11 +211,41 @@ def test_snapshots(tmp_path: Path) -> None:
     active.close()
 
 
-def test_writing_is_refused_for_now(tmp_path: Path) -> None:
-    image_path = tmp_path / "w.qcow2"
-    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(image_path), "1M")
-    with pytest.raises(imago.UnsupportedFeatureError, match="writing qcow2"):
-        Qcow2.builder_path(image_path).write(True).open_sync(PermissiveImplicitOpenGate())
+def test_writing_extended_l2_and_dirty_images_is_refused(tmp_path: Path) -> None:
+    extended = tmp_path / "ext-l2.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(extended), "1M")
+    with pytest.raises(imago.UnsupportedFeatureError, match="extended L2"):
+        Qcow2.builder_path(extended).write(True).open_sync(PermissiveImplicitOpenGate())
+    dirty = tmp_path / "dirty.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", str(dirty), "1M")
+    with dirty.open("r+b") as f:
+        f.seek(79)
+        f.write(b"\x01")  # incompatible bit 0: dirty
+    with pytest.raises(imago.ImagoError, match="dirty"):
+        Qcow2.builder_path(dirty).write(True).open_sync(PermissiveImplicitOpenGate())
+    SyncFormatAccess(Qcow2.builder_path(dirty).open_sync(PermissiveImplicitOpenGate())).close()  # reading is fine
+
+
+class TestQcow2WriteConformance(FormatConformance):
+    supports_resize = False  # resize comes with the rest of issue 4
+
+    def create_image(self, directory: Path, size: int) -> FormatDriver:
+        path = directory / "conformance.qcow2"
+        storage = File.create_sync(StorageCreateOptions(filename=path, overwrite=True))
+        Qcow2.create_builder(storage).size(size).cluster_size(4096).create_sync()
+        imago.aio.run_sync(storage.close())
+        return Qcow2.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
+
+    def reopen_image(self, image: FormatDriver, *, writable: bool) -> FormatDriver:
+        path = image.storage.filename
+        assert path is not None
+        SyncFormatAccess(image).close()
+        check = json.loads(
+            subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True, text=True).stdout
+        )
+        assert check.get("check-errors", 0) == 0
+        assert check.get("leaks", 0) == 0
+        return Qcow2.builder_path(path).write(writable).open_sync(PermissiveImplicitOpenGate())
 
 
 def test_external_data_file(tmp_path: Path) -> None:

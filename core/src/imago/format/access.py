@@ -310,16 +310,36 @@ class FormatAccess:
             await self._zero_range(offset, length, await self._driver.discard_to_any(offset, length), explicit=False)
 
     async def discard_to_backing(self, offset: int, length: int) -> None:
-        """Make the range read from the backing layer again (zero without a backing layer)."""
+        """Make the range read from the backing layer again (zero without a backing layer).
+
+        What the driver cannot give back to the backing layer (parts of clusters, say) gets
+        the backing layer's bytes written into it instead.
+        """
         _non_negative("length", length)
         self._check_write(offset, length)
-        if length:
-            handled = await self._driver.discard_to_backing(offset, length)
-            if handled != (offset, length):
-                raise ImagoError(
-                    f"{self._name()}: cannot make [{offset}, {offset + length}) read from the backing image"
-                )
-            self._driver.mappings_changed()
+        if not length:
+            return
+        start, count = await self._driver.discard_to_backing(offset, length)
+        if start < offset or count < 0 or start + count > offset + length:
+            raise ImagoError(f"{self._driver.name} driver handled [{start}, {start + count}), outside the request")
+        self._driver.mappings_changed()
+        for part_start, part_end in ((offset, start), (start + count, offset + length)):
+            if part_end > part_start:
+                await self._copy_from_backing(part_start, part_end - part_start)
+
+    async def _copy_from_backing(self, offset: int, length: int) -> None:
+        backing = self._driver.backing
+        if backing is None:
+            await self._write_zeroes_data(offset, length)
+            return
+        chunk = 1 << 20
+        position = offset
+        while position < offset + length:
+            step = min(chunk, offset + length - position)
+            data = bytearray(step)
+            await backing._read_as_backing([memoryview(data)], position, step)
+            await self._writev_mapped([memoryview(data)], position)
+            position += step
 
     # --- whole-image operations -----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError
+from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError
 from ..format.access import FormatAccess
 from ..format.driver import FormatDriver
 from ..storage import PreallocateMode
@@ -31,7 +31,7 @@ _SIZE = 4 << 20
 class FormatConformance(abc.ABC):
     """Tests every format driver must pass on images it creates. Subclass it as ``TestSomething``."""
 
-    #: Whether the driver can change the disk size.
+    #: Whether the driver can change the disk size (if not, resizing must raise UnsupportedFeatureError).
     supports_resize: ClassVar[bool] = True
 
     @abc.abstractmethod
@@ -192,9 +192,15 @@ class FormatConformance(abc.ABC):
         image.close()
 
     def test_resize(self, image: SyncFormatAccess) -> None:
-        if not self.supports_resize:
-            pytest.skip("the driver cannot resize")
         data = random_bytes(random.Random(17), 8192)
+        if not self.supports_resize:
+            image.write(data, 0)
+            with pytest.raises(UnsupportedFeatureError):
+                image.resize(2 * _SIZE)
+            assert image.size == _SIZE
+            assert self._read(image, 0, 8192) == data
+            image.close()
+            return
         image.write(data, _SIZE - 8192)
         self._read(image, 0, 4096)  # populate mapping caches
         image.resize(2 * _SIZE, PreallocateMode.NONE)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import struct
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any, Self
@@ -12,11 +15,11 @@ from imago import (
     CorruptImageError,
     FormatAccess,
     FormatCreateBuilder,
-    FormatDriver,
     FormatDriverBuilder,
     ImagoError,
     ImplicitOpenGate,
     InvalidOptionError,
+    ReadOnlyError,
     ShallowMapping,
     Storage,
     StorageOpenOptions,
@@ -31,10 +34,20 @@ from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, Shallo
 
 from .compression import decompress_cluster
 from .create import Qcow2CreateBuilder
-from .header import HEADER_PROBE_BYTES, INCOMPAT_CORRUPT, MAGIC, Header, header_cluster_size, parse_header
+from .header import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    HEADER_PROBE_BYTES,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DIRTY,
+    MAGIC,
+    Header,
+    header_cluster_size,
+    parse_header,
+)
 from .refcounts import Refcounts
 from .snapshots import Snapshot, read_snapshot_table
-from .tables import COMPRESSED, DATA, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
+from .tables import COMPRESSED, DATA, OFLAG_COPIED, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
+from .writing import Qcow2Writing
 
 __all__ = ["Qcow2", "Qcow2Builder"]
 
@@ -80,7 +93,7 @@ class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
         return self
 
 
-class Qcow2(FormatDriver):
+class Qcow2(Qcow2Writing):
     """A qcow2 image (versions 2 and 3), read-only for now.
 
     ``Qcow2.builder_path("vm.qcow2").open_sync(gate)`` follows the backing file and external
@@ -96,7 +109,8 @@ class Qcow2(FormatDriver):
         *,
         storage: Storage,
         header: Header,
-        l1: Sequence[int],
+        l1: array[int],
+        l1_copied: bytearray,
         size: int,
         data_storage: Storage,
         backing: FormatAccess | None,
@@ -104,10 +118,16 @@ class Qcow2(FormatDriver):
         tables: MetadataCache[int, L2Table] | None = None,
         owns_storages: bool = True,
         snapshot: Snapshot | None = None,
+        writable: bool = False,
     ) -> None:
         self._storage = storage
         self._header = header
         self._l1 = l1
+        self._l1_copied = l1_copied
+        self._writable = writable
+        self._lock = asyncio.Lock()
+        # Host clusters to release once the metadata no longer pointing to them is on disk.
+        self._frees: list[tuple[int, int]] = []
         self._size = size
         self._data_storage = data_storage
         self._backing = backing
@@ -121,8 +141,12 @@ class Qcow2(FormatDriver):
         self._l2_bits = header.l2_entries.bit_length() - 1
         self._table_shift = self._cluster_bits + self._l2_bits
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
-        self._tables = tables or MetadataCache(max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2)
-        self._refcounts = Refcounts(storage, header)
+        self._refcounts = Refcounts(storage, header, move_table=self._move_refcount_table)
+        self._tables = tables or MetadataCache(
+            max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2, self._write_l2, storage.flush
+        )
+        # Crash safety: refcount increments reach the disk before the L2 entries that use them.
+        self._tables.depends_on(self._refcounts.blocks)  # type: ignore[arg-type]
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -174,12 +198,13 @@ class Qcow2(FormatDriver):
                     filename, 72, "the image is marked corrupt; open it read-only with allow_corrupt(True) to read it"
                 )
         if builder.writable:
-            raise UnsupportedFeatureError("writing qcow2 images", filename)
+            await cls._accept_for_writing(storage, header)
+            header = attrs.evolve(header, autoclear_features=header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
 
         raw_l1 = bytearray(header.l1_size * 8)
         if raw_l1:
             await storage.readv([memoryview(raw_l1)], header.l1_table_offset)
-        l1 = parse_l1(
+        l1, l1_copied = parse_l1(
             raw_l1,
             table_offset=header.l1_table_offset,
             cluster_bits=header.cluster_bits,
@@ -205,11 +230,33 @@ class Qcow2(FormatDriver):
             storage=storage,
             header=header,
             l1=l1,
+            l1_copied=l1_copied,
             size=header.size,
             data_storage=data_storage,
             backing=backing,
             snapshots=snapshots,
+            writable=builder.writable,
         )
+
+    @staticmethod
+    async def _accept_for_writing(storage: Storage, header: Header) -> None:
+        """Refuse what this driver cannot write safely; clear the autoclear bits it does not keep."""
+        filename = storage.filename
+        if not storage.writable:
+            raise ReadOnlyError(filename or "qcow2 image file")
+        if header.extended_l2:
+            raise UnsupportedFeatureError("writing images with extended L2 entries", filename)
+        if header.incompatible_features & INCOMPAT_DIRTY:
+            raise ImagoError(
+                f"{filename}: the image is dirty (its refcounts may be stale); "
+                "repair it (qemu-img check -r all) before writing to it"
+            )
+        kept = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+        if kept != header.autoclear_features:
+            # Only once the image is accepted: features this driver does not maintain are
+            # declared invalid, as the specification asks of any writer.
+            await storage.writev([memoryview(struct.pack(">Q", kept))], 88)
+            await storage.flush()
 
     @staticmethod
     async def _open_data_file(
@@ -256,8 +303,8 @@ class Qcow2(FormatDriver):
 
     @property
     def writable(self) -> bool:
-        """Always false: writing comes later."""
-        return False
+        """Whether the image was opened for writing."""
+        return self._writable
 
     @property
     def storage(self) -> Storage:
@@ -365,7 +412,7 @@ class Qcow2(FormatDriver):
         raw = bytearray(snapshot.l1_size * 8)
         if raw:
             await self._storage.readv([memoryview(raw)], snapshot.l1_table_offset)
-        l1 = parse_l1(
+        l1, l1_copied = parse_l1(
             raw,
             table_offset=snapshot.l1_table_offset,
             cluster_bits=self._cluster_bits,
@@ -376,6 +423,7 @@ class Qcow2(FormatDriver):
             storage=self._storage,
             header=attrs.evolve(self._header, size=snapshot.disk_size),
             l1=l1,
+            l1_copied=l1_copied,
             size=snapshot.disk_size,
             data_storage=self._data_storage,
             backing=self._backing,
@@ -407,6 +455,17 @@ class Qcow2(FormatDriver):
             filename=self._filename,
         )
 
+    async def _write_l2(self, offset: int, table: L2Table) -> None:
+        await self._storage.writev([memoryview(table.to_bytes())], offset)
+        if not table.runs_valid:
+            table.recompute_runs()
+
+    async def _move_refcount_table(self, offset: int, clusters: int) -> None:
+        """Record a moved refcount table in the header (offset and size fields together)."""
+        await self._storage.writev([memoryview(struct.pack(">QI", offset, clusters))], 48)
+        await self._storage.flush()
+        self._header = attrs.evolve(self._header, refcount_table_offset=offset, refcount_table_clusters=clusters)
+
     def _unallocated(self, offset: int) -> ShallowMapping:
         backing = self._backing
         return ShallowIndirect(backing, offset) if backing is not None else ShallowZero(False)
@@ -433,12 +492,14 @@ class Qcow2(FormatDriver):
         if table.extended:
             return self._extended_mapping(table, offset, index, min(end, offset + max_length))
         within = offset & self._cluster_mask
-        length = ((table.run_end[index] - index) << self._cluster_bits) - within
+        wanted = ((min(end, offset + max_length) - offset + within - 1) >> self._cluster_bits) + 1
+        length = (table.run_length(index, wanted) << self._cluster_bits) - within
         if offset + length > end:
             length = end - offset
         kind = table.kinds[index]
         if kind == DATA:
-            return ShallowRaw(self._data_storage, table.hosts[index] + within, False), length
+            in_place = self._writable and bool(table.entries[index] & OFLAG_COPIED)
+            return ShallowRaw(self._data_storage, table.hosts[index] + within, in_place), length
         if kind == UNALLOCATED:
             return self._unallocated(offset), length
         if kind == ZERO:

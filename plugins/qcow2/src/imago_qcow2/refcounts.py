@@ -7,10 +7,12 @@ writes can mark them dirty and have them written back in order.
 
 from __future__ import annotations
 
+import struct
 import sys
 from array import array
+from collections.abc import Awaitable, Callable
 
-from imago import CorruptImageError, Storage
+from imago import CorruptImageError, ImagoError, Storage
 from imago.cache import MetadataCache
 
 from .header import Header
@@ -71,16 +73,27 @@ class RefcountBlock:
 class Refcounts:
     """Refcount look-ups for the clusters of one image file."""
 
-    def __init__(self, storage: Storage, header: Header) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        header: Header,
+        *,
+        move_table: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> None:
         self._storage = storage
         self._header = header
         self._filename = storage.filename
         self._table: array[int] | None = None
+        self._table_offset = header.refcount_table_offset
+        self._cluster_bits = header.cluster_bits
         cluster_size = header.cluster_size
         # Entries per block: cluster_size * 8 / refcount_bits, a power of two.
         self._block_bits = header.cluster_bits + 3 - header.refcount_order
+        # Records a new refcount table in the header: (offset, clusters).
+        self._move_table = move_table
+        self._free_hint = 0
         self._blocks: MetadataCache[int, RefcountBlock] = MetadataCache(
-            max(_BLOCK_CACHE_BYTES // cluster_size, 4), self._load_block
+            max(_BLOCK_CACHE_BYTES // cluster_size, 4), self._load_block, self._write_block, storage.flush
         )
 
     @property
@@ -120,6 +133,9 @@ class Refcounts:
             self._table = entries
         return self._table
 
+    async def _write_block(self, offset: int, block: RefcountBlock) -> None:
+        await self._storage.writev([memoryview(block.data)], offset)
+
     async def _load_block(self, offset: int) -> RefcountBlock:
         raw = bytearray(self._header.cluster_size)
         await self._storage.readv([memoryview(raw)], offset)
@@ -134,3 +150,152 @@ class Refcounts:
             return 0
         block = await self._blocks.get(table[table_index] & REFTABLE_OFFSET_MASK)
         return block.get(cluster & ((1 << self._block_bits) - 1))
+
+    # --- changing refcounts (writable images) ----------------------------------------------------
+
+    @property
+    def entries_per_block(self) -> int:
+        """Clusters one refcount block describes."""
+        return 1 << self._block_bits
+
+    async def _block_for(self, cluster: int, avoid: range) -> RefcountBlock:
+        """The block describing *cluster*, created (outside *avoid*) when missing."""
+        table = await self.table()
+        index = cluster >> self._block_bits
+        if index >= len(table):
+            await self._grow_table(index + 1, avoid)
+            table = await self.table()
+        if not table[index]:
+            await self._new_block(index, avoid)
+        return await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
+
+    async def _new_block(self, index: int, avoid: range) -> None:
+        """Create the refcount block for table entry *index*, placed in a cluster it describes."""
+        table = await self.table()
+        first = index << self._block_bits
+        covered = range(first, first + self.entries_per_block)
+        place = next((c for c in covered if c not in avoid), None)
+        if place is None:
+            raise ImagoError(f"{self._filename}: no room for a refcount block (allocation too large)")
+        cluster_size = 1 << self._cluster_bits
+        block = RefcountBlock(
+            bytearray(cluster_size), offset=place << self._cluster_bits, refcount_order=self._header.refcount_order
+        )
+        block.set(place - first, 1)  # it describes itself
+        # The block reaches the disk before the table entry that points to it.
+        await self._storage.writev([memoryview(block.data)], block.offset)
+        await self._storage.flush()
+        table[index] = block.offset
+        await self._storage.writev([memoryview(struct.pack(">Q", block.offset))], self._table_offset + 8 * index)
+        self._blocks.put(block.offset, block)
+
+    async def _grow_table(self, entries: int, avoid: range) -> None:
+        """Move the refcount table to a larger place at the end of the file.
+
+        The new table and the refcount blocks that describe it (and themselves) are laid out
+        past everything in use, written, made durable, then recorded in the header; the old
+        table's clusters are freed last.
+        """
+        table = await self.table()
+        cluster_size = 1 << self._cluster_bits
+        per_cluster = cluster_size // 8
+        end = max(-(-self._storage.size // cluster_size), avoid.stop)
+        clusters = max(-(-entries // per_cluster), 2 * -(-len(table) // per_cluster))
+        while True:
+            new_table = array("Q", table)
+            new_table.extend([0] * (clusters * per_cluster - len(table)))
+            blocks: dict[int, RefcountBlock] = {}
+            used = list(range(end, end + clusters))
+            position = end + clusters
+            pending = list(used)
+            while pending:
+                cluster = pending.pop()
+                index = cluster >> self._block_bits
+                if index < len(new_table) and (new_table[index] or index in blocks):
+                    continue
+                blocks[index] = RefcountBlock(
+                    bytearray(cluster_size),
+                    offset=position << self._cluster_bits,
+                    refcount_order=self._header.refcount_order,
+                )
+                used.append(position)
+                pending.append(position)
+                position += 1
+            if max(blocks, default=0) < len(new_table):
+                break
+            clusters *= 2  # the table must also index the blocks placed after it
+        for index, block in blocks.items():
+            new_table[index] = block.offset
+        for cluster in used:
+            index = cluster >> self._block_bits
+            entry = cluster & (self.entries_per_block - 1)
+            if index in blocks:
+                blocks[index].set(entry, 1)
+            else:
+                existing = await self._blocks.get(new_table[index])
+                existing.set(entry, 1)
+                self._blocks.mark_dirty(existing.offset)
+        await self._blocks.flush()
+        for block in blocks.values():
+            await self._storage.writev([memoryview(block.data)], block.offset)
+        raw = array("Q", new_table)
+        if sys.byteorder == "little":
+            raw.byteswap()
+        new_offset = end << self._cluster_bits
+        await self._storage.writev([memoryview(raw.tobytes())], new_offset)
+        await self._storage.flush()
+        if self._move_table is None:
+            raise ImagoError(f"{self._filename}: the refcount table cannot be moved")
+        old_offset, old_clusters = self._table_offset, -(-len(table) * 8 // cluster_size)
+        await self._move_table(new_offset, clusters)
+        self._table = new_table
+        self._table_offset = new_offset
+        for block in blocks.values():
+            self._blocks.put(block.offset, block)
+        await self.change(old_offset >> self._cluster_bits, old_clusters, -1)
+
+    async def change(self, cluster: int, count: int, delta: int, avoid: range = range(0)) -> list[int]:
+        """Add *delta* to the refcounts of *count* clusters from *cluster* (in the cache).
+
+        Returns the clusters whose refcount dropped to zero (now free).
+        """
+        freed: list[int] = []
+        for current in range(cluster, cluster + count):
+            block = await self._block_for(current, avoid)
+            index = current & (self.entries_per_block - 1)
+            value = block.get(index) + delta
+            if not 0 <= value <= block.max_refcount:
+                raise CorruptImageError(self._filename, current << self._cluster_bits, f"refcount would become {value}")
+            block.set(index, value)
+            self._blocks.mark_dirty(block.offset)
+            if value == 0:
+                freed.append(current)
+                self._free_hint = min(self._free_hint, current)
+        return freed
+
+    async def allocate(self, count: int) -> tuple[int, int]:
+        """Take up to *count* contiguous free clusters (refcount 1): ``(host offset, clusters)``."""
+        count = max(1, min(count, self.entries_per_block // 2))
+        start = self._free_hint
+        run = 0
+        while run < count:
+            if await self._get_cluster(start + run) == 0:
+                run += 1
+            else:
+                start += run + 1
+                run = 0
+        await self.change(start, count, +1, avoid=range(start, start + count))
+        self._free_hint = start + count
+        return start << self._cluster_bits, count
+
+    async def _get_cluster(self, cluster: int) -> int:
+        table = await self.table()
+        index = cluster >> self._block_bits
+        if index >= len(table) or not table[index]:
+            return 0
+        block = await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
+        return block.get(cluster & (self.entries_per_block - 1))
+
+    async def flush(self) -> None:
+        """Write dirty refcount blocks back (followed by a storage flush)."""
+        await self._blocks.flush()

@@ -55,11 +55,12 @@ def _words(raw: bytes | bytearray | memoryview) -> array[int]:
 
 def parse_l1(
     raw: bytes | bytearray, *, table_offset: int, cluster_bits: int, file_size: int, filename: str | None
-) -> array[int]:
-    """Validate an L1 table and return its L2 table offsets (0: no table)."""
+) -> tuple[array[int], bytearray]:
+    """Validate an L1 table; returns its L2 table offsets (0: no table) and COPIED flags."""
     entries = _words(raw)
     cluster_mask = (1 << cluster_bits) - 1
     offsets = array("Q", bytes(len(entries) * 8))
+    copied = bytearray(len(entries))
     for index, entry in enumerate(entries):
         if not entry:
             continue
@@ -74,7 +75,8 @@ def parse_l1(
                 filename, where, f"L1 entry {index}: L2 table at {l2_offset:#x} lies past the end of the file"
             )
         offsets[index] = l2_offset
-    return offsets
+        copied[index] = 1 if entry & OFLAG_COPIED else 0
+    return offsets, copied
 
 
 def decode_compressed(entry: int, cluster_bits: int) -> CompressedDescriptor:
@@ -92,7 +94,18 @@ class L2Table:
     descriptor) and ``run_end[i]`` (index of the first entry after *i*'s run).
     """
 
-    __slots__ = ("entries", "extended", "hosts", "kinds", "offset", "run_end")
+    __slots__ = (
+        "cluster_bits",
+        "entries",
+        "extended",
+        "external_data",
+        "hosts",
+        "kinds",
+        "offset",
+        "run_end",
+        "runs_valid",
+        "zero_flag",
+    )
 
     def __init__(
         self,
@@ -109,6 +122,10 @@ class L2Table:
     ) -> None:
         self.offset = offset
         self.extended = extended
+        self.cluster_bits = cluster_bits
+        self.zero_flag = zero_flag
+        self.external_data = external_data
+        self.runs_valid = True
         self.entries = _words(raw)
         if extended:
             self.kinds = bytearray()
@@ -172,18 +189,10 @@ class L2Table:
             elif host or (external_data and entry & OFLAG_COPIED):
                 kinds[index] = DATA
                 hosts[index] = host
-        run_end = array("I", bytes(4 * count))
-        cluster_size = 1 << cluster_bits
-        following = count
-        for index in range(count - 1, -1, -1):
-            if index + 1 < count:
-                kind = kinds[index]
-                if kind != kinds[index + 1] or (kind == DATA and hosts[index + 1] != hosts[index] + cluster_size):
-                    following = index + 1
-            run_end[index] = following
         self.kinds = kinds
         self.hosts = hosts
-        self.run_end = run_end
+        self.run_end = array("I", bytes(4 * count))
+        self.recompute_runs()
 
     def _validate_extended(
         self, cluster_bits: int, external_data: bool, image_size: int, data_size: int, filename: str | None
@@ -220,6 +229,65 @@ class L2Table:
                 raise CorruptImageError(
                     filename, where, f"L2 entry {index // 2}: data at {host:#x} lies past the end of the file"
                 )
+
+    # --- updates (standard tables) ------------------------------------------------------------
+
+    def kind_of(self, entry: int) -> tuple[int, int]:
+        """``(kind, host offset or descriptor)`` of a standard entry this driver wrote."""
+        if not entry:
+            return UNALLOCATED, 0
+        if entry & OFLAG_COMPRESSED:
+            return COMPRESSED, entry
+        host = entry & L2_OFFSET_MASK
+        if self.zero_flag and entry & OFLAG_ZERO:
+            return ZERO, host
+        if host or (self.external_data and entry & OFLAG_COPIED):
+            return DATA, host
+        return UNALLOCATED, 0
+
+    def set_entry(self, index: int, entry: int) -> None:
+        """Replace a standard entry; runs are recomputed lazily."""
+        self.entries[index] = entry
+        self.kinds[index], self.hosts[index] = self.kind_of(entry)
+        self.runs_valid = False
+
+    def run_length(self, index: int, limit: int) -> int:
+        """Entries from *index* in the same run (at least 1), scanning at most *limit* while stale."""
+        if self.runs_valid:
+            return self.run_end[index] - index
+        kinds, hosts = self.kinds, self.hosts
+        kind = kinds[index]
+        step = 1 << self.cluster_bits
+        end = min(len(kinds), index + max(limit, 1))
+        position = index + 1
+        while (
+            position < end
+            and kinds[position] == kind
+            and (kind != DATA or hosts[position] == hosts[position - 1] + step)
+        ):
+            position += 1
+        return position - index
+
+    def recompute_runs(self) -> None:
+        """Rebuild the run table after updates."""
+        kinds, hosts, run_end = self.kinds, self.hosts, self.run_end
+        count = len(kinds)
+        step = 1 << self.cluster_bits
+        following = count
+        for index in range(count - 1, -1, -1):
+            if index + 1 < count:
+                kind = kinds[index]
+                if kind != kinds[index + 1] or (kind == DATA and hosts[index + 1] != hosts[index] + step):
+                    following = index + 1
+            run_end[index] = following
+        self.runs_valid = True
+
+    def to_bytes(self) -> bytes:
+        """The table as stored (big-endian entries)."""
+        words = array("Q", self.entries)
+        if sys.byteorder == "little":
+            words.byteswap()
+        return words.tobytes()
 
     def subcluster(self, index: int, subcluster: int, cluster_bits: int) -> tuple[int, int]:
         """Extended tables: ``(kind, host offset or descriptor)`` of one subcluster."""

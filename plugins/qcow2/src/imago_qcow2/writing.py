@@ -1,0 +1,296 @@
+"""Writing qcow2 images: allocation, copy-on-write, zeroing and discards, in crash-safe order.
+
+Update order (what reaches the disk first):
+
+* a new cluster's refcount before any L2 entry that points to it (the L2 cache depends on the
+  refcount cache, and each write-back ends with a storage flush);
+* a new L2 table before the L1 entry that points to it (the L1 entry is written only after the
+  L2 cache was flushed);
+* an L2 entry that stops pointing to a cluster before that cluster's refcount is decremented
+  (decrements wait in ``_frees`` until the next :meth:`flush` has written the L2 tables).
+
+A crash at any point leaves at worst leaked clusters. Refcounts are always kept exact (lazy
+refcounts are not used), so the image is never marked dirty.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import struct
+from array import array
+
+from imago import FormatAccess, FormatDriver, ShallowMapping, Storage
+from imago.cache import MetadataCache
+from imago.format.mapping import ShallowRaw
+
+from .header import Header
+from .refcounts import Refcounts
+from .tables import (
+    DATA,
+    L2_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+    ZERO,
+    L2Table,
+    decode_compressed,
+)
+
+__all__ = ["Qcow2Writing"]
+
+_NO_LIMIT = 1 << 63
+
+# How zeroing operations treat each cluster.
+_KEEP = "keep"  # write_zeroes: zero flag, keeping an allocation that is ours
+_ZERO = "zero"  # discard_to_zero: zero flag, releasing the allocation
+_UNMAP = "unmap"  # discard_to_backing / discard_to_any: unallocated
+
+
+class Qcow2Writing(FormatDriver):
+    """The write half of the qcow2 driver (the reading half, :class:`~imago_qcow2.Qcow2`, derives from it)."""
+
+    _storage: Storage
+    _data_storage: Storage
+    _header: Header
+    _l1: array[int]
+    _l1_copied: bytearray
+    _writable: bool
+    _lock: asyncio.Lock
+    _frees: list[tuple[int, int]]
+    _refcounts: Refcounts
+    _tables: MetadataCache[int, L2Table]
+    _cluster_bits: int
+    _l2_mask: int
+    _table_shift: int
+    _size: int
+    _backing: FormatAccess | None
+    _filename: str | None
+
+    @abc.abstractmethod
+    async def _table(self, offset: int) -> L2Table | None:
+        """The L2 table covering guest *offset*, if it exists."""
+
+    # --- helpers ----------------------------------------------------------------------------------
+
+    def _release(self, entry: int) -> None:
+        """Schedule the host clusters an L2 entry held for release at the next flush."""
+        cluster_bits = self._cluster_bits
+        if entry & OFLAG_COMPRESSED:
+            host, length = decode_compressed(entry, cluster_bits)
+            first, last = host >> cluster_bits, (host + length - 1) >> cluster_bits
+            self._frees.append((first, last - first + 1))
+        elif entry & L2_OFFSET_MASK and not self._header.has_data_file:
+            self._frees.append(((entry & L2_OFFSET_MASK) >> cluster_bits, 1))
+
+    async def _writable_table(self, offset: int) -> L2Table:
+        """The L2 table for *offset*, made ours: created, or copied when shared with a snapshot."""
+        l1_index = offset >> self._table_shift
+        current = self._l1[l1_index]
+        if current and self._l1_copied[l1_index]:
+            return await self._tables.get(current)
+        cluster_size = 1 << self._cluster_bits
+        host, _ = await self._refcounts.allocate(1)
+        if current:
+            raw = (await self._tables.get(current)).to_bytes()
+            self._frees.append((current >> self._cluster_bits, 1))
+        else:
+            raw = bytes(cluster_size)
+        header = self._header
+        table = L2Table(
+            raw,
+            offset=host,
+            cluster_bits=self._cluster_bits,
+            extended=False,
+            zero_flag=header.version >= 3,
+            external_data=header.has_data_file,
+            image_size=_NO_LIMIT,
+            data_size=_NO_LIMIT,
+            filename=self._filename,
+        )
+        self._tables.put(host, table, dirty=True)
+        # The table (and the refcounts allocating it) reach the disk before the L1 entry.
+        await self._tables.flush()
+        self._l1[l1_index] = host
+        self._l1_copied[l1_index] = 1
+        entry = struct.pack(">Q", host | OFLAG_COPIED)
+        await self._storage.writev([memoryview(entry)], header.l1_table_offset + 8 * l1_index)
+        return table
+
+    def _in_place_run(self, table: L2Table, index: int, clusters: int) -> int:
+        """How many clusters from *index* (at most *clusters*) can be written where they are."""
+        kinds, hosts, entries = table.kinds, table.hosts, table.entries
+        step = 1 << self._cluster_bits
+        count = 0
+        while (
+            count < clusters
+            and index + count < len(kinds)
+            and kinds[index + count] == DATA
+            and entries[index + count] & OFLAG_COPIED
+            and hosts[index + count] == hosts[index] + count * step
+        ):
+            count += 1
+        return count
+
+    async def _read_current(self, buf: bytearray, offset: int) -> None:
+        """Fill *buf* with what this layer reads at guest *offset* now (zero past the disk's end)."""
+        inside = max(0, min(len(buf), self._size - offset))
+        if inside:
+            await FormatAccess(self)._readv_mapped([memoryview(buf)[:inside]], offset, inside)
+
+    # --- data mappings ----------------------------------------------------------------------------
+
+    async def ensure_data_mapping(self, offset: int, length: int, overwrite: bool) -> tuple[ShallowMapping, int]:
+        """A writable mapping for (a prefix of) the range.
+
+        Clusters of our own are written in place; others are allocated, with copy-on-write of
+        the parts of the first and last cluster that the caller does not write.
+        """
+        cluster_bits = self._cluster_bits
+        within = offset & ((1 << cluster_bits) - 1)
+        wanted = ((length + within - 1) >> cluster_bits) + 1
+        table = await self._table(offset)
+        index = (offset >> cluster_bits) & self._l2_mask
+        if table is not None:
+            count = self._in_place_run(table, index, wanted)
+            if count:
+                return ShallowRaw(self._data_storage, table.hosts[index] + within, True), min(
+                    length, (count << cluster_bits) - within
+                )
+        async with self._lock:
+            return await self._allocate(offset, length)
+
+    async def _allocate(self, offset: int, length: int) -> tuple[ShallowMapping, int]:
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        within = offset & (cluster_size - 1)
+        table = await self._writable_table(offset)
+        index = (offset >> cluster_bits) & self._l2_mask
+        table_end = ((offset >> self._table_shift) + 1) << self._table_shift
+        end = min(offset + length, table_end)
+        last = ((end - 1) >> cluster_bits) & self._l2_mask
+        if self._in_place_run(table, index, 1):  # allocated meanwhile
+            count = self._in_place_run(table, index, last - index + 1)
+            return ShallowRaw(self._data_storage, table.hosts[index] + within, True), min(
+                length, (count << cluster_bits) - within
+            )
+        count = 1
+        while index + count <= last and not self._in_place_run(table, index + count, 1):
+            count += 1
+        first_guest = offset - within
+        if self._header.has_data_file:
+            host = first_guest  # data clusters live at their guest offset in the data file
+        else:
+            host, count = await self._refcounts.allocate(count)
+        write_end = min(end, first_guest + (count << cluster_bits))
+        # Copy-on-write of what the caller leaves unwritten in the first and last cluster.
+        partial = []
+        if within:
+            partial.append((first_guest, offset))
+        tail = write_end & (cluster_size - 1)
+        if tail:
+            partial.append((write_end, write_end - tail + cluster_size))
+        for start, stop in partial:
+            old = bytearray(stop - start)
+            await self._read_current(old, start)
+            await self._data_storage.writev([memoryview(old)], host + start - first_guest)
+        for step in range(count):
+            self._release(table.entries[index + step])
+            table.set_entry(index + step, (host + (step << cluster_bits)) | OFLAG_COPIED)
+        self._tables.mark_dirty(table.offset)
+        self.mappings_changed()
+        return ShallowRaw(self._data_storage, host + within, True), write_end - offset
+
+    # --- zeroes and discards -----------------------------------------------------------------
+
+    async def _zero_clusters(self, offset: int, length: int, how: str) -> tuple[int, int]:
+        """Apply *how* to the whole clusters of the range; returns the part handled."""
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        request_end = offset + length
+        start = -(-offset // cluster_size) * cluster_size
+        end = request_end // cluster_size * cluster_size
+        if request_end == self._size:
+            end = -(-request_end // cluster_size) * cluster_size  # the disk's last, partial cluster
+        zero_flag = self._header.version >= 3
+        if end <= start or (how != _UNMAP and not zero_flag and self._backing is not None):
+            return offset, 0
+        if how != _UNMAP and not zero_flag:
+            how = _UNMAP  # version 2 without a backing file: unallocated reads as zero
+        async with self._lock:
+            position = start
+            while position < end:
+                table_end = min(end, ((position >> self._table_shift) + 1) << self._table_shift)
+                l1_index = position >> self._table_shift
+                if not self._l1[l1_index] and (how == _UNMAP or self._backing is None):
+                    position = table_end  # unallocated already reads as asked
+                    continue
+                table = await self._writable_table(position)
+                for cluster in range(position >> cluster_bits, table_end >> cluster_bits):
+                    slot = cluster & self._l2_mask
+                    old = table.entries[slot]
+                    if how == _UNMAP:
+                        new = 0
+                    elif how == _KEEP and table.kinds[slot] in (DATA, ZERO) and old & OFLAG_COPIED:
+                        new = old | OFLAG_ZERO  # keep our allocation, read as zero
+                    else:
+                        new = OFLAG_ZERO
+                    if new != old:
+                        keeps_space = new & L2_OFFSET_MASK and new & L2_OFFSET_MASK == old & L2_OFFSET_MASK
+                        if not keeps_space:
+                            self._release(old)
+                        table.set_entry(slot, new)
+                self._tables.mark_dirty(table.offset)
+                position = table_end
+            self.mappings_changed()
+        if self._header.has_data_file and how != _UNMAP:
+            # Keep the external data file reading as the image does (data_file_raw).
+            await self._data_storage.write_zeroes(start, min(end, self._size) - start, unmap=True)
+        return start, min(end, request_end) - start
+
+    async def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
+        """Zero flag on whole clusters, keeping allocations (version 3; version 2 writes zeroes)."""
+        if self._header.version < 3:
+            return offset, 0
+        return await self._zero_clusters(offset, length, _KEEP)
+
+    async def discard_to_zero(self, offset: int, length: int) -> tuple[int, int]:
+        """Zero flag on whole clusters, releasing their space."""
+        return await self._zero_clusters(offset, length, _ZERO)
+
+    async def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
+        """Unallocate whole clusters (they read from the backing image, or as zero)."""
+        return await self._zero_clusters(offset, length, _UNMAP)
+
+    async def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
+        """Unallocate the range so it reads from the backing image again (whole clusters only)."""
+        handled = await self._zero_clusters(offset, length, _UNMAP)
+        return handled if handled[1] else (offset, 0)
+
+    # --- flushing -------------------------------------------------------------------------------
+
+    async def flush(self) -> None:
+        """Write metadata back in crash-safe order, release freed clusters, flush the storages."""
+        if not self._writable:
+            return
+        async with self._lock:
+            await self._refcounts.flush()
+            await self._tables.flush()
+            if self._frees:
+                frees, self._frees = self._frees, []
+                freed: list[int] = []
+                for cluster, count in frees:
+                    freed += await self._refcounts.change(cluster, count, -1)
+                await self._refcounts.flush()
+                cluster_bits = self._cluster_bits
+                for cluster in freed:
+                    await self._storage.discard(cluster << cluster_bits, 1 << cluster_bits)
+            if self._data_storage is not self._storage:
+                await self._data_storage.flush()
+            await self._storage.flush()
+
+    async def sync(self) -> None:
+        """:meth:`flush`, then make everything durable."""
+        await self.flush()
+        for storage in self.storages():
+            await storage.sync()
