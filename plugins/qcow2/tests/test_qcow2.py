@@ -227,8 +227,6 @@ def test_writing_extended_l2_and_dirty_images_is_refused(tmp_path: Path) -> None
 
 
 class TestQcow2WriteConformance(FormatConformance):
-    supports_resize = False  # resize comes with the rest of issue 4
-
     def create_image(self, directory: Path, size: int) -> FormatDriver:
         path = directory / "conformance.qcow2"
         storage = File.create_sync(StorageCreateOptions(filename=path, overwrite=True))

@@ -18,14 +18,27 @@ from __future__ import annotations
 import abc
 import asyncio
 import struct
+import sys
 from array import array
 
-from imago import FormatAccess, FormatDriver, ShallowMapping, Storage
+import attrs
+
+from imago import (
+    FormatAccess,
+    FormatDriver,
+    ImagoError,
+    InvalidRequestError,
+    PreallocateMode,
+    ShallowMapping,
+    Storage,
+    UnsupportedFeatureError,
+)
 from imago.cache import MetadataCache
 from imago.format.mapping import ShallowRaw
 
-from .header import Header
+from .header import MAX_L1_BYTES, Header
 from .refcounts import Refcounts
+from .snapshots import Snapshot
 from .tables import (
     DATA,
     L2_OFFSET_MASK,
@@ -66,6 +79,7 @@ class Qcow2Writing(FormatDriver):
     _size: int
     _backing: FormatAccess | None
     _filename: str | None
+    _snapshots: list[Snapshot]
 
     @abc.abstractmethod
     async def _table(self, offset: int) -> L2Table | None:
@@ -266,6 +280,103 @@ class Qcow2Writing(FormatDriver):
         """Unallocate the range so it reads from the backing image again (whole clusters only)."""
         handled = await self._zero_clusters(offset, length, _UNMAP)
         return handled if handled[1] else (offset, 0)
+
+    # --- resizing -----------------------------------------------------------------------------------
+
+    async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
+        """Grow (L1 table first, the size last) or shrink (clusters past the end released).
+
+        Shrinking below the disk size an internal snapshot records is refused. Growing over a
+        larger backing file makes the new area read as zero, not as the backing file.
+        """
+        old_size = self._size
+        if new_size < old_size:
+            cut = [s.name or s.id for s in self._snapshots if s.disk_size > new_size]
+            if cut:
+                raise UnsupportedFeatureError(
+                    f"shrinking below the size of internal snapshots ({', '.join(cut)})", self._filename
+                )
+            await self._zero_clusters(
+                -(-new_size >> self._cluster_bits) << self._cluster_bits, old_size - new_size, _UNMAP
+            )
+            await self._set_size(new_size)
+            return
+        if new_size == old_size:
+            return
+        header = self._header
+        entries_per_table = 1 << (self._table_shift - self._cluster_bits)
+        needed = -(-new_size // (entries_per_table << self._cluster_bits))
+        if needed * 8 > MAX_L1_BYTES:
+            raise InvalidRequestError(f"{self._filename}: {new_size} bytes is too large for this cluster size")
+        async with self._lock:
+            if needed > len(self._l1):
+                await self._grow_l1(needed)
+        # What the old last cluster holds past the old end must not reappear.
+        cluster_size = 1 << self._cluster_bits
+        tail_end = min(new_size, -(-old_size // cluster_size) * cluster_size)
+        await self._set_size(new_size)
+        if tail_end > old_size:
+            await FormatAccess(self).write_zeroes(old_size, tail_end - old_size)
+        backing = self._backing
+        if backing is not None and backing.size > old_size:
+            await FormatAccess(self).write_zeroes(old_size, min(new_size, backing.size) - old_size)
+        if prealloc in (PreallocateMode.METADATA, PreallocateMode.FALLOC, PreallocateMode.FULL):
+            await self._preallocate(old_size, new_size, prealloc)
+        del header
+
+    async def _preallocate(self, start: int, end: int, prealloc: PreallocateMode) -> None:
+        """Allocate the clusters of ``[start, end)``; write them (FULL) or reserve them (FALLOC)."""
+        position = start
+        while position < end:
+            mapping, length = await self.ensure_data_mapping(position, end - position, True)
+            assert isinstance(mapping, ShallowRaw)
+            if prealloc is PreallocateMode.FULL:
+                await mapping.storage.write_zeroes(mapping.offset, length, unmap=False)
+            position += length
+        storage_end = -(-self._data_storage.size // 1)
+        if prealloc is PreallocateMode.FALLOC and self._data_storage is self._storage:
+            await self._storage.resize(storage_end, PreallocateMode.FALLOC)
+
+    async def _grow_l1(self, entries: int) -> None:
+        """Move the L1 table to a larger place: written and flushed before the header points to it."""
+        cluster_size = 1 << self._cluster_bits
+        clusters = -(-entries * 8 // cluster_size)
+        host, got = await self._refcounts.allocate(clusters)
+        while got < clusters:  # allocations are capped: take the rest right behind
+            more, extra = await self._refcounts.allocate(clusters - got)
+            if more != host + (got << self._cluster_bits):
+                raise ImagoError(f"{self._filename}: cannot allocate a contiguous L1 table")
+            got += extra
+        table = array("Q", bytes(clusters * cluster_size))
+        for index, offset in enumerate(self._l1):
+            if offset:
+                table[index] = offset | (OFLAG_COPIED if self._l1_copied[index] else 0)
+        raw = array("Q", table)
+        if sys.byteorder == "little":
+            raw.byteswap()
+        await self._refcounts.flush()
+        await self._tables.flush()
+        await self._storage.writev([memoryview(raw.tobytes())], host)
+        await self._storage.flush()
+        old_offset, old_entries = self._header.l1_table_offset, len(self._l1)
+        await self._storage.writev([memoryview(struct.pack(">IQ", entries, host))], 36)
+        await self._storage.flush()
+        self._header = attrs.evolve(self._header, l1_table_offset=host, l1_size=entries)
+        self._l1.extend([0] * (entries - len(self._l1)))
+        self._l1_copied.extend(bytes(entries - len(self._l1_copied)))
+        if old_entries:
+            old_clusters = -(-old_entries * 8 // cluster_size)
+            self._frees.append((old_offset >> self._cluster_bits, old_clusters))
+
+    async def _set_size(self, new_size: int) -> None:
+        """Record the disk size in the header (after the L1 table can map it)."""
+        await self._storage.writev([memoryview(struct.pack(">Q", new_size))], 24)
+        await self._storage.flush()
+        self._header = attrs.evolve(self._header, size=new_size)
+        self._size = new_size
+        if self._header.data_file_raw:
+            await self._data_storage.resize(new_size)
+        self.mappings_changed()
 
     # --- flushing -------------------------------------------------------------------------------
 
