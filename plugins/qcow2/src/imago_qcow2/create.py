@@ -204,6 +204,12 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
             raise InvalidOptionError("extended_l2", "extended L2 entries need clusters of at least 16 KiB")
         if self._data_file_raw and self._data_file is None:
             raise InvalidOptionError("data_file_raw", "data_file_raw requires data_file")
+        if self._data_file_raw and self._backing_file is not None:
+            raise InvalidOptionError("data_file_raw", "a backing file and data_file_raw cannot be used together")
+        if self.preallocation is PreallocateMode.ZERO:
+            raise InvalidOptionError(
+                "preallocation", "qcow2 does not accept the value 'zero' (off, metadata, falloc, full)"
+            )
         if self._backing_file is not None and self._backing_format is None:
             raise InvalidOptionError("backing_format", "a backing file needs its format recorded (backing_format)")
         if self._backing_format is not None and self._backing_file is None:
@@ -230,7 +236,7 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
         entries_per_table = cluster_size // (16 if extended else 8)
         guest_clusters = -(-size // cluster_size)
         l1_entries = -(-guest_clusters // entries_per_table)
-        l1_clusters = max(1, -(-l1_entries * 8 // cluster_size))
+        l1_clusters = -(-l1_entries * 8 // cluster_size)  # none for an empty disk, as in QEMU
         # data_file_raw maps every cluster to the same offset of the data file, as QEMU does.
         mapped = prealloc is not PreallocateMode.NONE or self._data_file_raw
         l2_tables = l1_entries if mapped else 0
@@ -276,7 +282,7 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
                 size=size,
                 crypt_method=0,
                 l1_size=l1_entries,
-                l1_table_offset=l1_offset,
+                l1_table_offset=l1_offset if l1_entries else 0,
                 refcount_table_offset=table_offset,
                 refcount_table_clusters=table_clusters,
                 nb_snapshots=0,
@@ -307,7 +313,7 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
                     block.set(entry, 1)
                 await storage.writev([memoryview(block.data)], blocks_offset + index * cluster_size)
 
-            l1 = bytearray(l1_clusters * cluster_size)
+            l1 = bytearray(l1_entries * 8)
             if mapped:
                 struct.pack_into(
                     f">{l1_entries}Q",
@@ -316,7 +322,8 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
                     *((l2_offset + i * cluster_size) | OFLAG_COPIED for i in range(l1_entries)),
                 )
                 await self._write_l2_tables(storage, l2_offset, entries_per_table, guest_clusters, data_offset)
-            await storage.writev([memoryview(l1)], l1_offset)
+            if l1:
+                await storage.writev([memoryview(l1)], l1_offset)
 
             if data_clusters:
                 end = data_offset + data_clusters * cluster_size
@@ -327,9 +334,9 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
                 await storage.resize(metadata_end)
             if data_storage is not None:
                 await data_storage.resize(0)
+                # Sized like the disk, as QEMU does: sparse unless preallocated.
                 mode = prealloc if prealloc in (PreallocateMode.FALLOC, PreallocateMode.FULL) else PreallocateMode.NONE
-                if self._data_file_raw or mode is not PreallocateMode.NONE:
-                    await data_storage.resize(size, mode)
+                await data_storage.resize(size, mode)
                 await data_storage.flush()
             await storage.flush()
         finally:
@@ -342,7 +349,6 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
         """L2 tables mapping every guest cluster: to the data area, or guest = host in a data file."""
         cluster_bits = self._cluster_bits
         cluster_size = 1 << cluster_bits
-        sub_bits = cluster_bits - 5
         tables = -(-guest_clusters // entries_per_table)
         for table in range(tables):
             first = table * entries_per_table
@@ -355,10 +361,9 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
                     host = data_offset + (cluster << cluster_bits)
                 words.append(host | OFLAG_COPIED)
                 if self._extended_l2:
-                    # Subclusters inside the disk are allocated, unless a backing file must still
-                    # show through: then only the host cluster is reserved.
-                    inside = min(32, -(-(self.virtual_size - (cluster << cluster_bits)) >> sub_bits))
-                    words.append(0 if self._backing_file is not None else (1 << inside) - 1)
+                    # As QEMU does: the host cluster is reserved, its subclusters stay unallocated
+                    # (reading as zero, or as the backing file).
+                    words.append(0)
             raw = bytearray(cluster_size)
             struct.pack_into(f">{len(words)}Q", raw, 0, *words)
             await storage.writev([memoryview(raw)], l2_offset + table * cluster_size)
