@@ -106,6 +106,12 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
 
     # --- options --------------------------------------------------------------------------------
 
+    def size(self, size: int) -> Self:
+        """Virtual disk size in bytes, rounded up to whole 512-byte sectors as ``qemu-img`` does."""
+        super().size(size)
+        self._size = -(-self._size // 512) * 512
+        return self
+
     def cluster_size(self, size: int) -> Self:
         """Bytes per cluster: a power of two from 512 to 2 MiB (default 64 KiB)."""
         if (

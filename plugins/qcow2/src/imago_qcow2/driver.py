@@ -52,6 +52,7 @@ from .writing import Qcow2Writing
 __all__ = ["Qcow2", "Qcow2Builder"]
 
 _UNSET: Any = object()
+_NO_LIMIT = 1 << 63
 # Raw L2 table bytes kept in memory at most (the classified form takes about 2.5 times that).
 _L2_CACHE_BYTES = 16 << 20
 # Decompressed clusters kept, so that small reads of one compressed cluster decompress it once.
@@ -451,7 +452,8 @@ class Qcow2(Qcow2Writing):
             zero_flag=header.version >= 3,
             external_data=header.has_data_file,
             image_size=self._storage.size,
-            data_size=self._data_storage.size if header.has_data_file else self._storage.size,
+            # A sparse external data file may end before clusters mapped into it; it reads zero there.
+            data_size=_NO_LIMIT if header.has_data_file else self._storage.size,
             filename=self._filename,
         )
 
