@@ -257,8 +257,8 @@ class Qcow2Writing(FormatDriver):
                 self._tables.mark_dirty(table.offset)
                 position = table_end
             self.mappings_changed()
-        if self._header.has_data_file and how != _UNMAP:
-            # Keep the external data file reading as the image does (data_file_raw).
+        if self._header.has_data_file and (how != _UNMAP or self._header.data_file_raw):
+            # Keep the external data file reading as the image does (a raw data file must).
             await self._data_storage.write_zeroes(start, min(end, self._size) - start, unmap=True)
         return start, min(end, request_end) - start
 
