@@ -110,6 +110,10 @@ class SyncFormatAccess:
         """Write the buffers of *bufs* at *offset*."""
         aio.run_sync(self._access.writev(bufs, offset))
 
+    def write_compressed(self, buf: Any, offset: int) -> None:
+        """See :meth:`FormatAccess.write_compressed`."""
+        aio.run_sync(self._access.write_compressed(buf, offset))
+
     def write_zeroes(self, offset: int, length: int) -> None:
         """See :meth:`FormatAccess.write_zeroes`."""
         aio.run_sync(self._access.write_zeroes(offset, length))

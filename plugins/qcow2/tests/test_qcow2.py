@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 from pathlib import Path
 
@@ -270,3 +271,53 @@ def test_external_data_file(tmp_path: Path) -> None:
     explicit.read(got, 0)
     assert bytes(got) == reference(image_path)
     explicit.close()
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+@pytest.mark.parametrize("cluster_size", [512, 65536, 2 << 20])
+def test_write_compressed(tmp_path: Path, compression: str, cluster_size: int) -> None:
+    path = tmp_path / "compressed.qcow2"
+    size = 8 << 20 if cluster_size < 2 << 20 else 16 << 20
+    imago.create(path, format="qcow2", size=size, cluster_size=cluster_size, compression_type=compression)
+    text = b"".join(b"line %d of compressible text\n" % i for i in range(size // 20))[:size]
+    noise = bytes(random.Random(1).randbytes(cluster_size))
+    with imago.open(path, format="qcow2", write=True) as image:
+        image.write_compressed(text, 0)
+        image.write_compressed(noise, cluster_size)  # does not shrink: stored as is
+        image.write(b"overwritten", 3 * cluster_size + 5)  # copy-on-write out of a compressed cluster
+        image.flush()
+        image.write_compressed(text[: 2 * cluster_size][::-1], 4 * cluster_size)  # replaces compressed clusters
+    expected = bytearray(text)
+    expected[cluster_size : 2 * cluster_size] = noise
+    expected[3 * cluster_size + 5 : 3 * cluster_size + 16] = b"overwritten"
+    expected[4 * cluster_size : 6 * cluster_size] = text[: 2 * cluster_size][::-1]
+    check = json.loads(qemu("qemu-img", "check", "--output=json", str(path)))
+    assert check.get("check-errors", 0) == 0
+    assert check.get("leaks", 0) == 0
+    assert reference(path) == bytes(expected)
+    runs = json.loads(qemu("qemu-img", "map", "--output=json", str(path)))
+    compressed = [run for run in runs if run["data"] and "offset" not in run]  # qemu 7.2: no offset
+    assert compressed
+    assert compressed[0]["start"] == 0
+    if cluster_size <= 65536:  # with 2 MiB clusters, the metadata alone takes 10 MiB
+        assert path.stat().st_size < size // 2
+
+
+def test_write_compressed_misuse(tmp_path: Path) -> None:
+    path = tmp_path / "c.qcow2"
+    imago.create(path, format="qcow2", size=1 << 20)
+    with imago.open(path, format="qcow2", write=True) as image:
+        with pytest.raises(imago.InvalidRequestError, match="whole clusters"):
+            image.write_compressed(bytes(65536), 512)
+        with pytest.raises(imago.InvalidRequestError, match="whole clusters"):
+            image.write_compressed(bytes(1000), 0)
+    with imago.open(path, format="qcow2") as image, pytest.raises(imago.ReadOnlyError):
+        image.write_compressed(bytes(65536), 0)
+    raw = tmp_path / "r.img"
+    imago.create(raw, format="raw", size=1 << 20)
+    with imago.open(raw, format="raw", write=True) as image, pytest.raises(imago.UnsupportedFeatureError):
+        image.write_compressed(bytes(65536), 0)
+    ext = tmp_path / "ext.qcow2"
+    imago.create(ext, format="qcow2", size=1 << 20, data_file="ext.data")
+    with imago.open(ext, format="qcow2", write=True) as image, pytest.raises(imago.UnsupportedFeatureError):
+        image.write_compressed(bytes(65536), 0)

@@ -260,6 +260,14 @@ class FormatAccess:
             await mapping.storage.writev(slice_iovec(iov, pos, step), mapping.offset)
             pos += step
 
+    async def write_compressed(self, buf: Any, offset: int) -> None:
+        """Write *buf* compressed, where the format can (whole clusters; see the driver)."""
+        view = byte_view(buf, writable=False)
+        self._check_write(offset, view.nbytes)
+        if view.nbytes:
+            await self._driver.write_compressed(view, offset)
+            self._driver.mappings_changed()
+
     async def _data_mapping(self, offset: int, length: int, *, overwrite: bool) -> tuple[ShallowRaw, int]:
         driver = self._driver
         mapping, mapped = await driver.ensure_data_mapping(offset, length, overwrite)

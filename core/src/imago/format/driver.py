@@ -156,6 +156,10 @@ class FormatDriver(abc.ABC):
             return await self.discard_to_zero(offset, length)
         raise UnsupportedFeatureError(f"discarding to the backing image in {self.name} images")
 
+    async def write_compressed(self, data: memoryview, offset: int) -> None:
+        """Write whole clusters compressed (``qemu-img convert -c``). Default: unsupported."""
+        raise UnsupportedFeatureError(f"compressed writes to {self.name} images")
+
     async def readv_special(self, bufs: Sequence[memoryview], offset: int) -> None:
         """Read a ``ShallowMapping.Special`` range at guest *offset* (compressed data, ...)."""
         raise UnsupportedFeatureError(f"special mappings in {self.name} images")

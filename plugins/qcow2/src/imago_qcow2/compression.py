@@ -12,7 +12,7 @@ if sys.version_info >= (3, 14):
 else:
     from backports import zstd
 
-__all__ = ["decompress_cluster"]
+__all__ = ["compress_cluster", "decompress_cluster"]
 
 
 def decompress_cluster(
@@ -51,3 +51,14 @@ def decompress_cluster(
             where, offset, f"compressed cluster decompresses to {len(out)} bytes instead of {cluster_size}"
         )
     return out
+
+
+def compress_cluster(data: bytes | memoryview, compression_type: int) -> bytes:
+    """Compress one cluster as qcow2 stores it (raw deflate with a 12-bit window, or a zstd frame).
+
+    Releases the GIL while compressing, so clusters compress in parallel on threads.
+    """
+    if compression_type == 0:
+        deflater = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -12)
+        return deflater.compress(data) + deflater.flush()
+    return zstd.compress(data)

@@ -33,9 +33,11 @@ from imago import (
     Storage,
     UnsupportedFeatureError,
 )
+from imago.aio import run_parallel
 from imago.cache import MetadataCache
 from imago.format.mapping import ShallowRaw
 
+from .compression import compress_cluster
 from .header import MAX_L1_BYTES, Header
 from .refcounts import Refcounts
 from .snapshots import Snapshot
@@ -80,6 +82,8 @@ class Qcow2Writing(FormatDriver):
     _backing: FormatAccess | None
     _filename: str | None
     _snapshots: list[Snapshot]
+    #: Where the next compressed cluster goes (0: start a new host cluster).
+    _compress_cursor: int = 0
 
     @abc.abstractmethod
     async def _table(self, offset: int) -> L2Table | None:
@@ -281,6 +285,64 @@ class Qcow2Writing(FormatDriver):
         handled = await self._zero_clusters(offset, length, _UNMAP)
         return handled if handled[1] else (offset, 0)
 
+    # --- compressed writes ------------------------------------------------------------------------
+
+    async def write_compressed(self, data: memoryview, offset: int) -> None:
+        """Write whole clusters compressed, compressing them on all cores.
+
+        *offset* must be cluster-aligned and the data whole clusters (a shorter last cluster is
+        allowed at the end of the disk). A cluster that does not shrink is written as is.
+        """
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        if offset & (cluster_size - 1) or (data.nbytes & (cluster_size - 1) and offset + data.nbytes != self._size):
+            raise InvalidRequestError(
+                f"{self._filename}: compressed writes need whole clusters ({cluster_size} bytes), "
+                f"got [{offset}, {offset + data.nbytes})"
+            )
+        if self._header.has_data_file:
+            raise UnsupportedFeatureError("compressed clusters in images with an external data file", self._filename)
+        clusters = []
+        for start in range(0, data.nbytes, cluster_size):
+            chunk = data[start : start + cluster_size]
+            if chunk.nbytes < cluster_size:
+                chunk = memoryview(bytes(chunk) + bytes(cluster_size - chunk.nbytes))
+            clusters.append(chunk)
+        compression = self._header.compression_type
+        packed = await run_parallel(lambda chunk: compress_cluster(chunk, compression), clusters)
+        for index, (chunk, blob) in enumerate(zip(clusters, packed, strict=True)):
+            guest = offset + (index << cluster_bits)
+            if len(blob) >= cluster_size:
+                # It does not shrink: an ordinary cluster (as QEMU does).
+                await FormatAccess(self).write(chunk[: min(cluster_size, self._size - guest)], guest)
+                continue
+            async with self._lock:
+                host = await self._place_compressed(len(blob))
+                await self._storage.writev([memoryview(blob)], host)
+                table = await self._writable_table(guest)
+                slot = (guest >> cluster_bits) & self._l2_mask
+                self._release(table.entries[slot])
+                offset_bits = 62 - (cluster_bits - 8)
+                sectors = (host % 512 + len(blob) + 511) // 512 - 1
+                table.set_entry(slot, OFLAG_COMPRESSED | sectors << offset_bits | host)
+                self._tables.mark_dirty(table.offset)
+        self.mappings_changed()
+
+    async def _place_compressed(self, length: int) -> int:
+        """Host offset for *length* bytes of compressed data, packed into partly used clusters.
+
+        Each compressed cluster holds one reference to the host cluster it lies in; data never
+        straddles host clusters here (a fresh cluster is taken instead).
+        """
+        cluster_size = 1 << self._cluster_bits
+        cursor = self._compress_cursor
+        if cursor and (cursor & (cluster_size - 1)) and (cursor & (cluster_size - 1)) + length <= cluster_size:
+            await self._refcounts.change(cursor >> self._cluster_bits, 1, +1)
+        else:
+            cursor, _ = await self._refcounts.allocate(1)
+        self._compress_cursor = cursor + length
+        return cursor
+
     # --- resizing -----------------------------------------------------------------------------------
 
     async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
@@ -388,6 +450,8 @@ class Qcow2Writing(FormatDriver):
             await self._refcounts.flush()
             await self._tables.flush()
             if self._frees:
+                # A freed cluster may be reused: compressed data must not be packed into it.
+                self._compress_cursor = 0
                 frees, self._frees = self._frees, []
                 freed: list[int] = []
                 for cluster, count in frees:
