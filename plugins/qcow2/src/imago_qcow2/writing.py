@@ -358,14 +358,14 @@ class Qcow2Writing(FormatDriver):
                 raise UnsupportedFeatureError(
                     f"shrinking below the size of internal snapshots ({', '.join(cut)})", self._filename
                 )
-            await self._zero_clusters(
-                -(-new_size >> self._cluster_bits) << self._cluster_bits, old_size - new_size, _UNMAP
-            )
+            # Whole clusters past the new end are released, the old last partial one included.
+            first_gone = -(-new_size >> self._cluster_bits) << self._cluster_bits
+            if first_gone < old_size:
+                await self._zero_clusters(first_gone, old_size - first_gone, _UNMAP)
             await self._set_size(new_size)
             return
         if new_size == old_size:
             return
-        header = self._header
         entries_per_table = 1 << (self._table_shift - self._cluster_bits)
         needed = -(-new_size // (entries_per_table << self._cluster_bits))
         if needed * 8 > MAX_L1_BYTES:
@@ -384,20 +384,29 @@ class Qcow2Writing(FormatDriver):
             await FormatAccess(self).write_zeroes(old_size, min(new_size, backing.size) - old_size)
         if prealloc in (PreallocateMode.METADATA, PreallocateMode.FALLOC, PreallocateMode.FULL):
             await self._preallocate(old_size, new_size, prealloc)
-        del header
 
     async def _preallocate(self, start: int, end: int, prealloc: PreallocateMode) -> None:
-        """Allocate the clusters of ``[start, end)``; write them (FULL) or reserve them (FALLOC)."""
+        """Allocate the clusters of ``[start, end)``.
+
+        FULL writes zeroes into them, FALLOC reserves them, METADATA only maps them; the file
+        grows to hold them.
+        """
+        host_end = 0
         position = start
         while position < end:
             mapping, length = await self.ensure_data_mapping(position, end - position, True)
             assert isinstance(mapping, ShallowRaw)
             if prealloc is PreallocateMode.FULL:
-                await mapping.storage.write_zeroes(mapping.offset, length, unmap=False)
+                zeroes = memoryview(bytes(min(length, 1 << 20)))
+                for done in range(0, length, zeroes.nbytes):
+                    step = min(zeroes.nbytes, length - done)
+                    await mapping.storage.writev([zeroes[:step]], mapping.offset + done)
+            host_end = max(host_end, mapping.offset + length)
             position += length
-        storage_end = -(-self._data_storage.size // 1)
-        if prealloc is PreallocateMode.FALLOC and self._data_storage is self._storage:
-            await self._storage.resize(storage_end, PreallocateMode.FALLOC)
+        storage = self._data_storage
+        if host_end > storage.size:
+            mode = PreallocateMode.FALLOC if prealloc is PreallocateMode.FALLOC else PreallocateMode.NONE
+            await storage.resize(host_end, mode)
 
     async def _grow_l1(self, entries: int) -> None:
         """Move the L1 table to a larger place: written and flushed before the header points to it."""
