@@ -1,4 +1,4 @@
-"""What ``bench_raw.py`` and ``bench_qcow2.py`` share: options, images, timed loops, qemu-img, report.
+"""What the benchmark scripts share: options, images, timed loops, qemu-img, report.
 
 Not a benchmark of its own. The scripts import it as a sibling module (they put their own
 directory on ``sys.path``), so they run from any working directory.
@@ -7,6 +7,7 @@ directory on ``sys.path``), so they run from any working directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import imago
 from imago import SyncFormatAccess
@@ -192,6 +193,17 @@ def warn_if_not_resident(residency: tuple[int, int] | None) -> None:
 
 def residency_json(residency: tuple[int, int] | None) -> dict[str, int] | None:
     return None if residency is None else {"resident": residency[0], "sampled": residency[1]}
+
+
+def remove_file(path: str) -> None:
+    """Delete *path* if it exists."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def load_average() -> float | None:
+    """The 1-minute load average, if the platform has one."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
 
 def pread_exact(fd: int, length: int, offset: int) -> bytes:
@@ -528,9 +540,15 @@ def print_verdict(failures: Sequence[str], elapsed: float) -> None:
     print(f"total time: {elapsed:.1f} s")
 
 
+class Described(Protocol):
+    """A configuration that can describe itself for the JSON line (``ReadConfig`` and others)."""
+
+    def as_dict(self) -> dict[str, Any]: ...
+
+
 def summary(
     benchmark: str,
-    config: ReadConfig,
+    config: Described,
     *,
     qemu_version: str | None,
     qemu_note: str | None,
