@@ -160,6 +160,7 @@ class FormatAccess:
         pos = 0
         while pos < length:
             guest = offset + pos
+            epoch = driver.mapping_epoch
             mapping, mapped = await driver.get_mapping(guest, length - pos)
             if mapped <= 0:
                 raise ImagoError(f"{driver.name} driver returned an empty mapping at offset {guest}")
@@ -169,7 +170,7 @@ class FormatAccess:
             if kind is ShallowRaw:
                 assert isinstance(mapping, ShallowRaw)
                 await mapping.storage.readv(part, mapping.offset)
-                self._remember(guest, mapped, mapping)
+                self._remember(guest, mapped, mapping, epoch)
             elif kind is ShallowZero or kind is ShallowEof:
                 zero_fill(part)
             elif kind is ShallowIndirect:
@@ -182,9 +183,14 @@ class FormatAccess:
                 raise ImagoError(f"{driver.name} driver returned an unknown mapping {mapping!r}")
             pos += step
 
-    def _remember(self, guest: int, length: int, mapping: ShallowRaw) -> None:
-        """Cache a raw extent, clipped to the disk (hits are trusted for bounds)."""
-        epoch = self._driver.mapping_epoch
+    def _remember(self, guest: int, length: int, mapping: ShallowRaw, epoch: int) -> None:
+        """Cache a raw extent, clipped to the disk (hits are trusted for bounds).
+
+        *epoch* is the driver's mapping epoch from before the mapping was asked for: if it
+        changed while the read was in flight, the mapping may be stale and is not kept.
+        """
+        if epoch != self._driver.mapping_epoch:
+            return
         cache = self._cache
         if cache.epoch != epoch:
             cache = self._cache = ExtentCache(epoch)
