@@ -143,13 +143,7 @@ class Refcounts:
 
     async def get(self, host_offset: int) -> int:
         """The refcount of the host cluster holding *host_offset* (0 where no block exists)."""
-        cluster = host_offset >> self._header.cluster_bits
-        table = await self.table()
-        table_index = cluster >> self._block_bits
-        if table_index >= len(table) or not table[table_index]:
-            return 0
-        block = await self._blocks.get(table[table_index] & REFTABLE_OFFSET_MASK)
-        return block.get(cluster & ((1 << self._block_bits) - 1))
+        return await self._get_cluster(host_offset >> self._cluster_bits)
 
     # --- changing refcounts (writable images) ----------------------------------------------------
 
