@@ -546,3 +546,38 @@ def test_direct_empty_write(direct, image, data, offset):
     aio.run_sync(direct.writev([], offset))
     assert direct.size == SIZE
     assert image.read_bytes() == data
+
+
+def test_direct_short_read_is_taken_as_the_end_of_file(tmp_path, monkeypatch):
+    # A short O_DIRECT read means the file ended there (it may have grown since, under
+    # concurrent writes): the rest reads as zero instead of a retry at an unaligned offset,
+    # which O_DIRECT refuses with EINVAL.
+    import os
+
+    import imago
+    import imago_file.storage
+    from imago_file import File
+
+    path = tmp_path / "grows.img"
+    data = bytes(range(256)) * 32  # 8 KiB
+    path.write_bytes(data)
+    storage = File.open_sync(imago.StorageOpenOptions(filename=path, direct=True))
+    real_preadv = os.preadv
+    calls = []
+
+    def short_first(fd, bufs, offset, *flags):
+        calls.append(offset)
+        if len(calls) == 1:  # as if the file had ended 700 bytes into this read
+            count = real_preadv(fd, bufs, offset, *flags)
+            return min(count, 700)
+        return real_preadv(fd, bufs, offset, *flags)
+
+    monkeypatch.setattr(imago_file.storage.os, "preadv", short_first)
+    try:
+        buf = bytearray(1000)
+        imago.aio.run_sync(storage.readv([memoryview(buf)], 100))  # misaligned: bounced
+        assert bytes(buf[:600]) == data[100:700]
+        assert bytes(buf[600:]) == bytes(400)
+        assert len(calls) == 1
+    finally:
+        imago.aio.run_sync(storage.close())

@@ -260,8 +260,10 @@ class File(Storage):
                 rest = slice_iovec(bufs, done, total - done)
                 iov = rest[:_IOV_MAX]
             count = os.preadv(fd, iov, offset + done)
-            if count == 0:
-                zero_fill(slice_iovec(bufs, done, total - done))
+            # With O_DIRECT a short read means the end of the file; retrying at its (unaligned)
+            # end would fail with EINVAL.
+            if count == 0 or (self._direct and count < iovec_length(iov)):
+                zero_fill(slice_iovec(bufs, done + count, total - done - count))
                 return
             done += count
 
