@@ -46,8 +46,8 @@ from .header import (
 )
 from .refcounts import Refcounts
 from .snapshots import Snapshot, read_snapshot_table
+from .snapshotting import Qcow2Snapshotting
 from .tables import COMPRESSED, DATA, OFLAG_COPIED, UNALLOCATED, ZERO, L2Table, decode_compressed, parse_l1
-from .writing import Qcow2Writing
 
 __all__ = ["Qcow2", "Qcow2Builder"]
 
@@ -94,8 +94,8 @@ class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
         return self
 
 
-class Qcow2(Qcow2Writing):
-    """A qcow2 image (versions 2 and 3), read-only for now.
+class Qcow2(Qcow2Snapshotting):
+    """A qcow2 image (versions 2 and 3).
 
     ``Qcow2.builder_path("vm.qcow2").open_sync(gate)`` follows the backing file and external
     data file the header names, through *gate*; :class:`Qcow2Builder` overrides either.
@@ -393,16 +393,6 @@ class Qcow2(Qcow2Writing):
         return await self._refcounts.get(host_offset)
 
     # --- snapshots -----------------------------------------------------------------------------
-
-    def find_snapshot(self, name_or_id: str) -> Snapshot:
-        """The snapshot with this ID, or else this name."""
-        for snapshot in self._snapshots:
-            if snapshot.id == name_or_id:
-                return snapshot
-        for snapshot in self._snapshots:
-            if snapshot.name == name_or_id:
-                return snapshot
-        raise ImagoError(f"{self._filename}: no snapshot with ID or name {name_or_id!r}")
 
     async def read_snapshot(self, name_or_id: str) -> Qcow2:
         """A read-only view of an internal snapshot (wrap it in a FormatAccess to read it).

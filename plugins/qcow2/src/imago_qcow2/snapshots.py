@@ -11,7 +11,7 @@ from imago import CorruptImageError, Storage
 
 from .header import MAX_L1_BYTES, MAX_NAME_BYTES, MAX_SNAPSHOTS, Header, check_table
 
-__all__ = ["Snapshot", "read_snapshot_table"]
+__all__ = ["Snapshot", "encode_snapshot", "encode_snapshot_table", "read_snapshot_table"]
 
 _ENTRY = struct.Struct(">QIHHIIQII")
 # QEMU's caps: extra data per snapshot, and the whole table.
@@ -160,3 +160,45 @@ async def read_snapshot_table(storage: Storage, header: Header, filename: str | 
             )
         )
     return snapshots
+
+
+# The extra data this driver writes: vm_state_size_large, disk_size, icount.
+_EXTRA = struct.Struct(">QQQ")
+_NO_ICOUNT = (1 << 64) - 1
+
+
+def _extra_data(snapshot: Snapshot) -> bytes:
+    """The extra data as written: the known fields, then whatever a newer writer added."""
+    icount = _NO_ICOUNT if snapshot.icount is None else snapshot.icount
+    return _EXTRA.pack(snapshot.vm_state_size, snapshot.disk_size, icount) + snapshot.extra_data[_EXTRA.size :]
+
+
+def encode_snapshot(snapshot: Snapshot) -> bytes:
+    """One snapshot table entry (unpadded): header, extra data, ID and name."""
+    raw_id = snapshot.id.encode("utf-8")
+    raw_name = snapshot.name.encode("utf-8")
+    extra = _extra_data(snapshot)
+    entry = _ENTRY.pack(
+        snapshot.l1_table_offset,
+        snapshot.l1_size,
+        len(raw_id),
+        len(raw_name),
+        snapshot.date_sec,
+        snapshot.date_nsec,
+        snapshot.vm_clock_nsec,
+        # The 32-bit field holds the size when it fits (older readers use it), else 0.
+        snapshot.vm_state_size if snapshot.vm_state_size < 1 << 32 else 0,
+        len(extra),
+    )
+    return entry + extra + raw_id + raw_name
+
+
+def encode_snapshot_table(snapshots: list[Snapshot], table_offset: int) -> tuple[bytes, list[Snapshot]]:
+    """The whole snapshot table (entries 8-byte aligned) and the snapshots as now recorded."""
+    table = bytearray()
+    placed: list[Snapshot] = []
+    for snapshot in snapshots:
+        table += bytes(-len(table) % 8)
+        placed.append(attrs.evolve(snapshot, table_offset=table_offset + len(table), extra_data=_extra_data(snapshot)))
+        table += encode_snapshot(snapshot)
+    return bytes(table), placed

@@ -20,6 +20,7 @@ import asyncio
 import struct
 import sys
 from array import array
+from collections import OrderedDict
 
 import attrs
 
@@ -82,6 +83,7 @@ class Qcow2Writing(FormatDriver):
     _backing: FormatAccess | None
     _filename: str | None
     _snapshots: list[Snapshot]
+    _decompressed: OrderedDict[int, bytes]
     #: Where the next compressed cluster goes (0: start a new host cluster).
     _compress_cursor: int = 0
 
@@ -456,22 +458,43 @@ class Qcow2Writing(FormatDriver):
         if not self._writable:
             return
         async with self._lock:
-            await self._refcounts.flush()
-            await self._tables.flush()
-            if self._frees:
-                # A freed cluster may be reused: compressed data must not be packed into it.
-                self._compress_cursor = 0
-                frees, self._frees = self._frees, []
-                freed: list[int] = []
-                for cluster, count in frees:
-                    freed += await self._refcounts.change(cluster, count, -1)
-                await self._refcounts.flush()
-                cluster_bits = self._cluster_bits
-                for cluster in freed:
-                    await self._storage.discard(cluster << cluster_bits, 1 << cluster_bits)
-            if self._data_storage is not self._storage:
-                await self._data_storage.flush()
-            await self._storage.flush()
+            await self._write_back()
+
+    async def _write_back(self) -> None:
+        """:meth:`flush` with the lock held."""
+        await self._refcounts.flush()
+        await self._tables.flush()
+        if self._frees:
+            frees, self._frees = self._frees, []
+            changes: dict[int, int] = {}
+            for cluster, count in frees:
+                for current in range(cluster, cluster + count):
+                    changes[current] = changes.get(current, 0) - 1
+            await self._change_refcounts(changes)
+        if self._data_storage is not self._storage:
+            await self._data_storage.flush()
+        await self._storage.flush()
+
+    async def _change_refcounts(self, changes: dict[int, int]) -> None:
+        """Apply refcount *changes* (cluster: delta) now; clusters left unused are punched out.
+
+        Callers make sure that no metadata on disk refers to clusters they decrement.
+        """
+        freed: list[int] = []
+        for cluster, delta in sorted(changes.items()):
+            if delta:
+                freed += await self._refcounts.change(cluster, 1, delta)
+        await self._refcounts.flush()
+        if not freed:
+            return
+        # Freed clusters may be reused: no compressed data is packed into them, and nothing
+        # cached from them (L2 tables, decompressed clusters) may be used again.
+        self._compress_cursor = 0
+        self._decompressed.clear()
+        cluster_bits = self._cluster_bits
+        for cluster in freed:
+            self._tables.discard(cluster << cluster_bits)
+            await self._storage.discard(cluster << cluster_bits, 1 << cluster_bits)
 
     async def sync(self) -> None:
         """:meth:`flush`, then make everything durable."""
