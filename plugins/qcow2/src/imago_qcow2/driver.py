@@ -36,6 +36,7 @@ from .compression import decompress_cluster
 from .create import Qcow2CreateBuilder
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS,
     HEADER_PROBE_BYTES,
     INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
@@ -143,11 +144,18 @@ class Qcow2(Qcow2Snapshotting):
         self._table_shift = self._cluster_bits + self._l2_bits
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._refcounts = Refcounts(storage, header, move_table=self._move_refcount_table)
-        self._tables = tables or MetadataCache(
-            max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2, self._write_l2, storage.flush
-        )
-        # Crash safety: refcount increments reach the disk before the L2 entries that use them.
-        self._tables.depends_on(self._refcounts.blocks)  # type: ignore[arg-type]
+        # Lazy refcounts: refcount blocks may lag behind the L2 tables while the image is
+        # marked dirty on disk; flushing writes them and marks the image clean again.
+        self._lazy = writable and header.version >= 3 and bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
+        self._dirty_on_disk = False
+        if tables is None:
+            tables = MetadataCache(
+                max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2, self._write_l2, storage.flush
+            )
+            if not self._lazy:
+                # Crash safety: refcount increments reach the disk before the L2 entries using them.
+                tables.depends_on(self._refcounts.blocks)  # type: ignore[arg-type]
+        self._tables = tables
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -448,6 +456,9 @@ class Qcow2(Qcow2Snapshotting):
         )
 
     async def _write_l2(self, offset: int, table: L2Table) -> None:
+        if self._lazy and not self._dirty_on_disk and self._refcounts.blocks.dirty:
+            # Refcounts this table relies on are still only in memory.
+            await self._set_dirty(True)
         await self._storage.writev([memoryview(table.to_bytes())], offset)
         if not table.runs_valid:
             table.recompute_runs()

@@ -9,8 +9,12 @@ Update order (what reaches the disk first):
 * an L2 entry that stops pointing to a cluster before that cluster's refcount is decremented
   (decrements wait in ``_frees`` until the next :meth:`flush` has written the L2 tables).
 
-A crash at any point leaves at worst leaked clusters. Refcounts are always kept exact (lazy
-refcounts are not used), so the image is never marked dirty.
+A crash at any point leaves at worst leaked clusters.
+
+With lazy refcounts (compatible feature bit 0) the first rule is relaxed: L2 tables may reach
+the disk before the refcounts they rely on, and the image is marked dirty on disk before the
+first such write. :meth:`flush` writes the refcounts and marks it clean again. A dirty image
+(left by a crash) is refused for writing until repaired (``qemu-img check -r all``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from imago.cache import MetadataCache
 from imago.format.mapping import ShallowRaw
 
 from .compression import compress_cluster
-from .header import MAX_L1_BYTES, Header
+from .header import INCOMPAT_DIRTY, MAX_L1_BYTES, Header
 from .refcounts import Refcounts
 from .snapshots import Snapshot
 from .tables import (
@@ -84,6 +88,9 @@ class Qcow2Writing(FormatDriver):
     _filename: str | None
     _snapshots: list[Snapshot]
     _decompressed: OrderedDict[int, bytes]
+    #: Lazy refcounts are in use; and the dirty bit is set on disk.
+    _lazy: bool
+    _dirty_on_disk: bool
     #: Where the next compressed cluster goes (0: start a new host cluster).
     _compress_cursor: int = 0
 
@@ -474,6 +481,17 @@ class Qcow2Writing(FormatDriver):
         if self._data_storage is not self._storage:
             await self._data_storage.flush()
         await self._storage.flush()
+        if self._dirty_on_disk:
+            await self._set_dirty(False)  # the refcounts on disk are exact again
+
+    async def _set_dirty(self, dirty: bool) -> None:
+        """Set or clear the dirty bit on disk (lazy refcounts), and wait until it is there."""
+        header = self._header
+        features = header.incompatible_features & ~INCOMPAT_DIRTY | (INCOMPAT_DIRTY if dirty else 0)
+        await self._storage.writev([memoryview(struct.pack(">Q", features))], 72)
+        await self._storage.flush()
+        self._header = attrs.evolve(header, incompatible_features=features)
+        self._dirty_on_disk = dirty
 
     async def _change_refcounts(self, changes: dict[int, int]) -> None:
         """Apply refcount *changes* (cluster: delta) now; clusters left unused are punched out.
