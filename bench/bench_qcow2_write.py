@@ -6,9 +6,11 @@ One run measures, each time the whole job (creating, writing, closing) by the wa
 * a sequential copy of ``--size`` bytes of random (incompressible) data, read from a page-cached
   raw file with ``os.preadv`` into one reused buffer and written in ``--request-size`` requests
   through ``SyncFormatAccess.write`` into a new image (``imago.create``, ``imago.open(...,
-  write=True)`` and the final ``close``, which flushes, included), against ``qemu-img convert -f
-  raw -O qcow2`` of the same file (target: imago time / qemu-img time <= 1.25), and for
-  information against ``qemu-img convert -t writeback``, which flushes as imago does;
+  write=True, no_flush=True)`` and the final ``close`` included), against ``qemu-img convert -f
+  raw -O qcow2`` of the same file (target: imago time / qemu-img time <= 1.25). qemu-img writes
+  its target with ``cache=unsafe`` (no flushes) by default; ``no_flush=True`` is imago's same
+  mode. For information, imago with flushes (``no_flush=False``, the default of ``imago.open``)
+  against ``qemu-img convert -t writeback``, which flushes too;
 * a compressed copy of ``--compressed-size`` bytes of text-like data through
   ``SyncFormatAccess.write_compressed`` in ``--compressed-request`` requests (the driver
   compresses the clusters of a request on all cores), against ``qemu-img convert -c -O qcow2 -o
@@ -180,11 +182,13 @@ class Qemu:
 # --- the imago side ------------------------------------------------------------------------------
 
 
-def imago_copy(source_fd: int, path: str, size: int, buf: bytearray, compression: str | None) -> float:
+def imago_copy(
+    source_fd: int, path: str, size: int, buf: bytearray, compression: str | None, *, no_flush: bool
+) -> float:
     """Copy the raw source into a new qcow2 image at *path*; the seconds of the whole job.
 
-    ``imago.create``, ``imago.open(write=True)``, the ``os.preadv`` + ``write`` (or
-    ``write_compressed``) loop with one reused buffer, and ``close`` (which flushes) are timed.
+    ``imago.create``, ``imago.open(write=True, no_flush=...)``, the ``os.preadv`` + ``write``
+    (or ``write_compressed``) loop with one reused buffer, and ``close`` are timed.
     """
     preadv = os.preadv
     request = len(buf)
@@ -192,7 +196,7 @@ def imago_copy(source_fd: int, path: str, size: int, buf: bytearray, compression
     options = {} if compression is None else {"compression_type": compression}
     start = time.perf_counter()
     imago.create(path, "qcow2", size, **options)
-    disk = imago.open(path, "qcow2", write=True)
+    disk = imago.open(path, "qcow2", write=True, no_flush=no_flush)
     try:
         write = disk.write if compression is None else disk.write_compressed
         for off in range(0, size, request):
@@ -235,6 +239,8 @@ class Part:
     request: int
     #: qemu-img contenders: runner name and the ``qemu-img convert`` options.
     qemu_variants: list[tuple[str, list[str]]]
+    #: imago contenders: runner name and ``no_flush`` (the first is verified).
+    imago_variants: list[tuple[str, bool]] = field(default_factory=lambda: [("imago", True)])
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -278,7 +284,10 @@ class Bench:
             self.before_run(mine, theirs)
             lib.progress(f"  verifying {part.group}: a first run of each side ...")
             buf = bytearray(part.request)
-            part.info["first_run_seconds_imago"] = imago_copy(fd, mine, part.size, buf, part.compression)
+            no_flush = part.imago_variants[0][1]
+            part.info["first_run_seconds_imago"] = imago_copy(
+                fd, mine, part.size, buf, part.compression, no_flush=no_flush
+            )
         finally:
             os.close(fd)
         info = part.info
@@ -326,9 +335,9 @@ class Bench:
 
     # --- the timed runs
 
-    def imago_runner(self, part: Part) -> Runner:
+    def imago_runner(self, part: Part, name: str, no_flush: bool) -> Runner:
         buf = bytearray(part.request)
-        path = self.out(part, "imago")
+        path = self.out(part, name)
         expected = part.info["file_size_imago"]
 
         def run(warm: bool) -> float | None:
@@ -337,7 +346,7 @@ class Bench:
             self.before_run(path)
             fd = os.open(part.source, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                seconds = imago_copy(fd, path, part.size, buf, part.compression)
+                seconds = imago_copy(fd, path, part.size, buf, part.compression, no_flush=no_flush)
             finally:
                 os.close(fd)
             if os.path.getsize(path) != expected:
@@ -345,7 +354,7 @@ class Bench:
             lib.remove_file(path)
             return seconds
 
-        return Runner("imago", -(-part.size // part.request), part.request, run)
+        return Runner(name, -(-part.size // part.request), part.request, run)
 
     def qemu_runner(self, part: Part, name: str, args: list[str]) -> Runner:
         path = self.out(part, name)
@@ -366,7 +375,7 @@ class Bench:
         self.verify(part)
         if self.failures:
             return
-        runners = [self.imago_runner(part)]
+        runners = [self.imago_runner(part, name, no_flush) for name, no_flush in part.imago_variants]
         if self.qemu.reference:
             runners += [self.qemu_runner(part, name, args) for name, args in part.qemu_variants]
         lib.measure(f"{part.group} ({part.what})", runners, self.config.repeat)
@@ -387,6 +396,7 @@ class Bench:
                 config.size,
                 config.request,
                 [("qemu-img", plain), ("qemu-img -t writeback", [*plain, "-t", "writeback"])],
+                [("imago", True), ("imago flushing", False)],
             )
         )
         lib.remove_file(source)
@@ -435,11 +445,19 @@ class TimeRow:
     group: str
     reference: str
     target: float | None  # an upper bound
+    imago: str = "imago"  # imago's runner
 
 
 ROWS = (
     TimeRow("sequential_write", "sequential write vs qemu-img convert", "sequential", "qemu-img", SEQUENTIAL_TARGET),
-    TimeRow("sequential_writeback", "sequential write vs -t writeback", "sequential", "qemu-img -t writeback", None),
+    TimeRow(
+        "sequential_writeback",
+        "flushing write vs -t writeback",
+        "sequential",
+        "qemu-img -t writeback",
+        None,
+        "imago flushing",
+    ),
     TimeRow("zlib_compressed_write", "zlib compressed vs convert -c", "zlib", "qemu-img", ZLIB_TARGET),
     TimeRow("zlib_compressed_write_w", "zlib compressed vs convert -c -W", "zlib", "qemu-img -W", None),
     TimeRow("zstd_compressed_write", "zstd compressed vs convert -c", "zstd", "qemu-img", None),
@@ -464,7 +482,7 @@ def time_rows(groups: dict[str, list[Runner]], *, qemu: bool) -> tuple[dict[str,
     ratios: dict[str, Any] = {}
     lines: list[tuple[str, ...]] = []
     for row in ROWS:
-        mine, theirs = find_runner(groups, (row.group, "imago")), find_runner(groups, (row.group, row.reference))
+        mine, theirs = find_runner(groups, (row.group, row.imago)), find_runner(groups, (row.group, row.reference))
         ref_name = row.reference
         target = "-" if row.target is None else f"<= {row.target:.2f}"
         if mine is None or theirs is None:
@@ -557,7 +575,8 @@ def report(
                 verdict.append(f"{100 * share:.0f}% compressed clusters")
         print(f"  {sizes}; {'; '.join(verdict)}")
     print(
-        "imago = imago.create + imago.open(write=True) + os.preadv/write loop + close (flushes);"
+        "imago = imago.create + imago.open(write=True, no_flush=True) + os.preadv/write loop + close;"
+        " imago flushing = the same with no_flush=False (fdatasync at flushes and close);"
         " qemu-img = wall clock of `qemu-img convert` (default cache=unsafe: no flush; -t writeback flushes;"
         " -c writes in order unless -W)"
     )

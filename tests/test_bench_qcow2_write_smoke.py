@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_qcow2_write.py
 
 RATIO_LINES = {
     "sequential write vs qemu-img convert": "sequential_write",
-    "sequential write vs -t writeback": "sequential_writeback",
+    "flushing write vs -t writeback": "sequential_writeback",
     "zlib compressed vs convert -c": "zlib_compressed_write",
     "zlib compressed vs convert -c -W": "zlib_compressed_write_w",
     "zstd compressed vs convert -c": "zstd_compressed_write",
@@ -62,6 +62,8 @@ def test_bench_qcow2_write_quick(tmp_path: Path) -> None:
         assert image["qemu_img_compare"] == "Images are identical."
         assert image["qemu_img_check"]["check-errors"] == 0
         assert len(summary["results"][group]["imago"]["seconds"]) == summary["config"]["repeat"]
+    # imago runs twice in the sequential group: without flushes (as qemu-img) and with them.
+    assert len(summary["results"]["sequential"]["imago flushing"]["seconds"]) == summary["config"]["repeat"]
     for compression in ("zlib", "zstd"):
         check = summary["images"][compression]["qemu_img_check"]
         assert check["compressed-clusters"] == check["allocated-clusters"] > 0

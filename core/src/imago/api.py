@@ -46,6 +46,7 @@ async def open_async(
     write: bool = False,
     gate: ImplicitOpenGate | None = None,
     direct: bool = False,
+    no_flush: bool = False,
     storage_driver_name: str = "file",
 ) -> FormatAccess:
     """Open the image file *filename* and return a :class:`FormatAccess`.
@@ -53,11 +54,16 @@ async def open_async(
     *format* names the format driver; ``None`` probes the content (unsafe for untrusted
     images, see :func:`probe`). *gate* decides which files the image may make us open,
     the image file included; the default only allows files in the image's own directory.
+    *direct* bypasses the host page cache; *no_flush* ignores flushes (as ``qemu-img convert``
+    writes its target by default: fast, but not crash-safe, see
+    :attr:`StorageOpenOptions.no_flush`).
     """
     name = os.fspath(filename)
     if gate is None:
         gate = _default_gate(name)
-    options = StorageOpenOptions(filename=name, writable=write, direct=direct, driver=storage_driver_name)
+    options = StorageOpenOptions(
+        filename=name, writable=write, direct=direct, no_flush=no_flush, driver=storage_driver_name
+    )
     if format is None:
         probe_storage = await gate.open_storage(StorageOpenOptions(filename=name, driver=storage_driver_name))
         try:
@@ -79,12 +85,21 @@ def open(
     write: bool = False,
     gate: ImplicitOpenGate | None = None,
     direct: bool = False,
+    no_flush: bool = False,
     storage_driver_name: str = "file",
 ) -> SyncFormatAccess:
     """Synchronous :func:`open_async`: returns a :class:`SyncFormatAccess`."""
     return SyncFormatAccess(
         aio.run_sync(
-            open_async(filename, format, write=write, gate=gate, direct=direct, storage_driver_name=storage_driver_name)
+            open_async(
+                filename,
+                format,
+                write=write,
+                gate=gate,
+                direct=direct,
+                no_flush=no_flush,
+                storage_driver_name=storage_driver_name,
+            )
         )
     )
 

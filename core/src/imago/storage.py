@@ -106,6 +106,10 @@ class StorageOpenOptions:
     writable: bool = attrs.field(default=False, validator=_bool)
     #: Bypass the host page cache (``O_DIRECT``), where the driver supports it.
     direct: bool = attrs.field(default=False, validator=_bool)
+    #: Ignore :meth:`Storage.flush` (QEMU's ``cache.no-flush``, ``cache=unsafe``): faster, as
+    #: ``qemu-img convert`` writes by default, but a host crash may lose or corrupt what was
+    #: written. :meth:`Storage.sync` still makes everything durable.
+    no_flush: bool = attrs.field(default=False, validator=_bool)
     #: Which storage driver to use when opening through the registry.
     driver: str = attrs.field(default="file", validator=_non_empty)
     #: Driver-specific options (for example ``{"size": ...}`` for ``null``).

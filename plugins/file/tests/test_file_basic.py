@@ -610,6 +610,45 @@ def test_flush_and_sync_under_a_loop(make_image, open_file):
     assert read(storage, 0, 3) == b"Zbc"
 
 
+@pytest.mark.parametrize("no_flush", [False, True])
+def test_no_flush_skips_fdatasync_but_not_fsync(make_image, monkeypatch, no_flush):
+    calls: list[str] = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append("fdatasync"))
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync"))
+    path = make_image(b"abc")
+    storage = File.open_sync(StorageOpenOptions(filename=path, writable=True, no_flush=no_flush))
+    try:
+        write(storage, b"XY", 1)
+        aio.run_sync(storage.flush())
+        assert calls == ([] if no_flush else ["fdatasync"])
+        aio.run_sync(storage.sync())  # an explicit request for durability is always honoured
+        assert calls[-1] == "fsync"
+    finally:
+        close(storage)
+    assert path.read_bytes() == b"aXY"
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_no_flush_must_be_a_bool(value):
+    with pytest.raises(imago.InvalidOptionError, match="no_flush"):
+        StorageOpenOptions(filename="x", no_flush=value)
+
+
+def test_imago_open_passes_no_flush_on(make_image, monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", lambda fd: calls.append(fd))
+    path = make_image(bytes(4096))
+    with imago.open(path, "raw", write=True, no_flush=True) as image:
+        image.write(b"x" * 512, 0)
+        image.flush()
+    assert calls == []
+    with imago.open(path, "raw", write=True) as image:
+        image.write(b"y" * 512, 0)
+        image.flush()
+    assert calls
+    assert path.read_bytes()[:512] == b"y" * 512
+
+
 # --- relative paths ---------------------------------------------------------------------------------
 
 

@@ -63,6 +63,14 @@ class FormatDriverBuilder(Generic[D]):
         self._storage_options = options
         return self
 
+    @property
+    def given_storage_options(self) -> StorageOpenOptions:
+        """The options :meth:`storage_options` set (``filename`` and ``writable`` not filled in).
+
+        Drivers open further files of the image (an external data file, say) with them.
+        """
+        return self._storage_options
+
     def below(self, parent: FormatDriverBuilder[Any] | str | None) -> Self:
         """Mark this image as referenced by *parent* (an image's builder or file name).
 

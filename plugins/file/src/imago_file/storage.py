@@ -64,6 +64,7 @@ class File(Storage):
         self._mem_align = 1
         self._req_align = 1
         self._locks = aio.RangeLock()
+        self._no_flush = False
         if direct:
             self._mem_align, self._req_align = self._probe_alignment()
 
@@ -108,9 +109,11 @@ class File(Storage):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filename)
             else:
                 raise ImagoError(f"{filename}: not a regular file or block device")
-            return cls(
+            storage = cls(
                 fd, filename, writable=options.writable, direct=options.direct, block_device=block_device, size=size
             )
+            storage._no_flush = options.no_flush
+            return storage
         except BaseException:
             os.close(fd)
             raise
@@ -435,9 +438,9 @@ class File(Storage):
                 raise
 
     async def flush(self) -> None:
-        """``fdatasync``."""
+        """``fdatasync`` (nothing when opened with ``no_flush``)."""
         fd = self._live_fd()
-        if self._writable:
+        if self._writable and not self._no_flush:
             await aio.run_blocking(os.fdatasync, fd)
 
     async def sync(self) -> None:

@@ -282,7 +282,9 @@ class Qcow2(Qcow2Snapshotting):
         if not header.data_file:
             raise CorruptImageError(storage.filename, 72, "the image needs an external data file but does not name one")
         name = storage.resolve_relative_path(check_local_file_name(header.data_file))
-        return await gate.open_storage(StorageOpenOptions(filename=name, writable=builder.writable))
+        # The image file's storage options (direct, no_flush, driver) apply to its data file too.
+        options = attrs.evolve(builder.given_storage_options, filename=name, writable=builder.writable)
+        return await gate.open_storage(options)
 
     @staticmethod
     async def _open_backing(
