@@ -23,7 +23,6 @@ from imago import (
     ShallowMapping,
     Storage,
     StorageOpenOptions,
-    UnsupportedFeatureError,
     aio,
     format_driver,
     probe,
@@ -253,8 +252,6 @@ class Qcow2(Qcow2Snapshotting):
         filename = storage.filename
         if not storage.writable:
             raise ReadOnlyError(filename or "qcow2 image file")
-        if header.extended_l2:
-            raise UnsupportedFeatureError("writing images with extended L2 entries", filename)
         if header.incompatible_features & INCOMPAT_DIRTY:
             raise ImagoError(
                 f"{filename}: the image is dirty (its refcounts may be stale); "

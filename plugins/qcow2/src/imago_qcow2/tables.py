@@ -18,6 +18,7 @@ __all__ = [
     "DATA",
     "L1_OFFSET_MASK",
     "L1_RESERVED",
+    "SUBCLUSTERS",
     "UNALLOCATED",
     "ZERO",
     "CompressedDescriptor",
@@ -288,6 +289,14 @@ class L2Table:
         if sys.byteorder == "little":
             words.byteswap()
         return words.tobytes()
+
+    # --- extended tables ---------------------------------------------------------------------
+
+    def set_extended(self, index: int, descriptor: int, bitmap: int) -> None:
+        """Replace an extended entry: the cluster descriptor and its subcluster bitmap."""
+        entries = self.entries
+        entries[2 * index] = descriptor
+        entries[2 * index + 1] = bitmap
 
     def subcluster(self, index: int, subcluster: int, cluster_bits: int) -> tuple[int, int]:
         """Extended tables: ``(kind, host offset or descriptor)`` of one subcluster."""

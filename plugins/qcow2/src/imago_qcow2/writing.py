@@ -15,6 +15,10 @@ With lazy refcounts (compatible feature bit 0) the first rule is relaxed: L2 tab
 the disk before the refcounts they rely on, and the image is marked dirty on disk before the
 first such write. :meth:`flush` writes the refcounts and marks it clean again. A dirty image
 (left by a crash) is refused for writing until repaired (``qemu-img check -r all``).
+
+Extended L2 entries (32 subclusters per cluster) are written as QEMU does: a whole host cluster
+is allocated per L2 entry, but only the subclusters written become allocated; copy-on-write,
+zeroing and discards work per subcluster.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from .tables import (
     OFLAG_COMPRESSED,
     OFLAG_COPIED,
     OFLAG_ZERO,
+    SUBCLUSTERS,
     ZERO,
     L2Table,
     decode_compressed,
@@ -65,6 +70,9 @@ _NO_LIMIT = 1 << 63
 _KEEP = "keep"  # write_zeroes: zero flag, keeping an allocation that is ours
 _ZERO = "zero"  # discard_to_zero: zero flag, releasing the allocation
 _UNMAP = "unmap"  # discard_to_backing / discard_to_any: unallocated
+
+# The allocation bits of a subcluster bitmap (the zero bits are these shifted by SUBCLUSTERS).
+_ALL = (1 << SUBCLUSTERS) - 1
 
 
 class Qcow2Writing(FormatDriver):
@@ -128,7 +136,7 @@ class Qcow2Writing(FormatDriver):
             raw,
             offset=host,
             cluster_bits=self._cluster_bits,
-            extended=False,
+            extended=header.extended_l2,
             zero_flag=header.version >= 3,
             external_data=header.has_data_file,
             image_size=_NO_LIMIT,
@@ -173,18 +181,24 @@ class Qcow2Writing(FormatDriver):
         Clusters of our own are written in place; others are allocated, with copy-on-write of
         the parts of the first and last cluster that the caller does not write.
         """
-        cluster_bits = self._cluster_bits
-        within = offset & ((1 << cluster_bits) - 1)
-        wanted = ((length + within - 1) >> cluster_bits) + 1
         table = await self._table(offset)
-        index = (offset >> cluster_bits) & self._l2_mask
         if table is not None:
-            count = self._in_place_run(table, index, wanted)
-            if count:
-                return ShallowRaw(self._data_storage, table.hosts[index] + within, True), min(
-                    length, (count << cluster_bits) - within
-                )
+            if table.extended:
+                host, count = self._extended_run(table, offset, length)
+                if count:
+                    return ShallowRaw(self._data_storage, host, True), count
+            else:
+                cluster_bits = self._cluster_bits
+                within = offset & ((1 << cluster_bits) - 1)
+                index = (offset >> cluster_bits) & self._l2_mask
+                count = self._in_place_run(table, index, ((length + within - 1) >> cluster_bits) + 1)
+                if count:
+                    return ShallowRaw(self._data_storage, table.hosts[index] + within, True), min(
+                        length, (count << cluster_bits) - within
+                    )
         async with self._lock:
+            if self._header.extended_l2:
+                return await self._allocate_extended(offset, length)
             return await self._allocate(offset, length)
 
     async def _allocate(self, offset: int, length: int) -> tuple[ShallowMapping, int]:
@@ -228,10 +242,137 @@ class Qcow2Writing(FormatDriver):
         self.mappings_changed()
         return ShallowRaw(self._data_storage, host + within, True), write_end - offset
 
+    # --- data mappings with extended L2 entries ------------------------------------------------
+
+    def _owned(self, descriptor: int) -> bool:
+        """Whether an extended entry's descriptor is a host cluster of our own (written in place)."""
+        return descriptor & (OFLAG_COPIED | OFLAG_COMPRESSED) == OFLAG_COPIED and bool(
+            descriptor & L2_OFFSET_MASK or self._header.has_data_file
+        )
+
+    def _extended_run(self, table: L2Table, offset: int, length: int) -> tuple[int, int]:
+        """Host offset of guest *offset*, and how many bytes from it can be written in place.
+
+        That is (at most *length*, 0: none) the allocated subclusters of our own clusters that
+        follow, contiguous in the host file.
+        """
+        cluster_bits = self._cluster_bits
+        sub_bits = cluster_bits - 5
+        entries = table.entries
+        index = (offset >> cluster_bits) & self._l2_mask
+        descriptor = entries[2 * index]
+        if descriptor & (OFLAG_COPIED | OFLAG_COMPRESSED) != OFLAG_COPIED:
+            return 0, 0
+        cluster = offset >> cluster_bits << cluster_bits
+        delta = (descriptor & L2_OFFSET_MASK) - cluster  # host offset - guest offset
+        end = offset + length
+        position = offset
+        while True:
+            first = (position >> sub_bits) & (SUBCLUSTERS - 1)
+            run = (entries[2 * index + 1] & _ALL) >> first
+            allocated = (run ^ (run + 1)).bit_length() - 1  # trailing allocated subclusters
+            position = cluster + ((first + allocated) << sub_bits)
+            if first + allocated < SUBCLUSTERS or position >= end or index == self._l2_mask:
+                break
+            # Allocated subclusters bind a host cluster (checked on load): only contiguity is left.
+            index += 1
+            cluster = position
+            descriptor = entries[2 * index]
+            if descriptor & (OFLAG_COPIED | OFLAG_COMPRESSED) != OFLAG_COPIED:
+                break
+            if (descriptor & L2_OFFSET_MASK) - cluster != delta:
+                break
+        return offset + delta, max(0, min(position, end) - offset)
+
+    async def _allocate_extended(self, offset: int, length: int) -> tuple[ShallowMapping, int]:
+        """:meth:`_allocate` for extended L2 entries: the subclusters written become allocated.
+
+        Clusters of our own keep their host cluster; others (unallocated, shared with a
+        snapshot, compressed) get a new one, as QEMU does. What stays allocated but is not
+        written is filled with what it reads now: the unwritten head and tail of the first and
+        last subcluster written, and in a new host cluster the subclusters allocated before
+        (all of them for a compressed cluster). Other subclusters keep their state.
+        """
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        sub_bits = cluster_bits - 5
+        table = await self._writable_table(offset)
+        host, count = self._extended_run(table, offset, length)
+        if count:  # allocated meanwhile
+            return ShallowRaw(self._data_storage, host, True), count
+        index = (offset >> cluster_bits) & self._l2_mask
+        table_end = ((offset >> self._table_shift) + 1) << self._table_shift
+        end = min(offset + length, table_end)
+        last = ((end - 1) >> cluster_bits) & self._l2_mask
+        entries = table.entries
+        first_guest = offset >> cluster_bits << cluster_bits
+        owned = self._owned(entries[2 * index])
+        count = 1
+        if owned:
+            host = entries[2 * index] & L2_OFFSET_MASK
+            while (
+                index + count <= last
+                and self._owned(entries[2 * (index + count)])
+                and entries[2 * (index + count)] & L2_OFFSET_MASK == host + (count << cluster_bits)
+            ):
+                count += 1
+        else:
+            while index + count <= last and not self._owned(entries[2 * (index + count)]):
+                count += 1
+            if self._header.has_data_file:
+                host = first_guest  # data clusters live at their guest offset in the data file
+            else:
+                host, count = await self._refcounts.allocate(count)
+        write_end = min(end, first_guest + (count << cluster_bits))
+        updates: list[tuple[int, int, int]] = []
+        fills: list[list[int]] = []  # guest ranges [start, end) to copy as they read now
+        for step in range(count):
+            slot = index + step
+            cluster = first_guest + (step << cluster_bits)
+            start, stop = max(offset, cluster), min(write_end, cluster + cluster_size)
+            descriptor, bitmap = entries[2 * slot], entries[2 * slot + 1]
+            first, last_sub = (start - cluster) >> sub_bits, (stop - 1 - cluster) >> sub_bits
+            written = (2 << last_sub) - (1 << first)
+            if descriptor & OFLAG_COMPRESSED:
+                before, allocated = 0, _ALL  # the whole cluster, decompressed
+            else:
+                before = bitmap & _ALL
+                allocated = before | written
+            whole_low = -(-(start - cluster) >> sub_bits)
+            whole_high = (stop - cluster) >> sub_bits
+            wholly_written = (1 << whole_high) - (1 << whole_low) if whole_high > whole_low else 0
+            fill = allocated & ~wholly_written & ~(before if owned else 0)
+            while fill:
+                low = fill & -fill
+                fill ^= low
+                sub_start = cluster + ((low.bit_length() - 1) << sub_bits)
+                sub_end = sub_start + (1 << sub_bits)
+                for a, b in ((sub_start, min(sub_end, start)), (max(sub_start, stop), sub_end)):
+                    if a < b:
+                        if fills and fills[-1][1] == a:
+                            fills[-1][1] = b
+                        else:
+                            fills.append([a, b])
+            zeroes = (bitmap >> SUBCLUSTERS) & ~allocated
+            updates.append((slot, (host + (step << cluster_bits)) | OFLAG_COPIED, allocated | zeroes << SUBCLUSTERS))
+        for a, b in fills:
+            old = bytearray(b - a)
+            await self._read_current(old, a)
+            await self._data_storage.writev([memoryview(old)], host + a - first_guest)
+        for slot, descriptor, bitmap in updates:
+            if not owned:
+                self._release(entries[2 * slot])
+            table.set_extended(slot, descriptor, bitmap)
+        self._tables.mark_dirty(table.offset)
+        self.mappings_changed()
+        return ShallowRaw(self._data_storage, host + offset - first_guest, True), write_end - offset
+
     # --- zeroes and discards -----------------------------------------------------------------
 
     async def _zero_clusters(self, offset: int, length: int, how: str) -> tuple[int, int]:
         """Apply *how* to the whole clusters of the range; returns the part handled."""
+        if self._header.extended_l2:
+            return await self._zero_subclusters(offset, length, how)
         cluster_bits = self._cluster_bits
         cluster_size = 1 << cluster_bits
         request_end = offset + length
@@ -269,6 +410,75 @@ class Qcow2Writing(FormatDriver):
                         table.set_entry(slot, new)
                 self._tables.mark_dirty(table.offset)
                 position = table_end
+            self.mappings_changed()
+        if self._header.has_data_file and (how != _UNMAP or self._header.data_file_raw):
+            # Keep the external data file reading as the image does (a raw data file must).
+            await self._data_storage.write_zeroes(start, min(end, self._size) - start, unmap=True)
+        return start, min(end, request_end) - start
+
+    async def _compressed_at(self, offset: int) -> bool:
+        """Extended tables: whether the cluster at guest *offset* is compressed."""
+        table = await self._table(offset)
+        slot = (offset >> self._cluster_bits) & self._l2_mask
+        return table is not None and bool(table.entries[2 * slot] & OFLAG_COMPRESSED)
+
+    async def _zero_subclusters(self, offset: int, length: int, how: str) -> tuple[int, int]:
+        """:meth:`_zero_clusters` for extended L2 entries: whole subclusters.
+
+        _KEEP and _ZERO set the zero bits, _UNMAP clears them; both clear the allocation bits.
+        A host cluster left without allocated subclusters is released, except by _KEEP where it
+        is ours. A compressed cluster the range covers only in part is left to the caller.
+        """
+        cluster_bits = self._cluster_bits
+        cluster_size = 1 << cluster_bits
+        cluster_mask = cluster_size - 1
+        sub_bits = cluster_bits - 5
+        sub_size = 1 << sub_bits
+        request_end = offset + length
+        start = -(-offset // sub_size) * sub_size
+        end = request_end // sub_size * sub_size
+        if request_end == self._size:
+            end = -(-request_end // cluster_size) * cluster_size  # the disk's last cluster, wholly
+        async with self._lock:
+            first_cluster = start & ~cluster_mask
+            partly = start != first_cluster or end < first_cluster + cluster_size
+            if start < end and partly and await self._compressed_at(start):
+                start = first_cluster + cluster_size
+            if start < end and end & cluster_mask and await self._compressed_at(end - 1):
+                end &= ~cluster_mask
+            if end <= start or start >= request_end:  # (the latter: inside the disk's last subcluster)
+                return offset, 0
+            position = start
+            while position < end:
+                table_end = min(end, ((position >> self._table_shift) + 1) << self._table_shift)
+                if not self._l1[position >> self._table_shift] and (how == _UNMAP or self._backing is None):
+                    position = table_end  # unallocated already reads as asked
+                    continue
+                table = await self._writable_table(position)
+                entries = table.entries
+                while position < table_end:
+                    cluster = position & ~cluster_mask
+                    stop = min(table_end, cluster + cluster_size)
+                    range_bits = (1 << ((stop - cluster) >> sub_bits)) - (1 << ((position - cluster) >> sub_bits))
+                    slot = (position >> cluster_bits) & self._l2_mask
+                    descriptor, bitmap = entries[2 * slot], entries[2 * slot + 1]
+                    if descriptor & OFLAG_COMPRESSED:  # wholly covered here
+                        new_descriptor, allocated, zeroes = 0, 0, 0
+                    else:
+                        new_descriptor = descriptor
+                        allocated = bitmap & _ALL & ~range_bits
+                        zeroes = (bitmap >> SUBCLUSTERS) & ~range_bits
+                    if how != _UNMAP:
+                        zeroes |= range_bits
+                    if not allocated and not (how == _KEEP and self._owned(descriptor)):
+                        new_descriptor = 0  # nothing uses the host cluster any more
+                    new_bitmap = allocated | zeroes << SUBCLUSTERS
+                    if new_descriptor != descriptor or new_bitmap != bitmap:
+                        if new_descriptor != descriptor:
+                            self._release(descriptor)
+                        table.set_extended(slot, new_descriptor, new_bitmap)
+                    position = stop
+                self._tables.mark_dirty(table.offset)
             self.mappings_changed()
         if self._header.has_data_file and (how != _UNMAP or self._header.data_file_raw):
             # Keep the external data file reading as the image does (a raw data file must).
@@ -330,10 +540,15 @@ class Qcow2Writing(FormatDriver):
                 await self._storage.writev([memoryview(blob)], host)
                 table = await self._writable_table(guest)
                 slot = (guest >> cluster_bits) & self._l2_mask
-                self._release(table.entries[slot])
                 offset_bits = 62 - (cluster_bits - 8)
                 sectors = (host % 512 + len(blob) + 511) // 512 - 1
-                table.set_entry(slot, OFLAG_COMPRESSED | sectors << offset_bits | host)
+                descriptor = OFLAG_COMPRESSED | sectors << offset_bits | host
+                if table.extended:
+                    self._release(table.entries[2 * slot])
+                    table.set_extended(slot, descriptor, 0)  # compressed clusters have no bitmap
+                else:
+                    self._release(table.entries[slot])
+                    table.set_entry(slot, descriptor)
                 self._tables.mark_dirty(table.offset)
         self.mappings_changed()
 
@@ -400,6 +615,9 @@ class Qcow2Writing(FormatDriver):
         FULL writes zeroes into them, FALLOC reserves them, METADATA only maps them; the file
         grows to hold them.
         """
+        if self._header.extended_l2:
+            await self._preallocate_extended(start, end, prealloc)
+            return
         host_end = 0
         position = start
         while position < end:
@@ -413,6 +631,54 @@ class Qcow2Writing(FormatDriver):
             host_end = max(host_end, mapping.offset + length)
             position += length
         storage = self._data_storage
+        if host_end > storage.size:
+            mode = PreallocateMode.FALLOC if prealloc is PreallocateMode.FALLOC else PreallocateMode.NONE
+            await storage.resize(host_end, mode)
+
+    async def _preallocate_extended(self, start: int, end: int, prealloc: PreallocateMode) -> None:
+        """:meth:`_preallocate` for extended L2 entries.
+
+        As QEMU does, host clusters are bound to the clusters without one, and their subclusters
+        keep their state (unallocated ones still read from the backing file, or as zero).
+        """
+        cluster_bits = self._cluster_bits
+        data_file = self._header.has_data_file
+        spans: list[tuple[int, int]] = []  # host [offset, length) bound
+        async with self._lock:
+            position = start
+            while position < end:
+                table_end = min(end, ((position >> self._table_shift) + 1) << self._table_shift)
+                table = await self._writable_table(position)
+                entries = table.entries
+                cluster, stop = position >> cluster_bits, -(-table_end >> cluster_bits)
+                while cluster < stop:
+                    slot = cluster & self._l2_mask
+                    count = 0
+                    while cluster + count < stop and not entries[2 * (slot + count)]:
+                        count += 1
+                    if not count:
+                        cluster += 1  # already bound (or compressed): left as it is
+                        continue
+                    if data_file:
+                        host = cluster << cluster_bits
+                    else:
+                        host, count = await self._refcounts.allocate(count)
+                    for step in range(count):
+                        bitmap = entries[2 * (slot + step) + 1]
+                        table.set_extended(slot + step, (host + (step << cluster_bits)) | OFLAG_COPIED, bitmap)
+                    spans.append((host, count << cluster_bits))
+                    cluster += count
+                self._tables.mark_dirty(table.offset)
+                position = table_end
+            self.mappings_changed()
+        storage = self._data_storage
+        if prealloc is PreallocateMode.FULL:
+            zeroes = memoryview(bytes(min(max((length for _, length in spans), default=0), 1 << 20)))
+            for host, length in spans:
+                for done in range(0, length, zeroes.nbytes):
+                    step = min(zeroes.nbytes, length - done)
+                    await storage.writev([zeroes[:step]], host + done)
+        host_end = max((host + length for host, length in spans), default=0)
         if host_end > storage.size:
             mode = PreallocateMode.FALLOC if prealloc is PreallocateMode.FALLOC else PreallocateMode.NONE
             await storage.resize(host_end, mode)
