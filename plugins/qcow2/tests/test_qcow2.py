@@ -269,6 +269,28 @@ def test_external_data_file(tmp_path: Path) -> None:
     explicit.close()
 
 
+@pytest.mark.parametrize("refcount_bits", [1, 2, 16])
+def test_compressed_clusters_are_packed_as_tightly_as_refcounts_allow(tmp_path: Path, refcount_bits: int) -> None:
+    path = tmp_path / "packed.qcow2"
+    imago.create(path, format="qcow2", size=1 << 20, cluster_size=4096, refcount_bits=refcount_bits)
+    text = b"".join(b"line %d of compressible text\n" % i for i in range(60000))[: 1 << 20]
+    with imago.open(path, format="qcow2", write=True) as image:
+        image.write_compressed(text, 0)
+    check = json.loads(qemu("qemu-img", "check", "--output=json", str(path)))
+    assert (check.get("check-errors", 0), check.get("leaks", 0), check.get("corruptions", 0)) == (0, 0, 0)
+    assert check["compressed-clusters"] == 256
+    assert reference(path) == text
+    # Compressed data that straddles host clusters references both: a host cluster holds at
+    # most as many compressed clusters as its refcount counts (1 for 1-bit refcounts).
+    host_clusters = -(-path.stat().st_size // 4096) - 5  # less header, refcount table and block, L1, L2
+    if refcount_bits == 1:
+        assert host_clusters >= 256
+    elif refcount_bits == 2:
+        assert 256 // 3 <= host_clusters < 256
+    else:
+        assert host_clusters < 256 // 3
+
+
 @pytest.mark.parametrize("compression", ["zlib", "zstd"])
 @pytest.mark.parametrize("cluster_size", [512, 65536, 2 << 20])
 def test_write_compressed(tmp_path: Path, compression: str, cluster_size: int) -> None:

@@ -3,8 +3,8 @@
 * The same sequence of snapshot commands runs through ``qemu-img snapshot`` on one copy of an
   image and through imago on another: after every step the disks compare equal, the
   snapshot lists agree (IDs, names, sizes; not the dates) and both pass ``qemu-img check``.
-* A hypothesis workload mixes snapshots with writes, zeroing, discards, resizes, flushes and
-  reopens over the option matrix; every live snapshot must read back, through qemu, as it was
+* A hypothesis workload mixes snapshots with writes, compressed writes, zeroing, discards,
+  resizes, flushes and reopens over the option matrix; every live snapshot must read back, through qemu, as it was
   when it was taken.
 * Misuse: read-only images, external data files, refcount overflow (refused before anything
   changes), unknown snapshots, bad names.
@@ -433,6 +433,23 @@ class _SnapshotWorkload(_WriteWorkload):
         deleted = self.driver.delete_snapshot_sync(taken.id)
         assert deleted.id == taken.id
 
+    @rule(position=st.integers(0, 1 << 30), count=st.integers(1, 4), compressible=st.booleans())
+    def write_compressed(self, position: int, count: int, compressible: bool) -> None:
+        cs = self.config.cluster_size
+        size = self.model.size
+        clusters = -(-size // cs)
+        if not clusters:
+            return
+        offset = position % clusters * cs
+        length = min(count * cs, size - offset)
+        if compressible:  # packed tightly, often straddling host clusters
+            data = (bytes([self.rng.randrange(1, 256)]) * self.rng.randrange(1, 64) + b"snapshot") * (length // 9 + 1)
+            data = data[:length]
+        else:  # does not shrink: stored as an ordinary cluster
+            data = self.rng.randbytes(length)
+        self.image.write_compressed(data, offset)
+        self.model.write(offset, data)
+
     @precondition(lambda self: self.resizing)
     @rule(size=st.integers(min_value=0, max_value=1 << 30))
     def resize(self, size: int) -> None:
@@ -493,6 +510,10 @@ SNAPSHOT_CONFIGS = [
             "snapshot-refcount-2",
             "compressed-zstd",
             "compressed-over-backing",
+            "extended-l2",
+            "extended-l2-backing-qcow2",
+            "extended-l2-snapshots",
+            "extended-l2-compressed",
         }
     ),
 ]

@@ -553,17 +553,31 @@ class Qcow2Writing(FormatDriver):
         self.mappings_changed()
 
     async def _place_compressed(self, length: int) -> int:
-        """Host offset for *length* bytes of compressed data, packed into partly used clusters.
+        """Host offset for *length* (< cluster size) bytes of compressed data, packed tightly.
 
-        Each compressed cluster holds one reference to the host cluster it lies in; data never
-        straddles host clusters here (a fresh cluster is taken instead).
+        Data goes right after the previous compressed data; it straddles into the next host
+        cluster when that one is free (as QEMU packs), else a fresh cluster is taken. Each
+        compressed cluster holds one reference to every host cluster its data touches, so a
+        host cluster whose refcount is at its maximum (narrow ``refcount_bits``) takes no more.
         """
-        cluster_size = 1 << self._cluster_bits
+        cluster_bits = self._cluster_bits
         cursor = self._compress_cursor
-        if cursor and (cursor & (cluster_size - 1)) and (cursor & (cluster_size - 1)) + length <= cluster_size:
-            await self._refcounts.change(cursor >> self._cluster_bits, 1, +1)
-        else:
-            cursor, _ = await self._refcounts.allocate(1)
+        within = cursor & ((1 << cluster_bits) - 1)
+        # A host cluster holds as many compressed clusters as its refcount can count.
+        full = (1 << self._header.refcount_bits) - 1
+        if cursor and within and await self._refcounts.get(cursor) < full:
+            current = cursor >> cluster_bits
+            if within + length > 1 << cluster_bits:
+                following = current + 1
+                if await self._refcounts.get(following << cluster_bits):
+                    following = 0  # taken: start afresh
+                else:
+                    await self._refcounts.change(following, 1, +1, avoid=range(following, following + 1))
+            if within + length <= 1 << cluster_bits or following:
+                await self._refcounts.change(current, 1, +1)
+                self._compress_cursor = cursor + length
+                return cursor
+        cursor, _ = await self._refcounts.allocate(1)
         self._compress_cursor = cursor + length
         return cursor
 
