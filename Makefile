@@ -47,6 +47,7 @@ test: lint typecheck pytest
 bench: setup qemu
 	$(BIN)/python bench/bench_raw.py
 	$(BIN)/python bench/bench_qcow2.py
+	$(BIN)/python bench/bench_qcow2_write.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
