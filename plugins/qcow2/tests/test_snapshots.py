@@ -540,3 +540,29 @@ def test_random_workload_with_snapshots(config: Config, resizing: bool, tmp_path
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
     )
     Workload.TestCase().runTest()
+
+
+@pytest.mark.parametrize("extended_l2", [False, True], ids=["standard", "extended-l2"])
+def test_mappings_are_writable_in_place_only_where_unshared(tmp_path: Path, extended_l2: bool) -> None:
+    path = tmp_path / "a.qcow2"
+    _qemu.create(path, 4 * MiB, options={"extended_l2": extended_l2})
+    with open_rw(path) as image:
+        image.write(b"\x01" * (2 * 65536), 0)
+
+        def writable() -> bool:
+            mapping, length = image.get_shallow_mapping(0, 2 * 65536)
+            assert length == 2 * 65536
+            return bool(getattr(mapping, "writable", False))
+
+        assert writable()
+        driver = qcow2_of(image)
+        driver.create_snapshot_sync("s")
+        assert not writable()  # shared with the snapshot: a write must copy first
+        image.write(b"\x02" * (2 * 65536), 0)
+        assert writable()
+        driver.apply_snapshot_sync("s")
+        assert not writable()
+        driver.delete_snapshot_sync("s")
+        assert writable()  # ours alone again: COPIED flags are back
+    check_clean(path)
+    _qemu.qemu_io(path, f"read -P 1 0 {2 * 65536}")

@@ -512,19 +512,25 @@ class Qcow2(Qcow2Snapshotting):
         cluster_bits = self._cluster_bits
         sub_bits = cluster_bits - 5
         sub_size = 1 << sub_bits
+        entries = table.entries
         kind, host = table.subcluster(index, (offset >> sub_bits) & 31, cluster_bits)
         host_start = host + (offset & (sub_size - 1))
+        copied = entries[2 * index] & OFLAG_COPIED
         step_bits = cluster_bits if kind == COMPRESSED else sub_bits
         position = ((offset >> step_bits) + 1) << step_bits
         while position < limit:
             next_index = (position >> cluster_bits) & self._l2_mask
             next_kind, next_host = table.subcluster(next_index, (position >> sub_bits) & 31, cluster_bits)
-            if next_kind != kind or (kind == DATA and next_host != host_start + position - offset):
+            if next_kind != kind or (
+                kind == DATA
+                and (next_host != host_start + position - offset or entries[2 * next_index] & OFLAG_COPIED != copied)
+            ):
                 break
             position += 1 << step_bits
         length = min(position, limit) - offset
         if kind == DATA:
-            return ShallowRaw(self._data_storage, host_start, False), length
+            # Like standard entries: writable in place where the cluster is ours alone.
+            return ShallowRaw(self._data_storage, host_start, self._writable and bool(copied)), length
         if kind == UNALLOCATED:
             return self._unallocated(offset), length
         if kind == ZERO:
