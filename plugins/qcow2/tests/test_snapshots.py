@@ -136,8 +136,15 @@ class Twins:
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"compat": "0.10"}, {"cluster_size": 4096, "refcount_bits": 64}, {"compression_type": "zstd"}],
-    ids=["default", "v2", "4k-refcount-64", "zstd"],
+    [
+        {},
+        {"compat": "0.10"},
+        {"cluster_size": 4096, "refcount_bits": 64},
+        {"compression_type": "zstd"},
+        {"lazy_refcounts": True},
+        {"extended_l2": True},
+    ],
+    ids=["default", "v2", "4k-refcount-64", "zstd", "lazy-refcounts", "extended-l2"],
 )
 def test_same_results_as_qemu_img_snapshot(tmp_path: Path, options: dict[str, object]) -> None:
     twins = Twins(tmp_path, options)
