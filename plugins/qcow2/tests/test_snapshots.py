@@ -573,3 +573,34 @@ def test_mappings_are_writable_in_place_only_where_unshared(tmp_path: Path, exte
         assert writable()  # ours alone again: COPIED flags are back
     check_clean(path)
     _qemu.qemu_io(path, f"read -P 1 0 {2 * 65536}")
+
+
+def test_refcounts_that_do_not_cover_a_snapshot_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "damaged.qcow2"
+    make_image(path, compressed=False)
+    _qemu.qemu_img("snapshot", "-c", "s", path)
+    _qemu.qemu_io(path, "write -P 0x77 0 65536")  # cluster 0 now differs: the old one is the snapshot's alone
+    with open_ro(path) as image:
+        view = SyncFormatAccess(qcow2_of(image).read_snapshot_sync("s"))
+        mapping, _ = view.get_shallow_mapping(0, 65536)
+        view.close()
+    host = getattr(mapping, "offset", None)
+    assert isinstance(host, int)
+    # Damage: the snapshot's cluster gets refcount 0 (16-bit entries in the block at 0x20000).
+    layout = _qemu.qcow2_layout(path)
+    assert layout.cluster_size == 65536
+    data = bytearray(path.read_bytes())
+    refcount_table = int.from_bytes(data[48:56], "big")
+    block = int.from_bytes(data[refcount_table : refcount_table + 8], "big")
+    entry = block + 2 * (host // 65536)
+    assert data[entry : entry + 2] == b"\x00\x01"
+    data[entry : entry + 2] = b"\x00\x00"
+    path.write_bytes(data)
+    with open_rw(path) as image:
+        image.flush()
+        before = sha256(path)
+        driver = qcow2_of(image)
+        with pytest.raises(imago.CorruptImageError, match="qemu-img check -r all"):
+            driver.delete_snapshot_sync("s")
+        assert sha256(path) == before
+        assert [s.name for s in driver.snapshots] == ["s"]

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 
 import attrs
 
-from imago import ImagoError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError, aio
+from imago import CorruptImageError, ImagoError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError, aio
 
 from .header import MAX_NAME_BYTES, MAX_SNAPSHOTS
 from .snapshots import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table
@@ -94,7 +94,7 @@ class Qcow2Snapshotting(Qcow2Writing):
         async with self._lock:
             await self._write_back()
             changes = await self._tree_references(self._l1)
-            await self._check_headroom(changes)
+            await self._check_changes(changes)
             l1_offset = await self._allocate_table(len(self._l1) * 8)
             await self._change_refcounts(changes)
             await self._update_copied()
@@ -132,10 +132,11 @@ class Qcow2Snapshotting(Qcow2Writing):
             await self._write_back()
             l1 = await self._snapshot_l1(snapshot)
             changes = await self._tree_references(l1)
-            await self._check_headroom(changes)
-            await self._change_refcounts(changes)
             old_l1 = self._l1
             old_offset, old_entries = self._header.l1_table_offset, len(old_l1)
+            releases = await self._tree_releases(old_l1, old_offset, old_entries)
+            await self._check_changes(changes, releases)
+            await self._change_refcounts(changes)
             new_offset = await self._allocate_table(len(l1) * 8)
             await self._refcounts.flush()
             if new_offset:
@@ -152,9 +153,6 @@ class Qcow2Snapshotting(Qcow2Writing):
             self._l1_copied = bytearray(len(l1))
             self.mappings_changed()
             # Nothing on disk refers to the old active tree any more.
-            releases = _negated(await self._tree_references(old_l1))
-            for cluster in _table_clusters(old_offset, old_entries * 8, self._cluster_bits):
-                releases[cluster] = releases.get(cluster, 0) - 1
             await self._change_refcounts(releases)
             await self._update_copied()
             await self._write_back()
@@ -172,9 +170,8 @@ class Qcow2Snapshotting(Qcow2Writing):
         async with self._lock:
             await self._write_back()
             l1 = await self._snapshot_l1(snapshot)
-            releases = _negated(await self._tree_references(l1))
-            for cluster in _table_clusters(snapshot.l1_table_offset, snapshot.l1_size * 8, self._cluster_bits):
-                releases[cluster] = releases.get(cluster, 0) - 1
+            releases = await self._tree_releases(l1, snapshot.l1_table_offset, snapshot.l1_size)
+            await self._check_changes(releases)
             await self._write_snapshot_table([s for s in self._snapshots if s is not snapshot])
             await self._change_refcounts(releases)
             await self._update_copied()
@@ -242,17 +239,38 @@ class Qcow2Snapshotting(Qcow2Writing):
                 counts[cluster] = counts.get(cluster, 0) + 1
         return counts
 
-    async def _check_headroom(self, changes: dict[int, int]) -> None:
-        """Refuse before changing anything if an increment would overflow a refcount."""
+    async def _tree_releases(self, l1: Sequence[int], l1_offset: int, l1_entries: int) -> dict[int, int]:
+        """The refcount decrements that dropping the tree under *l1* (and *l1* itself) makes."""
+        releases = {cluster: -count for cluster, count in (await self._tree_references(l1)).items()}
+        for cluster in _table_clusters(l1_offset, l1_entries * 8, self._cluster_bits):
+            releases[cluster] = releases.get(cluster, 0) - 1
+        return releases
+
+    async def _check_changes(self, *changes: dict[int, int]) -> None:
+        """Refuse, before anything changes, refcount changes that would leave the valid range.
+
+        Too large: the image has more snapshots than its refcount width counts. Negative: the
+        refcounts do not cover the references (a damaged image).
+        """
+        total: dict[int, int] = {}
+        for change in changes:
+            for cluster, delta in change.items():
+                total[cluster] = total.get(cluster, 0) + delta
         limit = (1 << self._header.refcount_bits) - 1
         cluster_bits = self._cluster_bits
-        for cluster, delta in changes.items():
+        for cluster, delta in total.items():
             value = await self._refcounts.get(cluster << cluster_bits) + delta
             if value > limit:
                 raise InvalidRequestError(
                     f"{self._filename}: the cluster at {cluster << cluster_bits:#x} would need refcount {value}, "
                     f"more than {self._header.refcount_bits}-bit refcounts hold (the image has too many snapshots "
                     "for its refcount_bits)"
+                )
+            if value < 0:
+                raise CorruptImageError(
+                    self._filename,
+                    cluster << cluster_bits,
+                    "the refcounts do not cover the references to this cluster (repair: qemu-img check -r all)",
                 )
 
     async def _allocate_table(self, length: int) -> int:
@@ -351,10 +369,6 @@ def _encode_l1(l1: Sequence[int], copied: bytearray | None = None) -> bytes:
     if sys.byteorder == "little":
         words.byteswap()
     return words.tobytes()
-
-
-def _negated(counts: dict[int, int]) -> dict[int, int]:
-    return {cluster: -count for cluster, count in counts.items()}
 
 
 def _table_clusters(offset: int, length: int, cluster_bits: int) -> range:
