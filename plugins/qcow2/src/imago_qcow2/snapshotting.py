@@ -246,32 +246,33 @@ class Qcow2Snapshotting(Qcow2Writing):
             releases[cluster] = releases.get(cluster, 0) - 1
         return releases
 
-    async def _check_changes(self, *changes: dict[int, int]) -> None:
+    async def _check_changes(self, *stages: dict[int, int]) -> None:
         """Refuse, before anything changes, refcount changes that would leave the valid range.
 
-        Too large: the image has more snapshots than its refcount width counts. Negative: the
+        *stages* are applied one after another: each must keep every refcount in range. Too
+        large: the image has more snapshots than its refcount width counts. Negative: the
         refcounts do not cover the references (a damaged image).
         """
-        total: dict[int, int] = {}
-        for change in changes:
-            for cluster, delta in change.items():
-                total[cluster] = total.get(cluster, 0) + delta
         limit = (1 << self._header.refcount_bits) - 1
         cluster_bits = self._cluster_bits
-        for cluster, delta in total.items():
-            value = await self._refcounts.get(cluster << cluster_bits) + delta
-            if value > limit:
-                raise InvalidRequestError(
-                    f"{self._filename}: the cluster at {cluster << cluster_bits:#x} would need refcount {value}, "
-                    f"more than {self._header.refcount_bits}-bit refcounts hold (the image has too many snapshots "
-                    "for its refcount_bits)"
-                )
-            if value < 0:
-                raise CorruptImageError(
-                    self._filename,
-                    cluster << cluster_bits,
-                    "the refcounts do not cover the references to this cluster (repair: qemu-img check -r all)",
-                )
+        total: dict[int, int] = {}
+        for stage in stages:
+            for cluster, delta in stage.items():
+                total[cluster] = total.get(cluster, 0) + delta
+            for cluster in stage:
+                value = await self._refcounts.get(cluster << cluster_bits) + total[cluster]
+                if value > limit:
+                    raise InvalidRequestError(
+                        f"{self._filename}: the cluster at {cluster << cluster_bits:#x} would need refcount {value}, "
+                        f"more than {self._header.refcount_bits}-bit refcounts hold (the image has too many "
+                        "snapshots for its refcount_bits)"
+                    )
+                if value < 0:
+                    raise CorruptImageError(
+                        self._filename,
+                        cluster << cluster_bits,
+                        "the refcounts do not cover the references to this cluster (repair: qemu-img check -r all)",
+                    )
 
     async def _allocate_table(self, length: int) -> int:
         """Contiguous new clusters for a table of *length* bytes (0: no table, offset 0)."""
