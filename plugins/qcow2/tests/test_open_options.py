@@ -1,4 +1,4 @@
-"""Storage options given when opening a qcow2 image apply to its external data file too."""
+"""Options for opening qcow2 images: storage options reach the data file; discarding freed clusters."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import imago
+from imago import InvalidOptionError, PermissiveImplicitOpenGate, SyncFormatAccess
+from imago_qcow2 import Qcow2
 
 from . import _qemu
 from ._qemu import MiB
@@ -32,3 +34,30 @@ def test_no_flush_reaches_the_data_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert synced == (set() if no_flush else {"d.qcow2", "d.data"})
     check_clean(path, cwd=tmp_path)
     _qemu.qemu_io(path, "read -P 0x42 12345 70000", cwd=tmp_path)
+
+
+def allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+@pytest.mark.parametrize("discard_freed", [True, False])
+def test_freed_clusters_are_punched_out_unless_asked_not_to(tmp_path: Path, discard_freed: bool) -> None:
+    path = tmp_path / "p.qcow2"
+    _qemu.create(path, 8 * MiB)
+    _qemu.qemu_io(path, f"write -P 0x11 0 {4 * MiB}")
+    before = allocated(path)
+    builder = Qcow2.builder_path(path).write(True).discard_freed(discard_freed)
+    with SyncFormatAccess(builder.open_sync(PermissiveImplicitOpenGate())) as image:
+        image.discard_to_zero(0, 4 * MiB)
+    check_clean(path)
+    _qemu.qemu_io(path, f"read -P 0 0 {4 * MiB}")
+    if discard_freed:
+        assert allocated(path) < before - 3 * MiB
+    else:
+        assert allocated(path) >= before
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_discard_freed_must_be_a_bool(value: object) -> None:
+    with pytest.raises(InvalidOptionError, match="discard_freed"):
+        Qcow2.builder_path("x.qcow2").discard_freed(value)  # type: ignore[arg-type]

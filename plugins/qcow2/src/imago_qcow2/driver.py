@@ -67,6 +67,7 @@ class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
         self._backing: FormatAccess | None = _UNSET
         self._data_file: Storage | None = _UNSET
         self._allow_corrupt = False
+        self._discard_freed = True
 
     def backing(self, backing: FormatAccess | None) -> Self:
         """The backing layer: ``None`` opens none, a :class:`FormatAccess` is used as given.
@@ -91,6 +92,16 @@ class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
     def allow_corrupt(self, allow: bool = True) -> Self:
         """Allow a read-only open of an image whose corrupt bit is set."""
         self._allow_corrupt = bool(allow)
+        return self
+
+    def discard_freed(self, discard: bool = True) -> Self:
+        """Punch clusters the image no longer uses out of the file (the default), or keep them.
+
+        Keeping them allocated avoids fragmenting the file where clusters are soon reused.
+        """
+        if not isinstance(discard, bool):
+            raise InvalidOptionError("discard_freed", f"must be True or False, got {discard!r}")
+        self._discard_freed = discard
         return self
 
 
@@ -120,12 +131,14 @@ class Qcow2(Qcow2Snapshotting):
         owns_storages: bool = True,
         snapshot: Snapshot | None = None,
         writable: bool = False,
+        discard_freed: bool = True,
     ) -> None:
         self._storage = storage
         self._header = header
         self._l1 = l1
         self._l1_copied = l1_copied
         self._writable = writable
+        self._discard_freed = discard_freed
         self._lock = asyncio.Lock()
         # Host clusters to release once the metadata no longer pointing to them is on disk.
         self._frees: list[tuple[int, int]] = []
@@ -244,6 +257,7 @@ class Qcow2(Qcow2Snapshotting):
             backing=backing,
             snapshots=snapshots,
             writable=builder.writable,
+            discard_freed=builder._discard_freed,
         )
 
     @staticmethod

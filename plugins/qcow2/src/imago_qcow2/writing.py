@@ -99,6 +99,8 @@ class Qcow2Writing(FormatDriver):
     #: Lazy refcounts are in use; and the dirty bit is set on disk.
     _lazy: bool
     _dirty_on_disk: bool
+    #: Freed clusters are punched out of the file.
+    _discard_freed: bool
     #: Where the next compressed cluster goes (0: start a new host cluster).
     _compress_cursor: int = 0
 
@@ -792,7 +794,8 @@ class Qcow2Writing(FormatDriver):
         cluster_bits = self._cluster_bits
         for cluster in freed:
             self._tables.discard(cluster << cluster_bits)
-            await self._storage.discard(cluster << cluster_bits, 1 << cluster_bits)
+            if self._discard_freed:
+                await self._storage.discard(cluster << cluster_bits, 1 << cluster_bits)
 
     async def sync(self) -> None:
         """:meth:`flush`, then make everything durable."""
