@@ -501,3 +501,78 @@ def test_mutated_image_reads_like_qemu_when_both_read_it(
     assert len(theirs) == outcome.size // 512 * 512
     common = min(len(theirs), len(outcome.content))
     assert outcome.content[:common] == theirs[:common], f"imago and qemu-img read differently after {mutations}"
+
+
+# --- writing mutated images -----------------------------------------------------------------------
+
+
+def exercise_writes(path: Path) -> None:
+    """Open for writing and change the disk every way there is. May raise ImagoError."""
+    storage = corpus.open_storage(path, writable=True)
+    try:
+        driver = Qcow2.builder(storage).write(True).open_sync(DenyImplicitOpenGate())
+    except BaseException:
+        imago.aio.run_sync(storage.close())
+        raise
+    disk = SyncFormatAccess(driver)
+    try:
+        size = disk.size
+        cluster = driver.cluster_size
+        for offset, length in ((5000, 3000), (CLUSTER - 100, 2 * CLUSTER), (size - 700, 700)):
+            if 0 <= offset and offset + length <= size:
+                disk.write(bytes([0x5A]) * length, offset)
+        for operation in (disk.write_zeroes, disk.discard_to_zero, disk.discard_to_any, disk.discard_to_backing):
+            if 3 * CLUSTER <= size:
+                operation(CLUSTER // 2, 2 * CLUSTER)
+        if 4 * cluster <= size:
+            disk.write_compressed(b"compressible " * (cluster // 13) + bytes(cluster % 13), 3 * cluster)
+        disk.flush()
+        snapshot = driver.create_snapshot_sync("fuzz")
+        disk.write(b"\x6b" * 4096, 0)
+        driver.apply_snapshot_sync(snapshot.id)
+        driver.delete_snapshot_sync(snapshot.id)
+        disk.resize(size + (1 << 20))
+        disk.write(b"\x7c" * 4096, size)
+        disk.resize(size)
+        _read(disk)
+    finally:
+        disk.close()
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@settings(MUTATION_SETTINGS, max_examples=60)
+@given(data=st.data())
+def test_writing_a_mutated_image_fails_only_with_imago_errors(
+    bases: Callable[[str], Base], workdir: Path, kind: str, data: st.DataObject
+) -> None:
+    """Writes, zeroing, discards, compressed writes, snapshots and resizes of a damaged image:
+    success or an ImagoError, never another exception or a hang."""
+    base = bases(kind)
+    mutations = data.draw(_mutations(base), label="mutations")
+    image = bytearray(base.data)
+    for mutation in mutations:
+        mutation.apply(image)
+    note(f"{base.kind}: {mutations}")
+    path = workdir / f"{kind}-written.qcow2"
+    path.write_bytes(image)
+    try:
+        with _alarm(EXAMPLE_TIMEOUT):
+            exercise_writes(path)
+    except ImagoError:
+        return
+    except (HangError, AssertionError):
+        raise
+    except Exception as error:
+        raise AssertionError(
+            f"{base.kind} mutated by {mutations}: writing raised {type(error).__name__}, not an ImagoError: {error}"
+        ) from error
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_writing_each_valid_base_image_succeeds(bases: Callable[[str], Base], workdir: Path, kind: str) -> None:
+    """The write exercise itself passes on the unmutated images (so the property above tests something)."""
+    path = workdir / f"{kind}-written-unmutated.qcow2"
+    path.write_bytes(bases(kind).data)
+    exercise_writes(path)
+    proc = subprocess.run(["qemu-img", "check", "-f", "qcow2", path], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
