@@ -519,10 +519,10 @@ def exercise_writes(path: Path) -> None:
         size = disk.size
         cluster = driver.cluster_size
         for offset, length in ((5000, 3000), (CLUSTER - 100, 2 * CLUSTER), (size - 700, 700)):
-            if 0 <= offset and offset + length <= size:
+            if offset >= 0 and offset + length <= size:
                 disk.write(bytes([0x5A]) * length, offset)
         for operation in (disk.write_zeroes, disk.discard_to_zero, disk.discard_to_any, disk.discard_to_backing):
-            if 3 * CLUSTER <= size:
+            if size >= 3 * CLUSTER:
                 operation(CLUSTER // 2, 2 * CLUSTER)
         if 4 * cluster <= size:
             disk.write_compressed(b"compressible " * (cluster // 13) + bytes(cluster % 13), 3 * cluster)
