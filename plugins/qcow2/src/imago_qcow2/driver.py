@@ -139,6 +139,7 @@ class Qcow2(Qcow2Snapshotting):
         self._l1_copied = l1_copied
         self._writable = writable
         self._discard_freed = discard_freed
+        self._metadata: set[int] = set()
         self._lock = asyncio.Lock()
         # Host clusters to release once the metadata no longer pointing to them is on disk.
         self._frees: list[tuple[int, int]] = []
@@ -155,7 +156,9 @@ class Qcow2(Qcow2Snapshotting):
         self._l2_bits = header.l2_entries.bit_length() - 1
         self._table_shift = self._cluster_bits + self._l2_bits
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
-        self._refcounts = Refcounts(storage, header, move_table=self._move_refcount_table)
+        self._refcounts = Refcounts(
+            storage, header, move_table=self._move_refcount_table, on_free=self._metadata.discard
+        )
         # Lazy refcounts: refcount blocks may lag behind the L2 tables while the image is
         # marked dirty on disk; flushing writes them and marks the image clean again.
         self._lazy = writable and header.version >= 3 and bool(header.compatible_features & COMPAT_LAZY_REFCOUNTS)
@@ -219,8 +222,10 @@ class Qcow2(Qcow2Snapshotting):
                     filename, 72, "the image is marked corrupt; open it read-only with allow_corrupt(True) to read it"
                 )
         if builder.writable:
-            await cls._accept_for_writing(storage, header)
-            header = attrs.evolve(header, autoclear_features=header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW)
+            cls._check_writable(storage, header)
+        found_autoclear = header.autoclear_features
+        if builder.writable:
+            header = attrs.evolve(header, autoclear_features=found_autoclear & AUTOCLEAR_DATA_FILE_RAW)
 
         raw_l1 = bytearray(header.l1_size * 8)
         if raw_l1:
@@ -247,7 +252,7 @@ class Qcow2(Qcow2Snapshotting):
             backing = await cls._open_backing(builder, gate, storage, header)
             if backing is not None:
                 opened.append(backing)
-        return cls(
+        image = cls(
             storage=storage,
             header=header,
             l1=l1,
@@ -259,10 +264,18 @@ class Qcow2(Qcow2Snapshotting):
             writable=builder.writable,
             discard_freed=builder._discard_freed,
         )
+        if builder.writable:
+            await image._scan_metadata()
+            if header.autoclear_features != found_autoclear:
+                # Only now that the image is accepted: features this driver does not maintain
+                # are declared invalid, as the specification asks of any writer.
+                await storage.writev([memoryview(struct.pack(">Q", header.autoclear_features))], 88)
+                await storage.flush()
+        return image
 
     @staticmethod
-    async def _accept_for_writing(storage: Storage, header: Header) -> None:
-        """Refuse what this driver cannot write safely; clear the autoclear bits it does not keep."""
+    def _check_writable(storage: Storage, header: Header) -> None:
+        """Refuse what this driver cannot write safely."""
         filename = storage.filename
         if not storage.writable:
             raise ReadOnlyError(filename or "qcow2 image file")
@@ -271,12 +284,6 @@ class Qcow2(Qcow2Snapshotting):
                 f"{filename}: the image is dirty (its refcounts may be stale); "
                 "repair it (qemu-img check -r all) before writing to it"
             )
-        kept = header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
-        if kept != header.autoclear_features:
-            # Only once the image is accepted: features this driver does not maintain are
-            # declared invalid, as the specification asks of any writer.
-            await storage.writev([memoryview(struct.pack(">Q", kept))], 88)
-            await storage.flush()
 
     @staticmethod
     async def _open_data_file(

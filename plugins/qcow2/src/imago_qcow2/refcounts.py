@@ -79,6 +79,7 @@ class Refcounts:
         header: Header,
         *,
         move_table: Callable[[int, int], Awaitable[None]] | None = None,
+        on_free: Callable[[int], None] | None = None,
     ) -> None:
         self._storage = storage
         self._header = header
@@ -91,6 +92,8 @@ class Refcounts:
         self._block_bits = header.cluster_bits + 3 - header.refcount_order
         # Records a new refcount table in the header: (offset, clusters).
         self._move_table = move_table
+        # Told of every cluster whose refcount drops to zero.
+        self._on_free = on_free
         self._free_hint = 0
         self._blocks: MetadataCache[int, RefcountBlock] = MetadataCache(
             max(_BLOCK_CACHE_BYTES // cluster_size, 4), self._load_block, self._write_block, storage.flush
@@ -265,6 +268,8 @@ class Refcounts:
             if value == 0:
                 freed.append(current)
                 self._free_hint = min(self._free_hint, current)
+                if self._on_free is not None:
+                    self._on_free(current)
         return freed
 
     async def allocate(self, count: int) -> tuple[int, int]:

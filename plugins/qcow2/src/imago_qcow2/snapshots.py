@@ -11,7 +11,7 @@ from imago import CorruptImageError, Storage
 
 from .header import MAX_L1_BYTES, MAX_NAME_BYTES, MAX_SNAPSHOTS, Header, check_table
 
-__all__ = ["Snapshot", "encode_snapshot", "encode_snapshot_table", "read_snapshot_table"]
+__all__ = ["Snapshot", "encode_snapshot", "encode_snapshot_table", "read_snapshot_table", "snapshot_table_length"]
 
 _ENTRY = struct.Struct(">QIHHIIQII")
 # QEMU's caps: extra data per snapshot, and the whole table.
@@ -202,3 +202,12 @@ def encode_snapshot_table(snapshots: list[Snapshot], table_offset: int) -> tuple
         placed.append(attrs.evolve(snapshot, table_offset=table_offset + len(table), extra_data=_extra_data(snapshot)))
         table += encode_snapshot(snapshot)
     return bytes(table), placed
+
+
+def snapshot_table_length(snapshots: list[Snapshot], table_offset: int) -> int:
+    """Bytes of the snapshot table as recorded (up to the end of its last entry)."""
+    if not snapshots:
+        return 0
+    last = snapshots[-1]
+    entry = 40 + len(last.extra_data) + len(last.id.encode()) + len(last.name.encode())
+    return last.table_offset + entry - table_offset

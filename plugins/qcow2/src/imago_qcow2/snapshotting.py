@@ -37,8 +37,8 @@ import attrs
 from imago import CorruptImageError, ImagoError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError, aio
 
 from .header import MAX_NAME_BYTES, MAX_SNAPSHOTS
-from .snapshots import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table
-from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, L2Table, decode_compressed, parse_l1
+from .snapshots import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table, snapshot_table_length
+from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, L2Table, decode_compressed
 from .writing import Qcow2Writing
 
 __all__ = ["Qcow2Snapshotting"]
@@ -200,19 +200,6 @@ class Qcow2Snapshotting(Qcow2Writing):
             # Data clusters in an external file have no refcounts to share them by (QEMU refuses too).
             raise UnsupportedFeatureError("internal snapshots of images with an external data file", self._filename)
 
-    async def _snapshot_l1(self, snapshot: Snapshot) -> array[int]:
-        raw = bytearray(snapshot.l1_size * 8)
-        if raw:
-            await self._storage.readv([memoryview(raw)], snapshot.l1_table_offset)
-        l1, _ = parse_l1(
-            raw,
-            table_offset=snapshot.l1_table_offset,
-            cluster_bits=self._cluster_bits,
-            file_size=self._storage.size,
-            filename=self._filename,
-        )
-        return l1
-
     def _entry_clusters(self, table: L2Table) -> Iterator[int]:
         """The host clusters the entries of *table* refer to (a compressed one may span two)."""
         cluster_bits = self._cluster_bits
@@ -340,7 +327,7 @@ class Qcow2Snapshotting(Qcow2Writing):
         await self._storage.flush()
         await self._storage.writev([memoryview(struct.pack(">IQ", len(placed), offset))], 60)
         await self._storage.flush()
-        old_length = _table_length(self._snapshots, header.snapshots_offset)
+        old_length = snapshot_table_length(self._snapshots, header.snapshots_offset)
         self._header = attrs.evolve(header, nb_snapshots=len(placed), snapshots_offset=offset)
         self._snapshots = placed
         releases = {cluster: -1 for cluster in _table_clusters(header.snapshots_offset, old_length, self._cluster_bits)}
@@ -377,12 +364,3 @@ def _table_clusters(offset: int, length: int, cluster_bits: int) -> range:
     if not offset or not length:
         return range(0)
     return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)
-
-
-def _table_length(snapshots: list[Snapshot], table_offset: int) -> int:
-    """Bytes of the snapshot table as recorded (up to the end of its last entry)."""
-    if not snapshots:
-        return 0
-    last = snapshots[-1]
-    entry = 40 + len(last.extra_data) + len(last.id.encode()) + len(last.name.encode())
-    return last.table_offset + entry - table_offset

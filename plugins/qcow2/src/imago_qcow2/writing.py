@@ -33,6 +33,7 @@ from collections import OrderedDict
 import attrs
 
 from imago import (
+    CorruptImageError,
     FormatAccess,
     FormatDriver,
     ImagoError,
@@ -48,8 +49,8 @@ from imago.format.mapping import ShallowRaw
 
 from .compression import compress_cluster
 from .header import INCOMPAT_DIRTY, MAX_L1_BYTES, Header
-from .refcounts import Refcounts
-from .snapshots import Snapshot
+from .refcounts import REFTABLE_OFFSET_MASK, Refcounts
+from .snapshots import Snapshot, snapshot_table_length
 from .tables import (
     DATA,
     L2_OFFSET_MASK,
@@ -60,6 +61,7 @@ from .tables import (
     ZERO,
     L2Table,
     decode_compressed,
+    parse_l1,
 )
 
 __all__ = ["Qcow2Writing"]
@@ -101,6 +103,9 @@ class Qcow2Writing(FormatDriver):
     _dirty_on_disk: bool
     #: Freed clusters are punched out of the file.
     _discard_freed: bool
+    #: Host clusters that held metadata when the image was opened for writing (until they are
+    #: freed): data is never written there.
+    _metadata: set[int]
     #: Where the next compressed cluster goes (0: start a new host cluster).
     _compress_cursor: int = 0
 
@@ -175,14 +180,78 @@ class Qcow2Writing(FormatDriver):
         if inside:
             await FormatAccess(self)._readv_mapped([memoryview(buf)[:inside]], offset, inside)
 
+    async def _snapshot_l1(self, snapshot: Snapshot) -> array[int]:
+        """A snapshot's L1 table: its L2 table offsets (0: none), validated."""
+        raw = bytearray(snapshot.l1_size * 8)
+        if raw:
+            await self._storage.readv([memoryview(raw)], snapshot.l1_table_offset)
+        l1, _ = parse_l1(
+            raw,
+            table_offset=snapshot.l1_table_offset,
+            cluster_bits=self._cluster_bits,
+            file_size=self._storage.size,
+            filename=self._filename,
+        )
+        return l1
+
+    async def _scan_metadata(self) -> None:
+        """Before the first write: every cluster metadata occupies must be counted as in use.
+
+        Otherwise allocation could hand metadata out as free space. The clusters are kept in
+        :attr:`_metadata`, so that damaged L2 entries mapping data onto them are refused too.
+        """
+        cluster_bits = self._cluster_bits
+        header = self._header
+        clusters: set[int] = {0}
+
+        def table(offset: int, length: int) -> None:
+            if offset and length:
+                clusters.update(range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1))
+
+        table(header.l1_table_offset, header.l1_size * 8)
+        table(header.refcount_table_offset, header.refcount_table_clusters << cluster_bits)
+        clusters.update(
+            (entry & REFTABLE_OFFSET_MASK) >> cluster_bits for entry in await self._refcounts.table() if entry
+        )
+        clusters.update(offset >> cluster_bits for offset in self._l1 if offset)
+        if self._snapshots:
+            table(header.snapshots_offset, snapshot_table_length(self._snapshots, header.snapshots_offset))
+            for snapshot in self._snapshots:
+                table(snapshot.l1_table_offset, snapshot.l1_size * 8)
+                clusters.update(offset >> cluster_bits for offset in await self._snapshot_l1(snapshot) if offset)
+        for cluster in sorted(clusters):
+            if not await self._refcounts.get(cluster << cluster_bits):
+                raise CorruptImageError(
+                    self._filename,
+                    cluster << cluster_bits,
+                    "metadata lies in a cluster whose refcount is 0; repair the image "
+                    "(qemu-img check -r all) before writing to it",
+                )
+        self._metadata.update(clusters)  # (the set the refcounts report frees to)
+
     # --- data mappings ----------------------------------------------------------------------------
 
     async def ensure_data_mapping(self, offset: int, length: int, overwrite: bool) -> tuple[ShallowMapping, int]:
         """A writable mapping for (a prefix of) the range.
 
         Clusters of our own are written in place; others are allocated, with copy-on-write of
-        the parts of the first and last cluster that the caller does not write.
+        the parts of the first and last cluster that the caller does not write. A damaged
+        image whose L2 entries map guest data onto its metadata is refused.
         """
+        mapping, mapped = await self._data_mapping(offset, length)
+        assert isinstance(mapping, ShallowRaw)
+        if self._metadata and mapping.storage is self._storage:  # (not in an external data file)
+            cluster_bits = self._cluster_bits
+            clusters = range(mapping.offset >> cluster_bits, ((mapping.offset + mapped - 1) >> cluster_bits) + 1)
+            if not self._metadata.isdisjoint(clusters):
+                raise CorruptImageError(
+                    self._filename,
+                    mapping.offset,
+                    f"guest offset {offset:#x} is mapped onto the image's metadata; refusing to write there",
+                )
+        return mapping, mapped
+
+    async def _data_mapping(self, offset: int, length: int) -> tuple[ShallowMapping, int]:
         table = await self._table(offset)
         if table is not None:
             if table.extended:
