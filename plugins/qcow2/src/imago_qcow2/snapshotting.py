@@ -89,7 +89,7 @@ class Qcow2Snapshotting(Qcow2Writing):
             raise InvalidRequestError(f"snapshot VM clock {vm_clock_nsec!r} is not an unsigned 64-bit count")
         if len(self._snapshots) >= MAX_SNAPSHOTS:
             raise InvalidRequestError(f"{self._filename}: the image has {MAX_SNAPSHOTS} snapshots, the most allowed")
-        numbers = [int(s.id) for s in self._snapshots if s.id.isdigit()]
+        numbers = [int(s.id) for s in self._snapshots if s.id.isascii() and s.id.isdigit()]
         snapshot_id = str(max(numbers, default=0) + 1)
         async with self._lock:
             await self._write_back()
