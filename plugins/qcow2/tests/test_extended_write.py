@@ -17,7 +17,6 @@ and discards work per subcluster.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from pathlib import Path
 from typing import ClassVar
@@ -28,7 +27,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import rule
 
 import imago
-from imago import FormatAccess, FormatDriver, PermissiveImplicitOpenGate, StorageCreateOptions
+from imago import FormatDriver, PermissiveImplicitOpenGate, StorageCreateOptions
 from imago.testing.model import DiskModel
 from imago_file import File
 from imago_qcow2 import Qcow2
@@ -48,6 +47,7 @@ from .test_write import (
     noise,
     open_rw,
     read_all,
+    write_concurrently,
 )
 
 KiB = 1 << 10
@@ -266,16 +266,7 @@ def test_concurrent_writes_into_subclusters(tmp_path: Path) -> None:
     for offset, data in chunks.items():
         model.write(offset, data)
 
-    async def main() -> bytes:
-        driver = await Qcow2.builder_path(path).write(True).open(PermissiveImplicitOpenGate())
-        access = FormatAccess(driver)
-        await asyncio.gather(*(access.write(data, offset) for offset, data in chunks.items()))
-        buf = bytearray(size)
-        await access.read(buf, 0)
-        await access.close()
-        return bytes(buf)
-
-    assert_same(asyncio.run(main()), bytes(model.data), "imago")
+    assert_same(write_concurrently(path, chunks), bytes(model.data), "imago")
     judge(path, model, tmp_path, [path, tmp_path / "base.raw"])
 
 

@@ -7,7 +7,6 @@ survive. Read-only opens and refused opens change nothing.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from imago_qcow2 import Qcow2
 
 from . import _qemu
 from ._qemu import MiB
-from .test_write import check_clean, open_ro, open_rw, set_incompatible_bit
+from .test_write import check_clean, open_ro, open_rw, set_incompatible_bit, sha256
 
 UNKNOWN_EXTENSION = 0x1A2B3C4D
 UNKNOWN_AUTOCLEAR = 1 << 7
@@ -90,7 +89,7 @@ def test_a_refused_open_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "disk.qcow2"
     prepare(path)
     set_incompatible_bit(path, 0)  # dirty: refused for writing
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256(path)
     with pytest.raises(ImagoError, match="dirty"):
         Qcow2.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert sha256(path) == digest

@@ -19,14 +19,8 @@ from imago_qcow2 import Qcow2
 
 from . import _qemu
 from ._qemu import MiB
+from .test_crash import is_dirty
 from .test_write import check_clean, convert, open_ro, open_rw
-
-
-def is_dirty(path: Path) -> bool:
-    """The dirty bit, as the header on disk has it."""
-    with path.open("rb") as f:
-        header = f.read(80)
-    return bool(int.from_bytes(header[72:80], "big") & 1)
 
 
 def make(path: Path, lazy: bool) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import re
 import shutil
 import subprocess
@@ -52,6 +51,7 @@ from .test_write import (
     open_ro,
     open_rw,
     read_all,
+    sha256,
 )
 
 KiB = 1 << 10
@@ -77,10 +77,6 @@ def info_snapshots(path: Path) -> list[dict[str, Any]]:
     """The snapshots ``qemu-img info`` reports, dates left out."""
     found = _qemu.info(path).get("snapshots", [])
     return [{k: v for k, v in s.items() if k not in ("date-sec", "date-nsec")} for s in found]
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make_image(path: Path, options: dict[str, object] | None = None, *, compressed: bool = True) -> None:

@@ -66,6 +66,21 @@ def read_all(image: SyncFormatAccess) -> bytes:
     return bytes(buf)
 
 
+def write_concurrently(path: str | os.PathLike[str], chunks: dict[int, bytes]) -> bytes:
+    """Write every chunk (offset: data) at once through the async API; the disk read back after."""
+
+    async def main() -> bytes:
+        driver = await Qcow2.builder_path(path).write(True).open(PermissiveImplicitOpenGate())
+        access = FormatAccess(driver)
+        await asyncio.gather(*(access.write(data, offset) for offset, data in chunks.items()))
+        buf = bytearray(access.size)
+        await access.read(buf, 0)
+        await access.close()
+        return bytes(buf)
+
+    return asyncio.run(main())
+
+
 def sha256(path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -809,16 +824,7 @@ def test_concurrent_writes_into_shared_clusters(tmp_path: Path) -> None:
     for offset, data in chunks.items():
         model.write(offset, data)
 
-    async def main() -> bytes:
-        driver = await Qcow2.builder_path(path).write(True).open(PermissiveImplicitOpenGate())
-        access = FormatAccess(driver)
-        await asyncio.gather(*(access.write(data, offset) for offset, data in chunks.items()))
-        buf = bytearray(size)
-        await access.read(buf, 0)
-        await access.close()
-        return bytes(buf)
-
-    assert_same(asyncio.run(main()), bytes(model.data), "imago")
+    assert_same(write_concurrently(path, chunks), bytes(model.data), "imago")
     check_clean(path, cwd=tmp_path)
     assert_same(convert(path, tmp_path, cwd=tmp_path), bytes(model.data), "qemu")
 

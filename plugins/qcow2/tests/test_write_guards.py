@@ -9,7 +9,6 @@ in the file changes; reading such images still works.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from pathlib import Path
 
@@ -20,13 +19,9 @@ from imago_qcow2 import Qcow2
 
 from . import _qemu
 from ._qemu import MiB
-from .test_write import check_clean, open_ro, open_rw, read_all
+from .test_write import check_clean, open_ro, open_rw, read_all, sha256
 
 CLUSTER = 65536
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def make(path: Path, *, unknown_autoclear: bool = False) -> dict[str, int]:

@@ -193,13 +193,16 @@ def encode_snapshot(snapshot: Snapshot) -> bytes:
     return entry + extra + raw_id + raw_name
 
 
-def encode_snapshot_table(snapshots: list[Snapshot], table_offset: int) -> tuple[bytes, list[Snapshot]]:
-    """The whole snapshot table (entries 8-byte aligned) and the snapshots as now recorded."""
+def encode_snapshot_table(snapshots: list[Snapshot]) -> tuple[bytes, list[Snapshot]]:
+    """The whole snapshot table (entries 8-byte aligned) and the snapshots as now recorded.
+
+    The recorded snapshots' ``table_offset`` is relative to the start of the table.
+    """
     table = bytearray()
     placed: list[Snapshot] = []
     for snapshot in snapshots:
         table += bytes(-len(table) % 8)
-        placed.append(attrs.evolve(snapshot, table_offset=table_offset + len(table), extra_data=_extra_data(snapshot)))
+        placed.append(attrs.evolve(snapshot, table_offset=len(table), extra_data=_extra_data(snapshot)))
         table += encode_snapshot(snapshot)
     return bytes(table), placed
 

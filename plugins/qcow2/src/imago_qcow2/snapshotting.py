@@ -27,10 +27,8 @@ overlap other requests.
 from __future__ import annotations
 
 import struct
-import sys
 import time
-from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import attrs
 
@@ -38,7 +36,7 @@ from imago import CorruptImageError, ImagoError, InvalidRequestError, ReadOnlyEr
 
 from .header import MAX_NAME_BYTES, MAX_SNAPSHOTS
 from .snapshots import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table, snapshot_table_length
-from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, L2Table, decode_compressed
+from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_l1, entry_clusters, table_clusters
 from .writing import Qcow2Writing
 
 __all__ = ["Qcow2Snapshotting"]
@@ -101,7 +99,7 @@ class Qcow2Snapshotting(Qcow2Writing):
             await self._write_back()
             # The snapshot's L1 table: the active one, without COPIED flags (they only hold there).
             if l1_offset:
-                await self._storage.writev([memoryview(_encode_l1(self._l1))], l1_offset)
+                await self._storage.writev([memoryview(encode_l1(self._l1))], l1_offset)
             snapshot = Snapshot(
                 id=snapshot_id,
                 name=name,
@@ -140,7 +138,7 @@ class Qcow2Snapshotting(Qcow2Writing):
             new_offset = await self._allocate_table(len(l1) * 8)
             await self._refcounts.flush()
             if new_offset:
-                await self._storage.writev([memoryview(_encode_l1(l1))], new_offset)
+                await self._storage.writev([memoryview(encode_l1(l1))], new_offset)
             await self._storage.flush()
             header = self._header
             # Size, L1 size and L1 offset change in one write (bytes 24 to 48).
@@ -200,20 +198,6 @@ class Qcow2Snapshotting(Qcow2Writing):
             # Data clusters in an external file have no refcounts to share them by (QEMU refuses too).
             raise UnsupportedFeatureError("internal snapshots of images with an external data file", self._filename)
 
-    def _entry_clusters(self, table: L2Table) -> Iterator[int]:
-        """The host clusters the entries of *table* refer to (a compressed one may span two)."""
-        cluster_bits = self._cluster_bits
-        entries = table.entries
-        for index in range(0, len(entries), 2 if table.extended else 1):
-            entry = entries[index]
-            if not entry:
-                continue
-            if entry & OFLAG_COMPRESSED:
-                host, length = decode_compressed(entry, cluster_bits)
-                yield from range(host >> cluster_bits, ((host + length - 1) >> cluster_bits) + 1)
-            elif entry & L2_OFFSET_MASK:
-                yield (entry & L2_OFFSET_MASK) >> cluster_bits
-
     async def _tree_references(self, l1: Sequence[int]) -> dict[int, int]:
         """How many references each host cluster gets through *l1* (its L2 tables included)."""
         cluster_bits = self._cluster_bits
@@ -222,14 +206,18 @@ class Qcow2Snapshotting(Qcow2Writing):
             if not l2_offset:
                 continue
             counts[l2_offset >> cluster_bits] = counts.get(l2_offset >> cluster_bits, 0) + 1
-            for cluster in self._entry_clusters(await self._tables.get(l2_offset)):
-                counts[cluster] = counts.get(cluster, 0) + 1
+            table = await self._tables.get(l2_offset)
+            entries = table.entries
+            # Extended tables: descriptors at even indices. (Snapshots keep all data in the image file.)
+            for index in range(0, len(entries), 2 if table.extended else 1):
+                for cluster in entry_clusters(entries[index], cluster_bits):
+                    counts[cluster] = counts.get(cluster, 0) + 1
         return counts
 
     async def _tree_releases(self, l1: Sequence[int], l1_offset: int, l1_entries: int) -> dict[int, int]:
         """The refcount decrements that dropping the tree under *l1* (and *l1* itself) makes."""
         releases = {cluster: -count for cluster, count in (await self._tree_references(l1)).items()}
-        for cluster in _table_clusters(l1_offset, l1_entries * 8, self._cluster_bits):
+        for cluster in table_clusters(l1_offset, l1_entries * 8, self._cluster_bits):
             releases[cluster] = releases.get(cluster, 0) - 1
         return releases
 
@@ -260,20 +248,6 @@ class Qcow2Snapshotting(Qcow2Writing):
                         cluster << cluster_bits,
                         "the refcounts do not cover the references to this cluster (repair: qemu-img check -r all)",
                     )
-
-    async def _allocate_table(self, length: int) -> int:
-        """Contiguous new clusters for a table of *length* bytes (0: no table, offset 0)."""
-        if not length:
-            return 0
-        cluster_bits = self._cluster_bits
-        clusters = -(-length >> cluster_bits)
-        host, got = await self._refcounts.allocate(clusters)
-        while got < clusters:  # allocations are capped: take the rest right behind
-            more, extra = await self._refcounts.allocate(clusters - got)
-            if more != host + (got << cluster_bits):
-                raise ImagoError(f"{self._filename}: cannot allocate {clusters} contiguous clusters for a table")
-            got += extra
-        return host
 
     async def _update_copied(self) -> None:
         """Set the active tables' COPIED flags exactly where the refcount is 1.
@@ -310,17 +284,17 @@ class Qcow2Snapshotting(Qcow2Writing):
         if l1_changed:
             # The tables (and refcounts) first: the L1 entries then vouch for them.
             await self._tables.flush()
-            raw = _encode_l1(self._l1, self._l1_copied)
+            raw = encode_l1(self._l1, self._l1_copied)
             await self._storage.writev([memoryview(raw)], self._header.l1_table_offset)
 
     async def _write_snapshot_table(self, snapshots: list[Snapshot]) -> None:
         """Write a new snapshot table, switch the header to it, release the old one."""
         header = self._header
-        data, _ = encode_snapshot_table(snapshots, 0)
+        data, placed = encode_snapshot_table(snapshots)
         if len(data) > MAX_TABLE_BYTES:
             raise InvalidRequestError(f"{self._filename}: the snapshot table would exceed 64 MiB")
         offset = await self._allocate_table(len(data))
-        data, placed = encode_snapshot_table(snapshots, offset)
+        placed = [attrs.evolve(snapshot, table_offset=offset + snapshot.table_offset) for snapshot in placed]
         await self._refcounts.flush()
         if data:
             await self._storage.writev([memoryview(data)], offset)
@@ -330,7 +304,7 @@ class Qcow2Snapshotting(Qcow2Writing):
         old_length = snapshot_table_length(self._snapshots, header.snapshots_offset)
         self._header = attrs.evolve(header, nb_snapshots=len(placed), snapshots_offset=offset)
         self._snapshots = placed
-        releases = {cluster: -1 for cluster in _table_clusters(header.snapshots_offset, old_length, self._cluster_bits)}
+        releases = {cluster: -1 for cluster in table_clusters(header.snapshots_offset, old_length, self._cluster_bits)}
         await self._change_refcounts(releases)
 
 
@@ -345,22 +319,3 @@ def _check_name(name: object) -> None:
         raise InvalidRequestError("a snapshot name must not be empty")
     if len(raw) > MAX_NAME_BYTES:
         raise InvalidRequestError(f"a snapshot name is at most {MAX_NAME_BYTES} bytes of UTF-8, got {len(raw)}")
-
-
-def _encode_l1(l1: Sequence[int], copied: bytearray | None = None) -> bytes:
-    """An L1 table as stored; COPIED flags only where *copied* says."""
-    words = array("Q", l1)
-    if copied is not None:
-        for index, flag in enumerate(copied):
-            if flag and words[index]:
-                words[index] |= OFLAG_COPIED
-    if sys.byteorder == "little":
-        words.byteswap()
-    return words.tobytes()
-
-
-def _table_clusters(offset: int, length: int, cluster_bits: int) -> range:
-    """The clusters a table of *length* bytes at *offset* occupies."""
-    if not offset or not length:
-        return range(0)
-    return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from array import array
+from collections.abc import Sequence
 
 from imago import CorruptImageError
 
@@ -24,7 +25,10 @@ __all__ = [
     "CompressedDescriptor",
     "L2Table",
     "decode_compressed",
+    "encode_l1",
+    "entry_clusters",
     "parse_l1",
+    "table_clusters",
 ]
 
 # Entry kinds (per cluster, or per subcluster in extended tables).
@@ -52,6 +56,38 @@ def _words(raw: bytes | bytearray | memoryview) -> array[int]:
     if sys.byteorder == "little":
         words.byteswap()
     return words
+
+
+def encode_l1(offsets: Sequence[int], copied: bytearray | None = None) -> bytes:
+    """An L1 table as stored: big-endian entries, COPIED flags only where *copied* says."""
+    words = array("Q", offsets)
+    if copied is not None:
+        for index, flag in enumerate(copied):
+            if flag and words[index]:
+                words[index] |= OFLAG_COPIED
+    if sys.byteorder == "little":
+        words.byteswap()
+    return words.tobytes()
+
+
+def table_clusters(offset: int, length: int, cluster_bits: int) -> range:
+    """The clusters a table of *length* bytes at *offset* occupies (none for offset or length 0)."""
+    if not offset or not length:
+        return range(0)
+    return range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1)
+
+
+def entry_clusters(entry: int, cluster_bits: int) -> range:
+    """The image-file clusters an L2 entry (a standard one, or an extended one's descriptor) uses.
+
+    Compressed data may span two clusters; a data or preallocated zero cluster is one. (With
+    an external data file, data clusters are not in the image file: callers leave them out.)
+    """
+    if entry & OFLAG_COMPRESSED:
+        host, length = decode_compressed(entry, cluster_bits)
+        return range(host >> cluster_bits, ((host + length - 1) >> cluster_bits) + 1)
+    host = entry & L2_OFFSET_MASK
+    return range(host >> cluster_bits, (host >> cluster_bits) + 1) if host else range(0)
 
 
 def parse_l1(

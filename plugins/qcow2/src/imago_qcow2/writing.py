@@ -26,7 +26,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import struct
-import sys
 from array import array
 from collections import OrderedDict
 
@@ -60,8 +59,10 @@ from .tables import (
     SUBCLUSTERS,
     ZERO,
     L2Table,
-    decode_compressed,
+    encode_l1,
+    entry_clusters,
     parse_l1,
+    table_clusters,
 )
 
 __all__ = ["Qcow2Writing"]
@@ -117,13 +118,10 @@ class Qcow2Writing(FormatDriver):
 
     def _release(self, entry: int) -> None:
         """Schedule the host clusters an L2 entry held for release at the next flush."""
-        cluster_bits = self._cluster_bits
-        if entry & OFLAG_COMPRESSED:
-            host, length = decode_compressed(entry, cluster_bits)
-            first, last = host >> cluster_bits, (host + length - 1) >> cluster_bits
-            self._frees.append((first, last - first + 1))
-        elif entry & L2_OFFSET_MASK and not self._header.has_data_file:
-            self._frees.append(((entry & L2_OFFSET_MASK) >> cluster_bits, 1))
+        if entry & OFLAG_COMPRESSED or not self._header.has_data_file:
+            clusters = entry_clusters(entry, self._cluster_bits)
+            if clusters:
+                self._frees.append((clusters.start, len(clusters)))
 
     async def _writable_table(self, offset: int) -> L2Table:
         """The L2 table for *offset*, made ours: created, or copied when shared with a snapshot."""
@@ -203,21 +201,19 @@ class Qcow2Writing(FormatDriver):
         cluster_bits = self._cluster_bits
         header = self._header
         clusters: set[int] = {0}
-
-        def table(offset: int, length: int) -> None:
-            if offset and length:
-                clusters.update(range(offset >> cluster_bits, ((offset + length - 1) >> cluster_bits) + 1))
-
-        table(header.l1_table_offset, header.l1_size * 8)
-        table(header.refcount_table_offset, header.refcount_table_clusters << cluster_bits)
+        clusters.update(table_clusters(header.l1_table_offset, header.l1_size * 8, cluster_bits))
+        clusters.update(
+            table_clusters(header.refcount_table_offset, header.refcount_table_clusters << cluster_bits, cluster_bits)
+        )
         clusters.update(
             (entry & REFTABLE_OFFSET_MASK) >> cluster_bits for entry in await self._refcounts.table() if entry
         )
         clusters.update(offset >> cluster_bits for offset in self._l1 if offset)
         if self._snapshots:
-            table(header.snapshots_offset, snapshot_table_length(self._snapshots, header.snapshots_offset))
+            length = snapshot_table_length(self._snapshots, header.snapshots_offset)
+            clusters.update(table_clusters(header.snapshots_offset, length, cluster_bits))
             for snapshot in self._snapshots:
-                table(snapshot.l1_table_offset, snapshot.l1_size * 8)
+                clusters.update(table_clusters(snapshot.l1_table_offset, snapshot.l1_size * 8, cluster_bits))
                 clusters.update(offset >> cluster_bits for offset in await self._snapshot_l1(snapshot) if offset)
         for cluster in sorted(clusters):
             if not await self._refcounts.get(cluster << cluster_bits):
@@ -770,24 +766,13 @@ class Qcow2Writing(FormatDriver):
 
     async def _grow_l1(self, entries: int) -> None:
         """Move the L1 table to a larger place: written and flushed before the header points to it."""
-        cluster_size = 1 << self._cluster_bits
-        clusters = -(-entries * 8 // cluster_size)
-        host, got = await self._refcounts.allocate(clusters)
-        while got < clusters:  # allocations are capped: take the rest right behind
-            more, extra = await self._refcounts.allocate(clusters - got)
-            if more != host + (got << self._cluster_bits):
-                raise ImagoError(f"{self._filename}: cannot allocate a contiguous L1 table")
-            got += extra
-        table = array("Q", bytes(clusters * cluster_size))
-        for index, offset in enumerate(self._l1):
-            if offset:
-                table[index] = offset | (OFLAG_COPIED if self._l1_copied[index] else 0)
-        raw = array("Q", table)
-        if sys.byteorder == "little":
-            raw.byteswap()
+        host = await self._allocate_table(entries * 8)
+        # The new entries are zero: the table is written whole, up to its clusters' end.
+        raw = encode_l1(self._l1, self._l1_copied)
+        raw += bytes(-(-entries * 8 >> self._cluster_bits << self._cluster_bits) - len(raw))
         await self._refcounts.flush()
         await self._tables.flush()
-        await self._storage.writev([memoryview(raw.tobytes())], host)
+        await self._storage.writev([memoryview(raw)], host)
         await self._storage.flush()
         old_offset, old_entries = self._header.l1_table_offset, len(self._l1)
         await self._storage.writev([memoryview(struct.pack(">IQ", entries, host))], 36)
@@ -795,9 +780,23 @@ class Qcow2Writing(FormatDriver):
         self._header = attrs.evolve(self._header, l1_table_offset=host, l1_size=entries)
         self._l1.extend([0] * (entries - len(self._l1)))
         self._l1_copied.extend(bytes(entries - len(self._l1_copied)))
-        if old_entries:
-            old_clusters = -(-old_entries * 8 // cluster_size)
-            self._frees.append((old_offset >> self._cluster_bits, old_clusters))
+        old_clusters = table_clusters(old_offset, old_entries * 8, self._cluster_bits)
+        if old_clusters:
+            self._frees.append((old_clusters.start, len(old_clusters)))
+
+    async def _allocate_table(self, length: int) -> int:
+        """Contiguous new clusters for a table of *length* bytes (0: no table, offset 0)."""
+        if not length:
+            return 0
+        cluster_bits = self._cluster_bits
+        clusters = -(-length >> cluster_bits)
+        host, got = await self._refcounts.allocate(clusters)
+        while got < clusters:  # allocations are capped: take the rest right behind
+            more, extra = await self._refcounts.allocate(clusters - got)
+            if more != host + (got << cluster_bits):
+                raise ImagoError(f"{self._filename}: cannot allocate {clusters} contiguous clusters for a table")
+            got += extra
+        return host
 
     async def _set_size(self, new_size: int) -> None:
         """Record the disk size in the header (after the L1 table can map it)."""
