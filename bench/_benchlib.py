@@ -311,6 +311,20 @@ def run_timed(cmd: list[str], what: str, timeout: float) -> tuple[float, subproc
     return time.perf_counter() - start, out
 
 
+def qemu_version(img: str) -> str:
+    """The first line of ``qemu-img --version`` ("unknown" when it prints nothing)."""
+    out = subprocess.run([img, "--version"], capture_output=True, text=True, check=False, timeout=30)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def run_qemu_convert(img: str, args: list[str]) -> float:
+    """Wall clock of ``qemu-img convert ARGS`` (process start-up included); ``QemuError`` on failure."""
+    wall, out = run_timed([img, "convert", *args], "qemu-img convert", 3600)
+    if out.returncode != 0:
+        raise QemuError(f"qemu-img convert failed (exit {out.returncode}: {last_line(out, 'no output')})")
+    return wall
+
+
 def run_qemu_bench(cmd: list[str]) -> tuple[float, float]:
     """qemu-img's own "Run completed in" seconds and the wall clock of the whole process.
 

@@ -197,8 +197,7 @@ class Qemu:
         img, io = shutil.which("qemu-img"), shutil.which("qemu-io")
         version = None
         if img is not None:
-            out = subprocess.run([img, "--version"], capture_output=True, text=True, check=False, timeout=30)
-            version = out.stdout.splitlines()[0] if out.stdout else "unknown"
+            version = lib.qemu_version(img)
         note = None if reference else "qemu-img reference runs skipped (--no-qemu)"
         return cls(img, io, version, reference and img is not None, note)
 
@@ -218,16 +217,11 @@ class Qemu:
             return None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(target)
-        cmd = [self.img, "convert", "-f", "qcow2", "-O", "raw", path, target]
         try:
-            wall, out = lib.run_timed(cmd, "qemu-img convert", 3600)
+            return lib.run_qemu_convert(self.img, ["-f", "qcow2", "-O", "raw", path, target])
         except lib.QemuError as error:
             self.disable(str(error))
             return None
-        if out.returncode != 0:
-            self.disable(f"qemu-img convert failed (exit {out.returncode}: {lib.last_line(out, 'no output')})")
-            return None
-        return wall
 
     def disable(self, note: str) -> None:
         self.reference = False

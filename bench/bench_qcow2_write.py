@@ -151,24 +151,18 @@ class Qemu:
         if img is None:
             note = "qemu-img not found on PATH: no reference figures, no qemu-img compare/check"
         else:
-            out = subprocess.run([img, "--version"], capture_output=True, text=True, check=False, timeout=30)
-            version = out.stdout.splitlines()[0] if out.stdout else "unknown"
+            version = lib.qemu_version(img)
         return cls(img, version, reference and img is not None, note)
 
     def convert(self, args: Sequence[str], source: str, target: str) -> float | None:
         """Wall clock of ``qemu-img convert ARGS SOURCE TARGET`` (process start-up included)."""
         if not self.reference or self.img is None:
             return None
-        cmd = [self.img, "convert", *args, source, target]
         try:
-            wall, out = lib.run_timed(cmd, "qemu-img convert", 3600)
+            return lib.run_qemu_convert(self.img, [*args, source, target])
         except lib.QemuError as error:
             self.disable(str(error))
             return None
-        if out.returncode != 0:
-            self.disable(f"qemu-img convert failed (exit {out.returncode}: {lib.last_line(out, 'no output')})")
-            return None
-        return wall
 
     def disable(self, note: str) -> None:
         self.reference = False
