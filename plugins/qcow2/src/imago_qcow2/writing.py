@@ -634,13 +634,12 @@ class Qcow2Writing(FormatDriver):
         full = (1 << self._header.refcount_bits) - 1
         if cursor and within and await self._refcounts.get(cursor) < full:
             current = cursor >> cluster_bits
-            if within + length > 1 << cluster_bits:
-                following = current + 1
-                if await self._refcounts.get(following << cluster_bits):
-                    following = 0  # taken: start afresh
-                else:
-                    await self._refcounts.change(following, 1, +1, avoid=range(following, following + 1))
-            if within + length <= 1 << cluster_bits or following:
+            fits = within + length <= 1 << cluster_bits
+            if not fits and not await self._refcounts.get((current + 1) << cluster_bits):
+                # The next cluster is free: the data straddles into it.
+                await self._refcounts.change(current + 1, 1, +1, avoid=range(current + 1, current + 2))
+                fits = True
+            if fits:
                 await self._refcounts.change(current, 1, +1)
                 self._compress_cursor = cursor + length
                 return cursor
