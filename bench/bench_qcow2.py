@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import imago
-import imago.aio
+import imago.runtime
 from imago import Mapping, SyncFormatAccess
 
 # The shared machinery is the sibling module bench/_benchlib.py, found from any working directory.
@@ -236,7 +236,7 @@ _serial_calls = 0
 
 
 async def _run_serially(func: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """Stand-in for :func:`imago.aio.run_parallel`: the same work, on the calling thread."""
+    """Stand-in for :func:`imago.runtime.run_parallel`: the same work, on the calling thread."""
     global _serial_calls
     _serial_calls += 1
     return [func(item) for item in items]
@@ -246,15 +246,15 @@ async def _run_serially(func: Callable[[Any], Any], items: list[Any]) -> list[An
 def one_thread() -> Iterator[None]:
     """Make the qcow2 driver decompress on the calling thread only.
 
-    ``imago_qcow2.driver`` looks up ``aio.run_parallel`` (``aio`` is the ``imago.aio`` module)
+    ``imago_qcow2.driver`` looks up ``runtime.run_parallel`` (``runtime`` is the ``imago.runtime`` module)
     at every call, so replacing the module attribute for the duration of the run is enough.
     """
-    original = imago.aio.run_parallel
-    imago.aio.run_parallel = _run_serially
+    original = imago.runtime.run_parallel
+    imago.runtime.run_parallel = _run_serially
     try:
         yield
     finally:
-        imago.aio.run_parallel = original
+        imago.runtime.run_parallel = original
 
 
 # --- part 1: an allocated image against bare reads of its host ranges -------------------------------------
@@ -500,7 +500,7 @@ class Compressed:
                 seconds = self.read_all(disk, buf, todo)
             if not parallel and _serial_calls == calls:
                 self.notes.add(
-                    "the qcow2 driver did not call imago.aio.run_parallel: the one-thread baseline"
+                    "the qcow2 driver did not call imago.runtime.run_parallel: the one-thread baseline"
                     " may not be one thread"
                 )
             last = todo[-1]
@@ -767,7 +767,7 @@ def report(
     if compressed is not None:
         print(
             f"compressed images: {fmt_bytes(config.compressed_size)} of text-like data, read in"
-            f" {fmt_bytes(config.request)} requests; one-thread = imago.aio.run_parallel replaced by a serial loop;"
+            f" {fmt_bytes(config.request)} requests; one-thread = imago.runtime.run_parallel replaced by a serial loop;"
             f" qemu-img convert -O raw to {compressed.raw_dir}, timed by its wall clock"
         )
         for compression, info in compressed.images.items():

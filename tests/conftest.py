@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import imago
-import imago._plugins
+import imago.plugin.manager
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def register_plugin() -> Iterator[Callable[[str, object], None]]:
     yield register
     for name in names:
         imago.unregister_plugin(name)
-    imago._plugins.reset()
+    imago.plugin.manager.reset()
 
 
 @pytest.fixture

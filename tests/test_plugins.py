@@ -18,7 +18,7 @@ import importlib_metadata
 import pytest
 
 import imago
-import imago._plugins
+import imago.plugin.manager
 from imago import DenyImplicitOpenGate, SyncFormatAccess
 
 FIXTURE_DISTRIBUTION = Path(__file__).parent / "fixtures" / "thirdparty_plugin"
@@ -659,7 +659,7 @@ def test_missing_driver_names_the_distribution(lookup: Callable[[str], type], na
 
 def test_missing_known_driver_names_its_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
     # Every in-repo driver is installed here; pretend one is known but missing.
-    monkeypatch.setitem(imago._plugins._KNOWN_DISTRIBUTIONS, "vhdx", "imago-formats-extra")
+    monkeypatch.setitem(imago.plugin.manager._KNOWN_DISTRIBUTIONS, "vhdx", "imago-formats-extra")
     with pytest.raises(imago.DriverNotFoundError, match="install the distribution 'imago-formats-extra'"):
         imago.format_driver("vhdx")
 
@@ -676,9 +676,9 @@ def test_installed_driver_of_the_other_kind_is_not_found() -> None:
 
 def test_loading_is_lazy_and_idempotent() -> None:
     real = importlib_metadata.entry_points
-    imago._plugins.reset()
+    imago.plugin.manager.reset()
     try:
-        with mock.patch.object(imago._plugins.importlib_metadata, "entry_points", wraps=real) as scan:
+        with mock.patch.object(imago.plugin.manager.importlib_metadata, "entry_points", wraps=real) as scan:
             assert scan.call_count == 0
             imago.storage_drivers()
             imago.format_driver("raw")
@@ -688,14 +688,14 @@ def test_loading_is_lazy_and_idempotent() -> None:
             assert scan.call_count == 1
             assert scan.call_args.kwargs == {"group": "imago"}
 
-            imago._plugins.reset()
+            imago.plugin.manager.reset()
             assert scan.call_count == 1  # reset only forgets; the scan waits for a look-up
             assert "null" in imago.storage_drivers()
             assert scan.call_count == 2
             imago.storage_driver("null")
             assert scan.call_count == 2
     finally:
-        imago._plugins.reset()
+        imago.plugin.manager.reset()
 
 
 def test_hooks_run_once_and_again_after_changes(register_plugin: Callable[[str, object], None]) -> None:

@@ -1,4 +1,4 @@
-"""imago.Annotated: a storage wrapper that forwards everything and carries a tag."""
+"""imago.AnnotatedStorage: a storage wrapper that forwards everything and carries a tag."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 import imago
 from imago import (
-    Annotated,
+    AnnotatedStorage,
     Mapping,
     PermissiveImplicitOpenGate,
     PreallocateMode,
@@ -19,7 +19,7 @@ from imago import (
     StorageCreateOptions,
     StorageOpenOptions,
     SyncFormatAccess,
-    aio,
+    runtime,
 )
 from imago_file import File
 from imago_null import Null
@@ -102,7 +102,7 @@ class Recorder(Storage):
 
 def test_forwards_properties() -> None:
     inner = Recorder(2048)
-    wrapped = Annotated(inner, "tag")
+    wrapped = AnnotatedStorage(inner, "tag")
     assert wrapped.inner is inner
     assert wrapped.tag == "tag"
     assert wrapped.size == 2048
@@ -117,24 +117,24 @@ def test_forwards_properties() -> None:
 def test_forwards_every_operation() -> None:
     inner = Recorder()
     inner.data[10:15] = b"hello"
-    wrapped = Annotated(inner, ("layer", 1))
+    wrapped = AnnotatedStorage(inner, ("layer", 1))
     buf = bytearray(5)
-    aio.run_sync(wrapped.readv([memoryview(buf)], 10))
+    runtime.run_sync(wrapped.readv([memoryview(buf)], 10))
     assert buf == b"hello"
     buf2 = bytearray(5)
     wrapped.readv_inline([memoryview(buf2)], 10)
     assert buf2 == b"hello"
-    aio.run_sync(wrapped.writev([memoryview(b"ab"), memoryview(b"cd")], 100))
+    runtime.run_sync(wrapped.writev([memoryview(b"ab"), memoryview(b"cd")], 100))
     assert inner.data[100:104] == b"abcd"
-    aio.run_sync(wrapped.write_zeroes(1, 2))
-    aio.run_sync(wrapped.write_zeroes(3, 4, unmap=True))
-    aio.run_sync(wrapped.discard(5, 6))
-    aio.run_sync(wrapped.flush())
-    aio.run_sync(wrapped.sync())
-    aio.run_sync(wrapped.resize(4096, PreallocateMode.FULL))
-    aio.run_sync(wrapped.resize(8192))
+    runtime.run_sync(wrapped.write_zeroes(1, 2))
+    runtime.run_sync(wrapped.write_zeroes(3, 4, unmap=True))
+    runtime.run_sync(wrapped.discard(5, 6))
+    runtime.run_sync(wrapped.flush())
+    runtime.run_sync(wrapped.sync())
+    runtime.run_sync(wrapped.resize(4096, PreallocateMode.FULL))
+    runtime.run_sync(wrapped.resize(8192))
     assert wrapped.resolve_relative_path("base.img") == "/resolved/base.img"
-    aio.run_sync(wrapped.close())
+    runtime.run_sync(wrapped.close())
     assert inner.calls == [
         ("readv", 1, 10),
         ("readv_inline", 1, 10),
@@ -154,7 +154,7 @@ def test_forwards_every_operation() -> None:
 def test_forwards_under_a_loop() -> None:
     inner = Recorder()
     inner.data[:3] = b"xyz"
-    wrapped = Annotated(inner, "t")
+    wrapped = AnnotatedStorage(inner, "t")
 
     async def main() -> bytes:
         buf = bytearray(3)
@@ -169,17 +169,17 @@ def test_forwards_under_a_loop() -> None:
 @pytest.mark.parametrize("inner", [None, "file.img", 42, b"data", Raw])
 def test_rejects_non_storage(inner: object) -> None:
     with pytest.raises(TypeError, match="Storage"):
-        Annotated(inner, "tag")  # type: ignore[arg-type]
+        AnnotatedStorage(inner, "tag")  # type: ignore[arg-type]
 
 
 def test_not_openable_by_options() -> None:
     with pytest.raises(TypeError):
-        aio.run_sync(Annotated.open(StorageOpenOptions(filename="x")))
+        runtime.run_sync(AnnotatedStorage.open(StorageOpenOptions(filename="x")))
 
 
 def test_annotated_repr_and_name() -> None:
-    wrapped = Annotated(Null(512), "top")
-    assert Annotated.name == "annotated"
+    wrapped = AnnotatedStorage(Null(512), "top")
+    assert AnnotatedStorage.name == "annotated"
     assert "top" in repr(wrapped)
     assert "Null" in repr(wrapped)
 
@@ -187,18 +187,18 @@ def test_annotated_repr_and_name() -> None:
 def test_default_resolve_relative_path_through_file(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "a.img"
     inner = File.create_sync(StorageCreateOptions(filename=path, size=512))
-    wrapped = Annotated(inner, "t")
+    wrapped = AnnotatedStorage(inner, "t")
     assert wrapped.resolve_relative_path("b.img") == str(tmp_path / "b.img")
     assert wrapped.resolve_relative_path("/abs/c.img") == "/abs/c.img"
-    aio.run_sync(wrapped.close())
+    runtime.run_sync(wrapped.close())
     with pytest.raises(imago.ClosedError):
-        aio.run_sync(inner.readv([memoryview(bytearray(1))], 0))
+        runtime.run_sync(inner.readv([memoryview(bytearray(1))], 0))
 
 
 def test_raw_over_annotated_file_reports_tag(tmp_path: pathlib.Path) -> None:
     path = tmp_path / "top.img"
     path.write_bytes(b"A" * 4096 + b"B" * 4096)
-    storage = Annotated(File.open_sync(StorageOpenOptions(filename=path, writable=True)), "top")
+    storage = AnnotatedStorage(File.open_sync(StorageOpenOptions(filename=path, writable=True)), "top")
     with SyncFormatAccess(Raw.builder(storage).write(True).open_sync(PermissiveImplicitOpenGate())) as image:
         assert image.size == 8192
         assert image.filename == str(path)
@@ -226,7 +226,7 @@ def test_raw_over_annotated_file_reports_tag(tmp_path: pathlib.Path) -> None:
 
 def test_raw_over_annotated_null_tag_of_any_type() -> None:
     tag = object()
-    storage = Annotated(Null(1 << 20), tag)
+    storage = AnnotatedStorage(Null(1 << 20), tag)
     image = SyncFormatAccess(Raw.builder(storage).open_sync(PermissiveImplicitOpenGate()))
     mapping, length = image.get_mapping(4096, 1 << 30)
     assert isinstance(mapping, Mapping.Raw)

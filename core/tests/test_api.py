@@ -407,7 +407,7 @@ def test_probe_sync_file(disk: pathlib.Path) -> None:
     assert imago.probe_sync(storage) is Raw
     # Probing only looks.
     assert storage.size == 16384
-    imago.aio.run_sync(storage.close())
+    imago.runtime.run_sync(storage.close())
     assert disk.read_bytes() == bytes(range(256)) * 64
 
 

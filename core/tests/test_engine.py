@@ -22,7 +22,7 @@ from imago import (
     Storage,
     SyncFormatAccess,
     UnsupportedFeatureError,
-    aio,
+    runtime,
 )
 from imago.format.mapping import ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
 from imago_null import Null
@@ -365,10 +365,10 @@ def test_driver_defaults() -> None:
     with pytest.raises(UnsupportedFeatureError, match="resizing blocktest"):
         access.resize(BLOCK)
     assert driver.info() == {}
-    assert aio.run_sync(BlockDriver.probe(Null(10))) is False
+    assert runtime.run_sync(BlockDriver.probe(Null(10))) is False
     with pytest.raises(UnsupportedFeatureError, match="creating blocktest"):
         BlockDriver.create_builder(Null(10)).size(10).create_sync()
-    discarded = aio.run_sync(driver.discard_to_any(0, BLOCK))
+    discarded = runtime.run_sync(driver.discard_to_any(0, BLOCK))
     assert discarded == (0, 0)
     assert "BlockDriver" in repr(driver)
 

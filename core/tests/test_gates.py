@@ -18,9 +18,9 @@ from imago import (
     PermissiveImplicitOpenGate,
     SandboxImplicitOpenGate,
     StorageOpenOptions,
-    aio,
+    check_local_file_name,
+    runtime,
 )
-from imago.format import check_local_file_name
 from imago_file import File
 from imago_null import Null
 from imago_raw import Raw
@@ -104,7 +104,7 @@ def test_protocol_refusal_names_the_file() -> None:
 def test_every_gate_refuses_non_local_names(make_gate: Any, name: str, tmp_path: pathlib.Path) -> None:
     gate = make_gate(tmp_path)
     with pytest.raises(imago.ImplicitOpenDeniedError):
-        aio.run_sync(gate.open_storage(StorageOpenOptions(filename=name)))
+        runtime.run_sync(gate.open_storage(StorageOpenOptions(filename=name)))
     with pytest.raises(imago.ImplicitOpenDeniedError):
         Raw.builder_path(name).open_sync(gate)
     if isinstance(gate, RecordingGate):
@@ -115,7 +115,7 @@ def test_every_gate_refuses_non_local_names(make_gate: Any, name: str, tmp_path:
 def test_every_gate_refuses_missing_name(make_gate: Any, tmp_path: pathlib.Path) -> None:
     gate = make_gate(tmp_path)
     with pytest.raises(imago.ImplicitOpenDeniedError):
-        aio.run_sync(gate.open_storage(StorageOpenOptions()))
+        runtime.run_sync(gate.open_storage(StorageOpenOptions()))
 
 
 @pytest.mark.parametrize(
@@ -156,14 +156,14 @@ def test_builder_path_consults_the_gate(tmp_path: pathlib.Path) -> None:
         assert options.driver == "file"
         assert gate.formats == []  # builder.open is an explicit open of the format
     finally:
-        aio.run_sync(driver.close())
+        runtime.run_sync(driver.close())
 
 
 def test_builder_with_storage_does_not_consult_the_gate(tmp_path: pathlib.Path) -> None:
     storage = File.open_sync(StorageOpenOptions(filename=_image(tmp_path / "disk.img")))
     driver = Raw.builder(storage).open_sync(DenyImplicitOpenGate())
     assert driver.storage is storage
-    aio.run_sync(driver.close())
+    runtime.run_sync(driver.close())
 
 
 def test_storage_options_pass_through_the_gate(tmp_path: pathlib.Path) -> None:
@@ -175,7 +175,7 @@ def test_storage_options_pass_through_the_gate(tmp_path: pathlib.Path) -> None:
     assert seen.filename == str(path)  # from the builder
     assert seen.writable is False  # from the builder
     assert dict(seen.driver_options) == {"k": 1}
-    aio.run_sync(driver.close())
+    runtime.run_sync(driver.close())
 
 
 def test_deny_refuses_image_file_naming_it(tmp_path: pathlib.Path) -> None:
@@ -190,7 +190,7 @@ def test_deny_refuses_image_file_naming_it(tmp_path: pathlib.Path) -> None:
 def test_deny_refuses_open_storage_directly(tmp_path: pathlib.Path) -> None:
     path = _image(tmp_path / "disk.img")
     with pytest.raises(PermissionError, match=r"disk\.img"):
-        aio.run_sync(DenyImplicitOpenGate().open_storage(StorageOpenOptions(filename=str(path))))
+        runtime.run_sync(DenyImplicitOpenGate().open_storage(StorageOpenOptions(filename=str(path))))
 
 
 def test_permissive_opens_anything_local(tmp_path: pathlib.Path) -> None:
@@ -199,7 +199,7 @@ def test_permissive_opens_anything_local(tmp_path: pathlib.Path) -> None:
     assert image.size == 1000
     image.close()
     options = StorageOpenOptions(driver="null", filename="x", driver_options={"size": 7})
-    storage = aio.run_sync(PermissiveImplicitOpenGate().open_storage(options))
+    storage = runtime.run_sync(PermissiveImplicitOpenGate().open_storage(options))
     assert isinstance(storage, Null)
     assert storage.size == 7
 
@@ -241,14 +241,14 @@ def test_sandbox_allows_files_under_listed_dirs(sandbox: pathlib.Path) -> None:
         driver = Raw.builder_path(path).write(True).open_sync(SandboxImplicitOpenGate([sandbox]))
         assert driver.size == 500
         assert driver.writable
-        aio.run_sync(driver.close())
+        runtime.run_sync(driver.close())
 
 
 def test_sandbox_several_directories(tmp_path: pathlib.Path, sandbox: pathlib.Path) -> None:
     other = tmp_path / "outside"
     gate = SandboxImplicitOpenGate([sandbox, other])
     for path in (_image(sandbox / "1.img"), _image(other / "2.img")):
-        aio.run_sync(Raw.builder_path(path).open_sync(gate).close())
+        runtime.run_sync(Raw.builder_path(path).open_sync(gate).close())
     with pytest.raises(imago.ImplicitOpenDeniedError):
         Raw.builder_path(_image(tmp_path / "3.img")).open_sync(gate)
 
@@ -311,7 +311,7 @@ def test_sandbox_allows_link_into_sandbox_from_outside(tmp_path: pathlib.Path, s
     link.symlink_to(target)
     driver = Raw.builder_path(link).open_sync(SandboxImplicitOpenGate([sandbox]))
     assert driver.storage.filename == str(target)
-    aio.run_sync(driver.close())
+    runtime.run_sync(driver.close())
 
 
 def test_sandbox_directory_given_through_symlink(tmp_path: pathlib.Path, sandbox: pathlib.Path) -> None:
@@ -320,8 +320,8 @@ def test_sandbox_directory_given_through_symlink(tmp_path: pathlib.Path, sandbox
     path = _image(sandbox / "x.img")
     gate = SandboxImplicitOpenGate([alias])
     assert gate.directories == (os.path.realpath(sandbox),)
-    aio.run_sync(Raw.builder_path(path).open_sync(gate).close())
-    aio.run_sync(Raw.builder_path(alias / "x.img").open_sync(gate).close())
+    runtime.run_sync(Raw.builder_path(path).open_sync(gate).close())
+    runtime.run_sync(Raw.builder_path(alias / "x.img").open_sync(gate).close())
 
 
 def test_sandbox_refuses_directory(sandbox: pathlib.Path) -> None:
@@ -362,7 +362,7 @@ def test_sandbox_refuses_non_file_drivers(sandbox: pathlib.Path, driver: str) ->
     path = _image(sandbox / "x.img")
     gate = SandboxImplicitOpenGate([sandbox])
     with pytest.raises(imago.ImplicitOpenDeniedError, match=driver):
-        aio.run_sync(gate.open_storage(StorageOpenOptions(filename=str(path), driver=driver)))
+        runtime.run_sync(gate.open_storage(StorageOpenOptions(filename=str(path), driver=driver)))
     with pytest.raises(imago.ImplicitOpenDeniedError):
         Raw.builder_path(path).storage_options(StorageOpenOptions(driver=driver)).open_sync(gate)
 
@@ -371,7 +371,9 @@ def test_sandbox_check_storage_returns_real_path(sandbox: pathlib.Path) -> None:
     target = _image(sandbox / "real.img")
     (sandbox / "link.img").symlink_to(target)
     gate = SandboxImplicitOpenGate([sandbox])
-    options = aio.run_sync(gate.check_storage(StorageOpenOptions(filename=str(sandbox / "link.img"), writable=True)))
+    options = runtime.run_sync(
+        gate.check_storage(StorageOpenOptions(filename=str(sandbox / "link.img"), writable=True))
+    )
     assert options.filename == str(target)
     assert options.writable is True
 
@@ -422,7 +424,7 @@ def test_sandbox_relative_directory(tmp_path: pathlib.Path, monkeypatch: pytest.
     _image(tmp_path / "rel" / "x.img")
     gate = SandboxImplicitOpenGate(["rel"])
     assert gate.directories == (os.path.realpath(tmp_path / "rel"),)
-    aio.run_sync(Raw.builder_path("rel/x.img").open_sync(gate).close())
+    runtime.run_sync(Raw.builder_path("rel/x.img").open_sync(gate).close())
     _image(tmp_path / "y.img")
     with pytest.raises(imago.ImplicitOpenDeniedError):
         Raw.builder_path("y.img").open_sync(gate)
@@ -433,43 +435,43 @@ def test_sandbox_relative_directory(tmp_path: pathlib.Path, monkeypatch: pytest.
 
 def test_open_format_permissive(tmp_path: pathlib.Path) -> None:
     path = _image(tmp_path / "base.img", b"base" * 256)
-    driver = aio.run_sync(PermissiveImplicitOpenGate().open_format(Raw.builder_path(path)))
+    driver = runtime.run_sync(PermissiveImplicitOpenGate().open_format(Raw.builder_path(path)))
     assert isinstance(driver, Raw)
     assert driver.size == 1024
     assert not driver.writable
-    aio.run_sync(driver.close())
+    runtime.run_sync(driver.close())
 
 
 def test_open_format_deny_names_file(tmp_path: pathlib.Path) -> None:
     path = _image(tmp_path / "base.img")
     with pytest.raises(imago.ImplicitOpenDeniedError) as info:
-        aio.run_sync(DenyImplicitOpenGate().open_format(Raw.builder_path(path)))
+        runtime.run_sync(DenyImplicitOpenGate().open_format(Raw.builder_path(path)))
     assert str(path) in str(info.value)
     # Even with an explicit storage, an implicit open of a format is refused.
     storage = Null(512)
     with pytest.raises(imago.ImplicitOpenDeniedError):
-        aio.run_sync(DenyImplicitOpenGate().open_format(Raw.builder(storage)))
+        runtime.run_sync(DenyImplicitOpenGate().open_format(Raw.builder(storage)))
 
 
 def test_open_format_sandbox(tmp_path: pathlib.Path, sandbox: pathlib.Path) -> None:
     gate = SandboxImplicitOpenGate([sandbox])
     inside = _image(sandbox / "base.img")
-    driver = aio.run_sync(gate.open_format(Raw.builder_path(inside)))
+    driver = runtime.run_sync(gate.open_format(Raw.builder_path(inside)))
     assert driver.storage.filename == str(inside)
-    aio.run_sync(driver.close())
+    runtime.run_sync(driver.close())
     outside = _image(tmp_path / "outside" / "base.img")
     with pytest.raises(imago.ImplicitOpenDeniedError):
-        aio.run_sync(gate.open_format(Raw.builder_path(outside)))
+        runtime.run_sync(gate.open_format(Raw.builder_path(outside)))
 
 
 def test_open_format_calls_check_format_then_check_storage(tmp_path: pathlib.Path) -> None:
     path = _image(tmp_path / "base.img")
     gate = RecordingGate()
     builder = Raw.builder_path(path)
-    driver = aio.run_sync(gate.open_format(builder))
+    driver = runtime.run_sync(gate.open_format(builder))
     assert gate.formats == [builder]
     assert [o.filename for o in gate.storages] == [str(path)]
-    aio.run_sync(driver.close())
+    runtime.run_sync(driver.close())
 
 
 class RefuseFormats(PermissiveImplicitOpenGate):
@@ -480,9 +482,9 @@ class RefuseFormats(PermissiveImplicitOpenGate):
 def test_open_format_custom_check_format(tmp_path: pathlib.Path) -> None:
     path = _image(tmp_path / "base.img")
     with pytest.raises(imago.ImplicitOpenDeniedError, match="no backing files today"):
-        aio.run_sync(RefuseFormats().open_format(Raw.builder_path(path)))
+        runtime.run_sync(RefuseFormats().open_format(Raw.builder_path(path)))
     # A direct builder.open does not go through check_format.
-    aio.run_sync(Raw.builder_path(path).open_sync(RefuseFormats()).close())
+    runtime.run_sync(Raw.builder_path(path).open_sync(RefuseFormats()).close())
 
 
 # --- backing chains -------------------------------------------------------------------------
@@ -515,7 +517,7 @@ def test_chain_loop_through_others(tmp_path: pathlib.Path) -> None:
     mid = Raw.builder_path(b).below(top)
     low = Raw.builder_path(c).below(mid)
     # c opens fine below a and b...
-    aio.run_sync(low.open_sync(PermissiveImplicitOpenGate()).close())
+    runtime.run_sync(low.open_sync(PermissiveImplicitOpenGate()).close())
     # ...but a below c loops.
     with pytest.raises(imago.BackingChainError, match="loop"):
         Raw.builder_path(a).below(low).open_sync(PermissiveImplicitOpenGate())
@@ -548,7 +550,7 @@ def test_chain_loop_with_storage_builders(tmp_path: pathlib.Path) -> None:
     storage = File.open_sync(StorageOpenOptions(filename=path))
     with pytest.raises(imago.BackingChainError):
         Raw.builder(storage).below(Raw.builder_path(path)).open_sync(PermissiveImplicitOpenGate())
-    aio.run_sync(storage.close())
+    runtime.run_sync(storage.close())
     null = Null(512)
     assert Raw.builder(null).identity() != Raw.builder(Null(512)).identity()
 
@@ -565,7 +567,7 @@ def test_chain_at_max_depth_opens(tmp_path: pathlib.Path) -> None:
     builder = _chain(tmp_path, MAX_CHAIN_DEPTH - 1)
     assert builder.depth == MAX_CHAIN_DEPTH - 1
     _image(tmp_path / f"layer-{MAX_CHAIN_DEPTH - 1}.img")
-    aio.run_sync(builder.open_sync(PermissiveImplicitOpenGate()).close())
+    runtime.run_sync(builder.open_sync(PermissiveImplicitOpenGate()).close())
 
 
 def test_chain_deeper_than_max_depth(tmp_path: pathlib.Path) -> None:

@@ -619,7 +619,7 @@ def test_raw_on_null() -> None:
 
 def test_sync_api_inside_running_loop(path: pathlib.Path) -> None:
     async def main() -> bytes:
-        assert not imago.aio.inline()
+        assert not imago.runtime.inline()
         driver = Raw.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
         with SyncFormatAccess(driver) as image:
             buf = bytearray(10)
@@ -743,7 +743,7 @@ def test_fast_path_respects_disk_end_with_generous_driver(path: pathlib.Path) ->
             await image.access.read(buf, 1000)
 
         with pytest.raises(imago.InvalidRequestError):
-            imago.aio.run_sync(read_async())
+            imago.runtime.run_sync(read_async())
 
 
 # --- a random workload against a bytearray model ------------------------------------------------

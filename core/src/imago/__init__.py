@@ -11,8 +11,69 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import aio, io_buffers
-from ._plugins import (
+from . import io_buffers, runtime
+from .annotated import AnnotatedStorage
+from .api import create, create_async, open, open_async, probe, probe_sync
+from .cache import MetadataCache
+from .errors import (
+    AllocationError,
+    BackingChainError,
+    ClosedError,
+    CorruptImageError,
+    DirtyImageError,
+    DriverContractError,
+    DriverNotFoundError,
+    DuplicateDriverError,
+    ImagoError,
+    ImplicitOpenDeniedError,
+    InvalidBufferError,
+    InvalidDriverError,
+    InvalidOptionError,
+    InvalidRequestError,
+    MissingStorageError,
+    PluginError,
+    PluginLoadError,
+    ReadOnlyError,
+    SnapshotNotFoundError,
+    SuspendedInSyncModeError,
+    UnsupportedFeatureError,
+    UnsupportedFileTypeError,
+)
+from .fileobj import ImageFile
+from .format.access import FormatAccess, SyncFormatAccess, read_through
+from .format.builder import MAX_CHAIN_DEPTH, FormatCreateBuilder, FormatDriverBuilder
+from .format.capabilities import (
+    Capability,
+    SnapshotRecord,
+    SupportsCheck,
+    SupportsCompressedWrites,
+    SupportsResize,
+    SupportsSnapshots,
+)
+from .format.driver import FormatDriver
+from .format.gates import (
+    DenyImplicitOpenGate,
+    ImplicitOpenGate,
+    PermissiveImplicitOpenGate,
+    SandboxImplicitOpenGate,
+)
+from .format.mapping import (
+    Mapping,
+    MappingEof,
+    MappingRaw,
+    MappingSpecial,
+    MappingZero,
+    ShallowEof,
+    ShallowIndirect,
+    ShallowMapping,
+    ShallowRaw,
+    ShallowSpecial,
+    ShallowZero,
+)
+from .format.names import check_local_file_name
+from .locks import RangeLock
+from .plugin.hookspecs import hookimpl
+from .plugin.manager import (
     PluginInfo,
     format_driver,
     format_drivers,
@@ -22,42 +83,7 @@ from ._plugins import (
     storage_drivers,
     unregister_plugin,
 )
-from .annotated import Annotated
-from .api import create, create_async, open, open_async, probe, probe_sync
-from .errors import (
-    BackingChainError,
-    ClosedError,
-    CorruptImageError,
-    DriverNotFoundError,
-    DuplicateDriverError,
-    ImagoError,
-    ImplicitOpenDeniedError,
-    InvalidBufferError,
-    InvalidDriverError,
-    InvalidOptionError,
-    InvalidRequestError,
-    PluginError,
-    PluginLoadError,
-    ReadOnlyError,
-    SuspendedInSyncModeError,
-    UnsupportedFeatureError,
-)
-from .format import (
-    MAX_CHAIN_DEPTH,
-    DenyImplicitOpenGate,
-    FormatAccess,
-    FormatCreateBuilder,
-    FormatDriver,
-    FormatDriverBuilder,
-    ImplicitOpenGate,
-    Mapping,
-    PermissiveImplicitOpenGate,
-    SandboxImplicitOpenGate,
-    ShallowMapping,
-)
-from .hookspecs import hookimpl
 from .storage import PreallocateMode, Storage, StorageCreateOptions, StorageOpenOptions
-from .sync import ImageFile, SyncFormatAccess
 
 try:
     __version__ = version("imago-core")
@@ -66,11 +92,15 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "MAX_CHAIN_DEPTH",
-    "Annotated",
+    "AllocationError",
+    "AnnotatedStorage",
     "BackingChainError",
+    "Capability",
     "ClosedError",
     "CorruptImageError",
     "DenyImplicitOpenGate",
+    "DirtyImageError",
+    "DriverContractError",
     "DriverNotFoundError",
     "DuplicateDriverError",
     "FormatAccess",
@@ -86,22 +116,41 @@ __all__ = [
     "InvalidOptionError",
     "InvalidRequestError",
     "Mapping",
+    "MappingEof",
+    "MappingRaw",
+    "MappingSpecial",
+    "MappingZero",
+    "MetadataCache",
+    "MissingStorageError",
     "PermissiveImplicitOpenGate",
     "PluginError",
     "PluginInfo",
     "PluginLoadError",
     "PreallocateMode",
+    "RangeLock",
     "ReadOnlyError",
     "SandboxImplicitOpenGate",
+    "ShallowEof",
+    "ShallowIndirect",
     "ShallowMapping",
+    "ShallowRaw",
+    "ShallowSpecial",
+    "ShallowZero",
+    "SnapshotNotFoundError",
+    "SnapshotRecord",
     "Storage",
     "StorageCreateOptions",
     "StorageOpenOptions",
+    "SupportsCheck",
+    "SupportsCompressedWrites",
+    "SupportsResize",
+    "SupportsSnapshots",
     "SuspendedInSyncModeError",
     "SyncFormatAccess",
     "UnsupportedFeatureError",
+    "UnsupportedFileTypeError",
     "__version__",
-    "aio",
+    "check_local_file_name",
     "create",
     "create_async",
     "format_driver",
@@ -113,7 +162,9 @@ __all__ = [
     "plugins",
     "probe",
     "probe_sync",
+    "read_through",
     "register_plugin",
+    "runtime",
     "storage_driver",
     "storage_drivers",
     "unregister_plugin",

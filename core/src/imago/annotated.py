@@ -1,6 +1,6 @@
 """Annotated storage: a wrapper that forwards everything and carries a tag.
 
-Mappings point at storages; wrap each layer's storage in :class:`Annotated` with a tag of
+Mappings point at storages; wrap each layer's storage in :class:`AnnotatedStorage` with a tag of
 your choosing and ``mapping.storage.tag`` tells which layer a mapping points into.
 """
 
@@ -11,26 +11,26 @@ from typing import Any, Generic, TypeVar
 
 from .storage import PreallocateMode, Storage, StorageOpenOptions
 
-__all__ = ["Annotated"]
+__all__ = ["AnnotatedStorage"]
 
 Tag = TypeVar("Tag")
 
 
-class Annotated(Storage, Generic[Tag]):
+class AnnotatedStorage(Storage, Generic[Tag]):
     """Wraps *inner*, forwards every operation to it, and carries *tag*."""
 
     name = "annotated"
 
     def __init__(self, inner: Storage, tag: Tag) -> None:
         if not isinstance(inner, Storage):
-            raise TypeError(f"Annotated wraps a Storage, got {type(inner).__name__}")
+            raise TypeError(f"AnnotatedStorage wraps a Storage, got {type(inner).__name__}")
         self.inner = inner
         self.tag = tag
 
     @classmethod
-    async def open(cls, options: StorageOpenOptions) -> Annotated[Any]:
+    async def open(cls, options: StorageOpenOptions) -> AnnotatedStorage[Any]:
         """Not openable by options: construct it around an opened storage."""
-        raise TypeError("Annotated storages are made with Annotated(storage, tag), not opened by options")
+        raise TypeError("Annotated storages are made with AnnotatedStorage(storage, tag), not opened by options")
 
     @property
     def size(self) -> int:
@@ -98,4 +98,4 @@ class Annotated(Storage, Generic[Tag]):
         return self.inner.resolve_relative_path(name)
 
     def __repr__(self) -> str:
-        return f"<Annotated {self.tag!r} {self.inner!r}>"
+        return f"<AnnotatedStorage {self.tag!r} {self.inner!r}>"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import aio
-from ._plugins import format_driver, format_drivers, storage_driver
+from . import runtime
 from .errors import InvalidOptionError, UnsupportedFeatureError
-from .format.access import FormatAccess
+from .format.access import FormatAccess, SyncFormatAccess
 from .format.driver import FormatDriver
 from .format.gates import ImplicitOpenGate, SandboxImplicitOpenGate
+from .plugin.manager import format_driver, format_drivers, storage_driver
 from .storage import Storage, StorageCreateOptions, StorageOpenOptions
-from .sync import SyncFormatAccess
 
 __all__ = ["create", "create_async", "open", "open_async", "probe", "probe_sync"]
 
@@ -32,7 +31,7 @@ async def probe(storage: Storage) -> type[FormatDriver]:
 
 def probe_sync(storage: Storage) -> type[FormatDriver]:
     """Synchronous :func:`probe`."""
-    return aio.run_sync(probe(storage))
+    return runtime.run_sync(probe(storage))
 
 
 def _default_gate(filename: str) -> ImplicitOpenGate:
@@ -90,7 +89,7 @@ def open(
 ) -> SyncFormatAccess:
     """Synchronous :func:`open_async`: returns a :class:`SyncFormatAccess`."""
     return SyncFormatAccess(
-        aio.run_sync(
+        runtime.run_sync(
             open_async(
                 filename,
                 format,
@@ -130,7 +129,7 @@ async def create_async(filename: str | os.PathLike[str], format: str, size: int,
 
 def create(filename: str | os.PathLike[str], format: str, size: int, **options: Any) -> None:
     """Synchronous :func:`create_async`."""
-    aio.run_sync(create_async(filename, format, size, **options))
+    runtime.run_sync(create_async(filename, format, size, **options))
 
 
 class _NoStorage(Storage):

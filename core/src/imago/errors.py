@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 
 __all__ = [
+    "AllocationError",
     "BackingChainError",
     "ClosedError",
     "CorruptImageError",
+    "DirtyImageError",
+    "DriverContractError",
     "DriverNotFoundError",
     "DuplicateDriverError",
     "ImagoError",
@@ -21,11 +24,14 @@ __all__ = [
     "InvalidDriverError",
     "InvalidOptionError",
     "InvalidRequestError",
+    "MissingStorageError",
     "PluginError",
     "PluginLoadError",
     "ReadOnlyError",
+    "SnapshotNotFoundError",
     "SuspendedInSyncModeError",
     "UnsupportedFeatureError",
+    "UnsupportedFileTypeError",
 ]
 
 
@@ -122,6 +128,80 @@ class UnsupportedFeatureError(ImagoError, NotImplementedError):
         self.filename = filename
         prefix = f"{filename}: " if filename else ""
         super().__init__(f"{prefix}unsupported feature: {feature}")
+
+
+class DirtyImageError(ImagoError, ValueError):
+    """An image a crash left dirty (refcounts possibly stale) was opened for writing.
+
+    ``filename`` names the image; ``repair`` says how to make it writable again.
+    """
+
+    def __init__(self, filename: str | None, repair: str) -> None:
+        self.filename = filename
+        self.repair = repair
+        super().__init__(
+            f"{describe(filename)}: the image is dirty (its refcounts may be stale); {repair} before writing to it"
+        )
+
+
+class SnapshotNotFoundError(ImagoError, LookupError):
+    """No internal snapshot has the ID or name asked for (``snapshot``) in the image ``filename``."""
+
+    def __init__(self, filename: str | None, snapshot: str) -> None:
+        self.filename = filename
+        self.snapshot = snapshot
+        super().__init__(f"{describe(filename)}: no snapshot with ID or name {snapshot!r}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MissingStorageError(ImagoError, ValueError):
+    """An image needs a further file (``role``: an external data file, say) that was not given."""
+
+    def __init__(self, filename: str | None, role: str, problem: str) -> None:
+        self.filename = filename
+        self.role = role
+        self.problem = problem
+        super().__init__(f"{describe(filename)}: {problem}")
+
+
+class AllocationError(ImagoError, RuntimeError):
+    """Space for metadata could not be found where the format needs it (``what`` was being placed)."""
+
+    def __init__(self, filename: str | None, what: str, problem: str) -> None:
+        self.filename = filename
+        self.what = what
+        self.problem = problem
+        super().__init__(f"{describe(filename)}: cannot place {what}: {problem}")
+
+
+class DriverContractError(ImagoError, RuntimeError):
+    """A driver broke the interface contract (an empty mapping, a range outside the request, ...).
+
+    ``driver`` names the driver, ``offset`` the guest offset concerned (if any). This is a bug in
+    the driver, not in the image.
+    """
+
+    def __init__(self, driver: str, problem: str, offset: int | None = None) -> None:
+        self.driver = driver
+        self.problem = problem
+        self.offset = offset
+        where = f" at offset {offset}" if offset is not None else ""
+        super().__init__(f"{driver} driver{where}: {problem}")
+
+
+class UnsupportedFileTypeError(ImagoError, OSError):
+    """A storage driver was asked to open a kind of file it cannot use (a FIFO, a character device)."""
+
+    def __init__(self, filename: str, kind: str, expected: str) -> None:
+        ImagoError.__init__(self, f"{filename}: {kind}, not {expected}")
+        self.filename = filename
+        self.kind = kind
+        self.expected = expected
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class InvalidRequestError(ImagoError, ValueError):

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 
 import attrs
 
-from . import aio
+from . import runtime
 from .errors import InvalidOptionError
 
 __all__ = [
@@ -141,7 +141,7 @@ class Storage(abc.ABC):
 
     Subclasses set :attr:`name` and implement the abstract coroutines. Storage I/O methods
     take lists of flat byte memoryviews. Reads of ranges past the end of the storage yield
-    zeroes. Use :mod:`imago.aio` helpers (``run_blocking``) for blocking work so that the
+    zeroes. Use :mod:`imago.runtime` helpers (``run_blocking``) for blocking work so that the
     synchronous API never needs an event loop.
     """
 
@@ -158,7 +158,7 @@ class Storage(abc.ABC):
     @classmethod
     def open_sync(cls: type[S], options: StorageOpenOptions) -> S:
         """Synchronous :meth:`open`."""
-        return aio.run_sync(cls.open(options))
+        return runtime.run_sync(cls.open(options))
 
     @classmethod
     async def create(cls: type[S], options: StorageCreateOptions) -> S:
@@ -173,7 +173,7 @@ class Storage(abc.ABC):
     @classmethod
     def create_sync(cls: type[S], options: StorageCreateOptions) -> S:
         """Synchronous :meth:`create`."""
-        return aio.run_sync(cls.create(options))
+        return runtime.run_sync(cls.create(options))
 
     # --- properties -----------------------------------------------------------------------
 
@@ -218,7 +218,7 @@ class Storage(abc.ABC):
         The default drives :meth:`readv` by hand; a storage can override it with direct
         blocking I/O to save the coroutine overhead.
         """
-        aio.run_sync(self.readv(bufs, offset))
+        runtime.run_sync(self.readv(bufs, offset))
 
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make ``[offset, offset + length)`` read as zero.

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from imago import StorageCreateOptions, StorageOpenOptions, aio
+from imago import StorageCreateOptions, StorageOpenOptions, runtime
 from imago_file import File
 
 
@@ -18,7 +18,7 @@ def storages() -> Iterator[list[File]]:
     opened: list[File] = []
     yield opened
     for storage in opened:
-        aio.run_sync(storage.close())
+        runtime.run_sync(storage.close())
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from imago import PreallocateMode, StorageCreateOptions, StorageOpenOptions, aio
+from imago import PreallocateMode, StorageCreateOptions, StorageOpenOptions, runtime
 from imago.io_buffers import slice_iovec
 from imago_file import File
 
@@ -376,18 +376,18 @@ def test_run_sync_inside_a_running_loop(image, data, spy, direct):
         loop_thread = threading.current_thread().name
         storage = File.open_sync(StorageOpenOptions(filename=image, writable=True, direct=direct))
         try:
-            aio.run_sync(storage.writev([memoryview(b"sync"), memoryview(b"-write")], 1001))
+            runtime.run_sync(storage.writev([memoryview(b"sync"), memoryview(b"-write")], 1001))
             buf = bytearray(20)
-            aio.run_sync(storage.readv([memoryview(buf)], 1000))
+            runtime.run_sync(storage.readv([memoryview(buf)], 1000))
             inline_buf = bytearray(20)
             storage.readv_inline([memoryview(inline_buf)], 1000)
-            aio.run_sync(storage.write_zeroes(5000, 100))
-            aio.run_sync(storage.writev([memoryview(b"end")], len(data) + 5))
-            aio.run_sync(storage.flush())
-            aio.run_sync(storage.resize(len(data) + 100, PreallocateMode.FULL))
+            runtime.run_sync(storage.write_zeroes(5000, 100))
+            runtime.run_sync(storage.writev([memoryview(b"end")], len(data) + 5))
+            runtime.run_sync(storage.flush())
+            runtime.run_sync(storage.resize(len(data) + 100, PreallocateMode.FULL))
             size = storage.size
         finally:
-            aio.run_sync(storage.close())
+            runtime.run_sync(storage.close())
         return loop_thread, bytes(buf), bytes(inline_buf), size
 
     loop_thread, buf, inline_buf, size = asyncio.run(main())
@@ -413,9 +413,9 @@ def test_run_sync_and_async_requests_in_one_loop(image, data, open_file):
 
     async def main():
         pending = [asyncio.ensure_future(storage.writev([memoryview(b"async")], i * 1000)) for i in range(20)]
-        aio.run_sync(storage.writev([memoryview(b"sync")], 100_000))
+        runtime.run_sync(storage.writev([memoryview(b"sync")], 100_000))
         got = bytearray(4)
-        aio.run_sync(storage.readv([memoryview(got)], 100_000))
+        runtime.run_sync(storage.readv([memoryview(got)], 100_000))
         await asyncio.gather(*pending)
         return bytes(got)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import imago
-from imago import PreallocateMode, StorageCreateOptions, StorageOpenOptions, aio
+from imago import PreallocateMode, StorageCreateOptions, StorageOpenOptions, runtime
 from imago.io_buffers import byte_view, slice_iovec
 from imago_file import File
 
@@ -26,16 +26,16 @@ def pattern(length: int, seed: int = 0) -> bytes:
 def read(storage: File, offset: int, length: int, *, fill: int = 0xA5) -> bytes:
     """Read through ``readv``; the buffer starts non-zero so that zero-filling is visible."""
     buf = bytearray([fill]) * length
-    aio.run_sync(storage.readv([memoryview(buf)], offset))
+    runtime.run_sync(storage.readv([memoryview(buf)], offset))
     return bytes(buf)
 
 
 def write(storage: File, data: bytes, offset: int) -> None:
-    aio.run_sync(storage.writev([memoryview(data)], offset))
+    runtime.run_sync(storage.writev([memoryview(data)], offset))
 
 
 def close(storage: File) -> None:
-    aio.run_sync(storage.close())
+    runtime.run_sync(storage.close())
 
 
 # --- opening --------------------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def test_read_only_refuses_changes(make_image, open_file, operation):
     path = make_image(data)
     storage = open_file(path)
     with pytest.raises(imago.ReadOnlyError) as info:
-        aio.run_sync(operation(storage))
+        runtime.run_sync(operation(storage))
     assert isinstance(info.value, PermissionError)
     assert str(path) in str(info.value)
     assert path.read_bytes() == data
@@ -254,7 +254,7 @@ def test_io_after_close(make_image, operation, writable):
     storage = File.open_sync(StorageOpenOptions(filename=path, writable=writable))
     close(storage)
     with pytest.raises(imago.ClosedError) as info:
-        aio.run_sync(operation(storage))
+        runtime.run_sync(operation(storage))
     assert isinstance(info.value, ValueError)
     assert path.read_bytes() == b"0123456789" * 100
 
@@ -365,11 +365,11 @@ def test_scatter_gather(make_image, open_file):
     storage = open_file(path, writable=True)
     sizes = [1, 0, 7, 512, 4096, 3, 1000, 0, 2]
     bufs = [bytearray(b"\xff") * n for n in sizes]
-    aio.run_sync(storage.readv([memoryview(b) for b in bufs], 777))
+    runtime.run_sync(storage.readv([memoryview(b) for b in bufs], 777))
     assert b"".join(bufs) == data[777 : 777 + sum(sizes)]
 
     chunks = [pattern(n, seed=i + 1) for i, n in enumerate(sizes)]
-    aio.run_sync(storage.writev([memoryview(c) for c in chunks], 3333))
+    runtime.run_sync(storage.writev([memoryview(c) for c in chunks], 3333))
     joined = b"".join(chunks)
     expected = data[:3333] + joined + data[3333 + len(joined) :]
     assert path.read_bytes() == expected
@@ -380,11 +380,11 @@ def test_empty_requests(make_image, open_file):
     data = pattern(1000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.readv([], 0))
-    aio.run_sync(storage.readv([memoryview(bytearray())], 500))
+    runtime.run_sync(storage.readv([], 0))
+    runtime.run_sync(storage.readv([memoryview(bytearray())], 500))
     storage.readv_inline([], 0)
-    aio.run_sync(storage.writev([], 0))
-    aio.run_sync(storage.writev([memoryview(b"")], 10))
+    runtime.run_sync(storage.writev([], 0))
+    runtime.run_sync(storage.writev([memoryview(b"")], 10))
     assert path.read_bytes() == data
     assert storage.size == len(data)
 
@@ -392,7 +392,7 @@ def test_empty_requests(make_image, open_file):
 def test_empty_write_past_eof_keeps_size_consistent(make_image, open_file):
     path = make_image(pattern(1000))
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.writev([memoryview(b"")], 5000))
+    runtime.run_sync(storage.writev([memoryview(b"")], 5000))
     assert storage.size == path.stat().st_size
 
 
@@ -407,7 +407,7 @@ def test_buffer_types(make_image, open_file):
     into_mmap = mmap.mmap(-1, 4096)
     into_array = array.array("I", [0xFFFFFFFF] * 64)
     views = [byte_view(b, writable=True) for b in (into_bytearray, into_memoryview, into_mmap, into_array)]
-    aio.run_sync(storage.readv(views, 10))
+    runtime.run_sync(storage.readv(views, 10))
     total = 100 + 200 + 4096 + 256
     got = bytes(into_bytearray) + bytes(into_memoryview) + bytes(into_mmap) + into_array.tobytes()
     assert got == data[10 : 10 + total]
@@ -417,7 +417,7 @@ def test_buffer_types(make_image, open_file):
     source_mmap = mmap.mmap(-1, 1000)
     source_mmap[:] = pattern(1000, seed=9)
     sources = [b"bytes!", bytearray(b"bytearray"), memoryview(b"--memoryview--")[2:-2], source_mmap, source_array]
-    aio.run_sync(storage.writev([byte_view(b, writable=False) for b in sources], 20_001))
+    runtime.run_sync(storage.writev([byte_view(b, writable=False) for b in sources], 20_001))
     joined = b"bytes!bytearraymemoryview" + source_mmap[:] + source_array.tobytes()
     expected = data[:20_001] + joined + data[20_001 + len(joined) :]
     assert path.read_bytes() == expected
@@ -427,7 +427,7 @@ def test_multidimensional_buffer(make_image, open_file):
     data = pattern(4096)
     storage = open_file(make_image(data))
     matrix = memoryview(bytearray(64)).cast("B", (8, 8))
-    aio.run_sync(storage.readv([byte_view(matrix, writable=True)], 8))
+    runtime.run_sync(storage.readv([byte_view(matrix, writable=True)], 8))
     assert matrix.tobytes() == data[8:72]
 
 
@@ -439,7 +439,7 @@ def test_read_past_eof_zero_fills(make_image, open_file):
     assert read(storage, 1 << 30, 4096) == bytes(4096)
     # Straddling the end with several buffers: those entirely past it are zeroed too.
     bufs = [bytearray(b"\xee") * n for n in (50, 60, 70, 80)]
-    aio.run_sync(storage.readv([memoryview(b) for b in bufs], 940))
+    runtime.run_sync(storage.readv([memoryview(b) for b in bufs], 940))
     assert b"".join(bufs) == data[940:] + bytes(200)
     assert storage.size == 1000
 
@@ -482,14 +482,14 @@ def test_more_buffers_than_iov_max(tmp_path, create_file, count):
     storage = create_file(path)
     chunks = [pattern(1 + i % 13, seed=i) for i in range(count)]
     joined = b"".join(chunks)
-    aio.run_sync(storage.writev([memoryview(c) for c in chunks], 5))
+    runtime.run_sync(storage.writev([memoryview(c) for c in chunks], 5))
     assert path.read_bytes() == bytes(5) + joined
     assert storage.size == 5 + len(joined)
 
     # Read back, with the last buffers past the end of the file.
     sizes = [1 + i % 11 for i in range(count)]
     bufs = [bytearray(b"\xcc") * n for n in sizes]
-    aio.run_sync(storage.readv([memoryview(b) for b in bufs], 5))
+    runtime.run_sync(storage.readv([memoryview(b) for b in bufs], 5))
     expected = (joined + bytes(sum(sizes)))[: sum(sizes)]
     assert b"".join(bufs) == expected
 
@@ -513,7 +513,7 @@ def test_readv_inline_equals_readv(make_image, open_file, offset, sizes):
     storage = open_file(make_image(data))
     a = [bytearray(b"\x11") * n for n in sizes]
     b = [bytearray(b"\x22") * n for n in sizes]
-    aio.run_sync(storage.readv([memoryview(x) for x in a], offset))
+    runtime.run_sync(storage.readv([memoryview(x) for x in a], offset))
     storage.readv_inline([memoryview(x) for x in b], offset)
     assert a == b
     assert b"".join(a) == (data + bytes(20_000))[offset : offset + sum(sizes)]
@@ -542,14 +542,14 @@ def test_short_reads_and_writes_are_resumed(make_image, open_file, monkeypatch):
     monkeypatch.setattr(os, "pwritev", pwritev)
 
     bufs = [bytearray(n) for n in (1000, 3, 2500, 10)]
-    aio.run_sync(storage.readv([memoryview(b) for b in bufs], 100))
+    runtime.run_sync(storage.readv([memoryview(b) for b in bufs], 100))
     assert b"".join(bufs) == data[100:3613]
     bufs = [bytearray(n) for n in (1000, 3, 2500, 10)]
     storage.readv_inline([memoryview(b) for b in bufs], 49_000)
     assert b"".join(bufs) == data[49_000:] + bytes(2513)
 
     chunks = [pattern(n, seed=n) for n in (2000, 1, 900)]
-    aio.run_sync(storage.writev([memoryview(c) for c in chunks], 300))
+    runtime.run_sync(storage.writev([memoryview(c) for c in chunks], 300))
     monkeypatch.undo()
     assert path.read_bytes() == data[:300] + b"".join(chunks) + data[3201:]
     assert calls["read"] > 2
@@ -593,8 +593,8 @@ def test_flush_and_sync(make_image, open_file, writable):
     storage = open_file(path, writable=writable)
     if writable:
         write(storage, b"XY", 1)
-    assert aio.run_sync(storage.flush()) is None
-    assert aio.run_sync(storage.sync()) is None
+    assert runtime.run_sync(storage.flush()) is None
+    assert runtime.run_sync(storage.sync()) is None
     assert path.read_bytes() == (b"aXY" if writable else b"abc")
 
 
@@ -619,9 +619,9 @@ def test_no_flush_skips_fdatasync_but_not_fsync(make_image, monkeypatch, no_flus
     storage = File.open_sync(StorageOpenOptions(filename=path, writable=True, no_flush=no_flush))
     try:
         write(storage, b"XY", 1)
-        aio.run_sync(storage.flush())
+        runtime.run_sync(storage.flush())
         assert calls == ([] if no_flush else ["fdatasync"])
-        aio.run_sync(storage.sync())  # an explicit request for durability is always honoured
+        runtime.run_sync(storage.sync())  # an explicit request for durability is always honoured
         assert calls[-1] == "fsync"
     finally:
         close(storage)

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 import imago
-from imago import PreallocateMode, StorageCreateOptions, StorageOpenOptions, aio
+from imago import PreallocateMode, StorageCreateOptions, StorageOpenOptions, runtime
 from imago_file import File
 
 DEVICE_SIZE = 4 << 20
@@ -25,12 +25,12 @@ def pattern(length: int, seed: int = 0) -> bytes:
 
 def read(storage: File, offset: int, length: int) -> bytes:
     buf = bytearray(b"\xa5") * length
-    aio.run_sync(storage.readv([memoryview(buf)], offset))
+    runtime.run_sync(storage.readv([memoryview(buf)], offset))
     return bytes(buf)
 
 
 def write(storage: File, data: bytes, offset: int) -> None:
-    aio.run_sync(storage.writev([memoryview(data)], offset))
+    runtime.run_sync(storage.writev([memoryview(data)], offset))
 
 
 class LoopDevice:
@@ -93,10 +93,10 @@ def test_read_write(loop, open_file):
     storage = open_file(loop.path, writable=True)
     new = pattern(10_000, seed=1)
     write(storage, new, 1001)
-    aio.run_sync(storage.writev([memoryview(b"ab"), memoryview(b"cd")], DEVICE_SIZE - 4))
+    runtime.run_sync(storage.writev([memoryview(b"ab"), memoryview(b"cd")], DEVICE_SIZE - 4))
     assert read(storage, 1001, 10_000) == new
-    aio.run_sync(storage.flush())
-    aio.run_sync(storage.sync())
+    runtime.run_sync(storage.flush())
+    runtime.run_sync(storage.sync())
     model = bytearray(loop.data)
     model[1001:11_001] = new
     model[-4:] = b"abcd"
@@ -126,10 +126,10 @@ def test_resize(loop, open_file, mode):
     storage = open_file(loop.path, writable=True)
     for new_size in (DEVICE_SIZE // 2, DEVICE_SIZE * 2, 0):
         with pytest.raises(imago.UnsupportedFeatureError) as info:
-            aio.run_sync(storage.resize(new_size, mode))
+            runtime.run_sync(storage.resize(new_size, mode))
         assert isinstance(info.value, NotImplementedError)
         assert storage.size == DEVICE_SIZE
-    aio.run_sync(storage.resize(DEVICE_SIZE, mode))
+    runtime.run_sync(storage.resize(DEVICE_SIZE, mode))
     assert storage.size == DEVICE_SIZE
     assert read(storage, 0, DEVICE_SIZE) == loop.data
 
@@ -137,7 +137,7 @@ def test_resize(loop, open_file, mode):
 def test_resize_read_only(loop, open_file):
     storage = open_file(loop.path)
     with pytest.raises(imago.ReadOnlyError):
-        aio.run_sync(storage.resize(DEVICE_SIZE))
+        runtime.run_sync(storage.resize(DEVICE_SIZE))
 
 
 def test_direct_alignment_is_the_sector_size(loop, open_file):
@@ -175,7 +175,7 @@ def test_direct_writes(loop, open_file):
     model[-3:] = b"end"
     assert storage.size == DEVICE_SIZE
     assert read(storage, 0, DEVICE_SIZE) == model
-    aio.run_sync(storage.flush())
+    runtime.run_sync(storage.flush())
     assert loop.backing_content() == model
 
 
@@ -205,12 +205,12 @@ def test_direct_concurrent_writes(loop, open_file):
 @pytest.mark.parametrize(("offset", "length"), [(0, 65_536), (4096, 8192), (1001, 3000), (DEVICE_SIZE - 100, 100)])
 def test_write_zeroes(loop, open_file, direct, unmap, offset, length):
     storage = open_file(loop.path, writable=True, direct=direct)
-    aio.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
+    runtime.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
     model = bytearray(loop.data)
     model[offset : offset + length] = bytes(length)
     assert read(storage, 0, DEVICE_SIZE) == model
     assert storage.size == DEVICE_SIZE
-    aio.run_sync(storage.flush())
+    runtime.run_sync(storage.flush())
     assert loop.backing_content() == model
 
 
@@ -218,14 +218,14 @@ def test_write_zeroes(loop, open_file, direct, unmap, offset, length):
 def test_write_zeroes_past_the_end_fails(loop, open_file, unmap):
     storage = open_file(loop.path, writable=True)
     with pytest.raises((OSError, imago.ImagoError)):
-        aio.run_sync(storage.write_zeroes(DEVICE_SIZE - 4096, 8192, unmap=unmap))
+        runtime.run_sync(storage.write_zeroes(DEVICE_SIZE - 4096, 8192, unmap=unmap))
     assert storage.size == DEVICE_SIZE
 
 
 def test_discard(loop, open_file):
     storage = open_file(loop.path, writable=True)
-    aio.run_sync(storage.discard(65_536, 65_536))
-    aio.run_sync(storage.discard(DEVICE_SIZE - 4096, 1 << 20))  # clipped at the end
+    runtime.run_sync(storage.discard(65_536, 65_536))
+    runtime.run_sync(storage.discard(DEVICE_SIZE - 4096, 1 << 20))  # clipped at the end
     assert storage.size == DEVICE_SIZE
     content = read(storage, 0, DEVICE_SIZE)
     assert content[:65_536] == loop.data[:65_536]
@@ -234,8 +234,8 @@ def test_discard(loop, open_file):
 
 def test_flush_and_sync_read_only(loop, open_file):
     storage = open_file(loop.path)
-    aio.run_sync(storage.flush())
-    aio.run_sync(storage.sync())
+    runtime.run_sync(storage.flush())
+    runtime.run_sync(storage.sync())
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -249,7 +249,7 @@ def test_create_on_a_block_device(loop, overwrite):
         assert storage.size == DEVICE_SIZE
         assert read(storage, 0, DEVICE_SIZE) == loop.data
     finally:
-        aio.run_sync(storage.close())
+        runtime.run_sync(storage.close())
 
 
 def test_async_io(loop, open_file):

@@ -11,7 +11,7 @@ import random
 import pytest
 
 import imago
-from imago import PreallocateMode, aio
+from imago import PreallocateMode, runtime
 from imago.io_buffers import aligned_buffer
 from imago_file import File, syscalls
 
@@ -25,12 +25,12 @@ def pattern(length: int, seed: int = 0) -> bytes:
 
 def read(storage: File, offset: int, length: int) -> bytes:
     buf = bytearray(b"\xa5") * length
-    aio.run_sync(storage.readv([memoryview(buf)], offset))
+    runtime.run_sync(storage.readv([memoryview(buf)], offset))
     return bytes(buf)
 
 
 def write(storage: File, data: bytes, offset: int) -> None:
-    aio.run_sync(storage.writev([memoryview(data)], offset))
+    runtime.run_sync(storage.writev([memoryview(data)], offset))
 
 
 def expected_read(data: bytes, offset: int, length: int) -> bytes:
@@ -151,7 +151,7 @@ def test_probing_never_writes(make_image, monkeypatch, statx, size, writable):
     past = 1_000_000_000_000_000_000  # an mtime far in the past: any write would move it to now
     os.utime(path, ns=(past, past))
     storage = File.open_sync(imago.StorageOpenOptions(filename=path, writable=writable, direct=True))
-    aio.run_sync(storage.close())
+    runtime.run_sync(storage.close())
     stat = path.stat()
     assert stat.st_mtime_ns == past
     assert stat.st_size == size
@@ -167,7 +167,7 @@ def test_aligned_reads(direct, data):
         for blocks in (1, 3, 16):
             buf = aligned_buffer(blocks * align, max(direct.mem_align, 4096))
             buf[:] = b"\xee" * buf.nbytes
-            aio.run_sync(direct.readv([buf], offset))
+            runtime.run_sync(direct.readv([buf], offset))
             assert bytes(buf) == expected_read(data, offset, blocks * align)
 
 
@@ -203,7 +203,7 @@ def test_misaligned_buffer_addresses(direct, data, offset, length, shift):
     base = aligned_buffer(length + 2 * 4096, 4096)
     view = base[shift : shift + length]
     view[:] = b"\x77" * length
-    aio.run_sync(direct.readv([view], offset))
+    runtime.run_sync(direct.readv([view], offset))
     assert bytes(view) == expected_read(data, offset, length)
 
 
@@ -220,7 +220,7 @@ def test_mixed_vector_read(direct, data):
     ]
     for part in parts:
         part[:] = b"\x99" * part.nbytes
-    aio.run_sync(direct.readv(parts, align))
+    runtime.run_sync(direct.readv(parts, align))
     total = sum(p.nbytes for p in parts)
     assert b"".join(bytes(p) for p in parts) == expected_read(data, align, total)
 
@@ -247,7 +247,7 @@ def test_aligned_write(direct, image, data):
     align = direct.req_align
     buf = aligned_buffer(4 * align, max(direct.mem_align, 4096))
     buf[:] = pattern(4 * align, seed=1)
-    aio.run_sync(direct.writev([buf], 2 * align))
+    runtime.run_sync(direct.writev([buf], 2 * align))
     model = bytearray(data)
     apply(model, bytes(buf), 2 * align)
     assert image.read_bytes() == model
@@ -283,8 +283,8 @@ def test_random_writes_match_buffered_reference(make_image, open_file, data):
             bufs = [view[:cut], view[cut:]]
         else:
             bufs = [view]
-        aio.run_sync(direct.writev(bufs, offset))
-        aio.run_sync(reference.writev(bufs, offset))
+        runtime.run_sync(direct.writev(bufs, offset))
+        runtime.run_sync(reference.writev(bufs, offset))
         assert direct.size == reference.size
         if step % 10 == 0:
             assert direct_path.read_bytes() == reference_path.read_bytes()
@@ -343,12 +343,12 @@ def test_bounce_path_for_misaligned_memory(direct, image, data):
     base = aligned_buffer(3 * 4096, 4096)
     base[:] = pattern(3 * 4096, seed=5)
     view = base[1 : 1 + 8192]
-    aio.run_sync(direct.writev([view], 4096))
+    runtime.run_sync(direct.writev([view], 4096))
     model = bytearray(data)
     apply(model, bytes(view), 4096)
     assert image.read_bytes() == model
     target = base[3 : 3 + 8192]
-    aio.run_sync(direct.readv([target], 4096))
+    runtime.run_sync(direct.readv([target], 4096))
     assert bytes(target) == model[4096 : 4096 + 8192]
 
 
@@ -479,10 +479,10 @@ def test_sync_write_inside_a_loop_while_the_block_is_busy(direct, image, data):
         busy = asyncio.ensure_future(direct.writev([memoryview(b"async")], 1001))
         await asyncio.sleep(0)  # let it take its range lock and hand its I/O to a thread
         with pytest.raises(imago.SuspendedInSyncModeError):
-            aio.run_sync(direct.writev([memoryview(b"sync")], 1010))
+            runtime.run_sync(direct.writev([memoryview(b"sync")], 1010))
         await busy
         # Once the block is free again, synchronous use works inside the loop.
-        aio.run_sync(direct.writev([memoryview(b"sync")], 1010))
+        runtime.run_sync(direct.writev([memoryview(b"sync")], 1010))
 
     asyncio.run(main())
     model = bytearray(data)
@@ -496,8 +496,8 @@ def test_sync_write_inside_a_loop_while_the_block_is_busy(direct, image, data):
 
 @pytest.mark.parametrize("unmap", [False, True])
 def test_direct_write_zeroes(direct, image, data, unmap):
-    aio.run_sync(direct.write_zeroes(1001, 30_000, unmap=unmap))
-    aio.run_sync(direct.write_zeroes(SIZE - 3, 10, unmap=unmap))
+    runtime.run_sync(direct.write_zeroes(1001, 30_000, unmap=unmap))
+    runtime.run_sync(direct.write_zeroes(SIZE - 3, 10, unmap=unmap))
     model = bytearray(data)
     apply(model, bytes(30_000), 1001)
     apply(model, bytes(10), SIZE - 3)
@@ -508,17 +508,17 @@ def test_direct_write_zeroes(direct, image, data, unmap):
 
 @pytest.mark.parametrize("mode", list(PreallocateMode), ids=lambda m: m.name)
 def test_direct_resize(direct, image, data, mode):
-    aio.run_sync(direct.resize(SIZE + 100_003, mode))
+    runtime.run_sync(direct.resize(SIZE + 100_003, mode))
     assert image.read_bytes() == data + bytes(100_003)
     assert direct.size == SIZE + 100_003
-    aio.run_sync(direct.resize(1001, mode))
+    runtime.run_sync(direct.resize(1001, mode))
     assert image.read_bytes() == data[:1001]
     write(direct, b"tail", 2000)
     assert image.read_bytes() == data[:1001] + bytes(999) + b"tail"
 
 
 def test_direct_discard(direct, image, data):
-    aio.run_sync(direct.discard(8192, 65_536))
+    runtime.run_sync(direct.discard(8192, 65_536))
     content = image.read_bytes()
     assert content[:8192] == data[:8192]
     assert content[8192 + 65_536 :] == data[8192 + 65_536 :]
@@ -531,8 +531,8 @@ def test_direct_write_zeroes_without_fallocate(direct, image, data, monkeypatch,
         raise OSError(errno.EOPNOTSUPP, "injected: not supported")
 
     monkeypatch.setattr(syscalls, "fallocate", fallocate)
-    aio.run_sync(direct.write_zeroes(1001, 30_000, unmap=unmap))
-    aio.run_sync(direct.write_zeroes(SIZE - 3, 10, unmap=unmap))
+    runtime.run_sync(direct.write_zeroes(1001, 30_000, unmap=unmap))
+    runtime.run_sync(direct.write_zeroes(SIZE - 3, 10, unmap=unmap))
     model = bytearray(data)
     apply(model, bytes(30_000), 1001)
     apply(model, bytes(10), SIZE - 3)
@@ -542,8 +542,8 @@ def test_direct_write_zeroes_without_fallocate(direct, image, data, monkeypatch,
 
 @pytest.mark.parametrize("offset", [0, 7, SIZE, SIZE + 5, SIZE + 10_000])
 def test_direct_empty_write(direct, image, data, offset):
-    aio.run_sync(direct.writev([memoryview(b"")], offset))
-    aio.run_sync(direct.writev([], offset))
+    runtime.run_sync(direct.writev([memoryview(b"")], offset))
+    runtime.run_sync(direct.writev([], offset))
     assert direct.size == SIZE
     assert image.read_bytes() == data
 
@@ -575,9 +575,9 @@ def test_direct_short_read_is_taken_as_the_end_of_file(tmp_path, monkeypatch):
     monkeypatch.setattr(imago_file.storage.os, "preadv", short_first)
     try:
         buf = bytearray(1000)
-        imago.aio.run_sync(storage.readv([memoryview(buf)], 100))  # misaligned: bounced
+        imago.runtime.run_sync(storage.readv([memoryview(buf)], 100))  # misaligned: bounced
         assert bytes(buf[:600]) == data[100:700]
         assert bytes(buf[600:]) == bytes(400)
         assert len(calls) == 1
     finally:
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())

@@ -8,7 +8,7 @@ import random
 import pytest
 
 import imago
-from imago import PreallocateMode, aio
+from imago import PreallocateMode, runtime
 from imago_file import File, syscalls
 
 MiB = 1 << 20
@@ -27,7 +27,7 @@ def allocated(path) -> int:
 
 def read(storage: File, offset: int, length: int) -> bytes:
     buf = bytearray(b"\x5a") * length
-    aio.run_sync(storage.readv([memoryview(buf)], offset))
+    runtime.run_sync(storage.readv([memoryview(buf)], offset))
     return bytes(buf)
 
 
@@ -69,7 +69,7 @@ def test_write_zeroes_inside(make_image, open_file, unmap, offset, length):
     data = pattern(MiB)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
+    runtime.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
     model = bytearray(data)
     zero(model, offset, length)
     assert path.read_bytes() == model
@@ -82,7 +82,7 @@ def test_write_zeroes_unmap_releases_space(make_image, open_file):
     storage = open_file(path, writable=True)
     before = allocated(path)
     assert before >= 2 * MiB
-    aio.run_sync(storage.write_zeroes(256 * 1024, MiB, unmap=True))
+    runtime.run_sync(storage.write_zeroes(256 * 1024, MiB, unmap=True))
     assert allocated(path) <= before - MiB + 64 * 1024
     assert read(storage, 256 * 1024, MiB) == bytes(MiB)
     assert path.stat().st_size == 2 * MiB
@@ -92,7 +92,7 @@ def test_write_zeroes_without_unmap_keeps_space(make_image, open_file):
     path = make_image(pattern(2 * MiB))
     storage = open_file(path, writable=True)
     before = allocated(path)
-    aio.run_sync(storage.write_zeroes(256 * 1024, MiB, unmap=False))
+    runtime.run_sync(storage.write_zeroes(256 * 1024, MiB, unmap=False))
     # Zeroing without unmap may use unwritten extents but must not give the space back.
     assert allocated(path) >= before - 64 * 1024
     assert read(storage, 256 * 1024, MiB) == bytes(MiB)
@@ -111,7 +111,7 @@ def test_write_zeroes_past_eof_grows(make_image, open_file, unmap, offset, lengt
     data = pattern(10_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
+    runtime.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
     model = bytearray(data)
     zero(model, offset, length)
     assert storage.size == offset + length
@@ -123,7 +123,7 @@ def test_write_zeroes_unmap_past_eof_stays_sparse(make_image, open_file):
     data = pattern(10_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.write_zeroes(5000, 10 * MiB, unmap=True))
+    runtime.run_sync(storage.write_zeroes(5000, 10 * MiB, unmap=True))
     assert storage.size == 5000 + 10 * MiB
     assert path.stat().st_size == 5000 + 10 * MiB
     assert allocated(path) < 64 * 1024
@@ -137,8 +137,8 @@ def test_write_zeroes_empty(make_image, open_file, unmap, length):
     data = pattern(1000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.write_zeroes(500, length, unmap=unmap))
-    aio.run_sync(storage.write_zeroes(5000, length, unmap=unmap))
+    runtime.run_sync(storage.write_zeroes(500, length, unmap=unmap))
+    runtime.run_sync(storage.write_zeroes(5000, length, unmap=unmap))
     assert path.read_bytes() == data
     assert storage.size == 1000
 
@@ -149,7 +149,7 @@ def test_write_zeroes_fallback_without_fallocate(make_image, open_file, unsuppor
     data = pattern(10_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
+    runtime.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
     assert unsupported_fallocate, "fallocate was not even tried"
     model = bytearray(data)
     zero(model, offset, length)
@@ -167,7 +167,7 @@ def test_write_zeroes_fallback_errnos(make_image, open_file, monkeypatch, code):
         raise OSError(code, "injected")
 
     monkeypatch.setattr(syscalls, "fallocate", fallocate)
-    aio.run_sync(storage.write_zeroes(10, 20))
+    runtime.run_sync(storage.write_zeroes(10, 20))
     assert path.read_bytes() == data[:10] + bytes(20) + data[30:]
 
 
@@ -182,7 +182,7 @@ def test_write_zeroes_other_errors_pass_through(make_image, open_file, monkeypat
 
     monkeypatch.setattr(syscalls, "fallocate", fallocate)
     with pytest.raises(OSError) as info:  # noqa: PT011
-        aio.run_sync(storage.write_zeroes(0, 100, unmap=unmap))
+        runtime.run_sync(storage.write_zeroes(0, 100, unmap=unmap))
     assert info.value.errno == errno.ENOSPC
     assert path.read_bytes() == data
 
@@ -216,7 +216,7 @@ def test_discard_punches_a_hole(make_image, open_file):
     path = make_image(pattern(2 * MiB))
     storage = open_file(path, writable=True)
     before = allocated(path)
-    aio.run_sync(storage.discard(MiB // 2, MiB))
+    runtime.run_sync(storage.discard(MiB // 2, MiB))
     assert allocated(path) <= before - MiB + 64 * 1024
     assert storage.size == 2 * MiB
     assert path.stat().st_size == 2 * MiB
@@ -228,7 +228,7 @@ def test_discard_keeps_neighbours(make_image, open_file):
     data = pattern(100_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.discard(10_001, 30_000))
+    runtime.run_sync(storage.discard(10_001, 30_000))
     content = path.read_bytes()
     assert content[:10_001] == data[:10_001]
     assert content[40_001:] == data[40_001:]
@@ -239,7 +239,7 @@ def test_discard_never_grows(make_image, open_file, offset, length):
     data = pattern(100_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.discard(offset, length))
+    runtime.run_sync(storage.discard(offset, length))
     assert storage.size == 100_000
     assert path.stat().st_size == 100_000
     assert path.read_bytes()[: min(offset, 100_000)] == data[: min(offset, 100_000)]
@@ -249,7 +249,7 @@ def test_discard_unsupported_is_a_no_op(make_image, open_file, unsupported_fallo
     data = pattern(100_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.discard(0, 100_000))
+    runtime.run_sync(storage.discard(0, 100_000))
     assert unsupported_fallocate
     assert path.read_bytes() == data
 
@@ -262,7 +262,7 @@ def test_discard_other_errors_pass_through(make_image, open_file, monkeypatch):
 
     monkeypatch.setattr(syscalls, "fallocate", fallocate)
     with pytest.raises(OSError) as info:  # noqa: PT011
-        aio.run_sync(storage.discard(0, 4096))
+        runtime.run_sync(storage.discard(0, 4096))
     assert info.value.errno == errno.EIO
 
 
@@ -276,7 +276,7 @@ def test_resize_grow(make_image, open_file, mode):
     storage = open_file(path, writable=True)
     before = allocated(path)
     new_size = 3 * MiB + 123
-    aio.run_sync(storage.resize(new_size, mode))
+    runtime.run_sync(storage.resize(new_size, mode))
     assert storage.size == new_size
     assert path.stat().st_size == new_size
     assert path.read_bytes() == data + bytes(new_size - len(data))
@@ -291,12 +291,12 @@ def test_resize_shrink_then_grow(make_image, open_file, mode):
     data = pattern(100_000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.resize(30_001, mode))
+    runtime.run_sync(storage.resize(30_001, mode))
     assert storage.size == 30_001
     assert path.read_bytes() == data[:30_001]
     assert read(storage, 0, 40_000) == data[:30_001] + bytes(9_999)
     # The cut-off data must not come back.
-    aio.run_sync(storage.resize(100_000, mode))
+    runtime.run_sync(storage.resize(100_000, mode))
     assert path.read_bytes() == data[:30_001] + bytes(69_999)
 
 
@@ -305,10 +305,10 @@ def test_resize_to_zero_and_same_size(make_image, open_file, mode):
     data = pattern(5000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.resize(5000, mode))
+    runtime.run_sync(storage.resize(5000, mode))
     assert path.read_bytes() == data
     assert storage.size == 5000
-    aio.run_sync(storage.resize(0, mode))
+    runtime.run_sync(storage.resize(0, mode))
     assert storage.size == 0
     assert path.read_bytes() == b""
 
@@ -317,7 +317,7 @@ def test_resize_negative(make_image, open_file):
     path = make_image(b"abc")
     storage = open_file(path, writable=True)
     with pytest.raises(imago.InvalidOptionError) as info:
-        aio.run_sync(storage.resize(-1))
+        runtime.run_sync(storage.resize(-1))
     assert info.value.option == "size"
     assert path.read_bytes() == b"abc"
     assert storage.size == 3
@@ -327,7 +327,7 @@ def test_resize_falloc_fallback(make_image, open_file, unsupported_fallocate):
     data = pattern(1000)
     path = make_image(data)
     storage = open_file(path, writable=True)
-    aio.run_sync(storage.resize(MiB, PreallocateMode.FALLOC))
+    runtime.run_sync(storage.resize(MiB, PreallocateMode.FALLOC))
     assert unsupported_fallocate
     assert storage.size == MiB
     assert path.read_bytes() == data + bytes(MiB - 1000)

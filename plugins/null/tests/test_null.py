@@ -3,7 +3,14 @@ from pathlib import Path
 import pytest
 
 import imago
-from imago import InvalidOptionError, PreallocateMode, StorageCreateOptions, StorageOpenOptions, SyncFormatAccess, aio
+from imago import (
+    InvalidOptionError,
+    PreallocateMode,
+    StorageCreateOptions,
+    StorageOpenOptions,
+    SyncFormatAccess,
+    runtime,
+)
 from imago.testing import StorageConformance
 from imago_null import Null
 from imago_raw import Raw
@@ -60,4 +67,4 @@ def test_raw_over_null_huge_disk() -> None:
 
 def test_repr() -> None:
     assert repr(Null(5)) == "<Null size=5>"
-    aio.run_sync(Null(5).close())
+    runtime.run_sync(Null(5).close())

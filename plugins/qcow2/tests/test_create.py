@@ -228,7 +228,7 @@ def _builder_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def close_storage(storage: imago.Storage) -> None:
-    imago.aio.run_sync(storage.close())
+    imago.runtime.run_sync(storage.close())
 
 
 def apply_builder(builder: Any, size: int | None, options: dict[str, Any]) -> Any:

@@ -425,7 +425,7 @@ class TestExtendedL2WriteConformance(test_qcow2.TestQcow2WriteConformance):
         path = directory / "conformance.qcow2"
         storage = File.create_sync(StorageCreateOptions(filename=path, overwrite=True))
         Qcow2.create_builder(storage).size(size).cluster_size(16384).extended_l2(True).create_sync()
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
         return Qcow2.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
 
 

@@ -1109,7 +1109,7 @@ def test_backing_refused_by_deny_gate(img_backed: Path) -> None:
         with pytest.raises(ImplicitOpenDeniedError) as info:
             Qcow2.builder(storage).open_sync(DenyImplicitOpenGate())
     finally:
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
     assert "base.qcow2" in str(info.value)
 
 
@@ -1136,7 +1136,7 @@ def test_sandbox_gate_refuses_backing_outside(tmp_path: Path, name: str) -> None
         with pytest.raises(ImplicitOpenDeniedError) as info:
             Qcow2.builder(storage).open_sync(imago.SandboxImplicitOpenGate([inside]))
     finally:
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
     assert "outside" in str(info.value)
 
 
@@ -1150,7 +1150,7 @@ def test_sandbox_gate_refuses_data_file_outside(tmp_path: Path) -> None:
         with pytest.raises(ImplicitOpenDeniedError):
             Qcow2.builder(storage).open_sync(imago.SandboxImplicitOpenGate([inside]))
     finally:
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
 
 
 def test_missing_backing_file_is_an_os_error(img_backed: Path) -> None:
@@ -1413,6 +1413,6 @@ def test_bad_refcount_table_entry(img: Path, value: Any, words: tuple[str, ...])
     image = Qcow2.builder_path(img).open_sync(PermissiveImplicitOpenGate())
     assert open_and_read(img) == EXPECTED  # reading needs no refcounts
     with pytest.raises(CorruptImageError) as info:
-        imago.aio.run_sync(image.refcount(0))
+        imago.runtime.run_sync(image.refcount(0))
     check_corrupt(info.value, offset=table, words=words)
     SyncFormatAccess(image).close()

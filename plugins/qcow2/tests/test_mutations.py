@@ -367,7 +367,7 @@ def exercise(path: Path) -> Outcome:
         driver = Qcow2.builder(storage).open_sync(DenyImplicitOpenGate())
     except BaseException:
         # A driver given a storage does not own it until it opened.
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
         raise
     disk = SyncFormatAccess(driver)
     try:
@@ -512,7 +512,7 @@ def exercise_writes(path: Path) -> None:
     try:
         driver = Qcow2.builder(storage).write(True).open_sync(DenyImplicitOpenGate())
     except BaseException:
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
         raise
     disk = SyncFormatAccess(driver)
     try:

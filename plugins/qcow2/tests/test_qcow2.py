@@ -228,7 +228,7 @@ class TestQcow2WriteConformance(FormatConformance):
         path = directory / "conformance.qcow2"
         storage = File.create_sync(StorageCreateOptions(filename=path, overwrite=True))
         Qcow2.create_builder(storage).size(size).cluster_size(4096).create_sync()
-        imago.aio.run_sync(storage.close())
+        imago.runtime.run_sync(storage.close())
         return Qcow2.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
 
     def reopen_image(self, image: FormatDriver, *, writable: bool) -> FormatDriver:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imago import PermissiveImplicitOpenGate, SyncFormatAccess, aio
+from imago import PermissiveImplicitOpenGate, SyncFormatAccess, runtime
 from imago.format.mapping import ShallowRaw
 from imago_qcow2 import Qcow2
 from imago_qcow2.refcounts import RefcountBlock
@@ -33,7 +33,7 @@ def referenced_clusters(image: Qcow2) -> dict[int, int]:
 
     add(0, CLUSTER)
     add(header.refcount_table_offset, header.refcount_table_clusters * CLUSTER)
-    table = aio.run_sync(image._refcounts.table())
+    table = runtime.run_sync(image._refcounts.table())
     for entry in table:
         if entry:
             add(entry, CLUSTER)
@@ -50,7 +50,7 @@ def referenced_clusters(image: Qcow2) -> dict[int, int]:
                 add(l2, CLUSTER)
         offset = 0
         while offset < view.size:
-            mapping, length = aio.run_sync(view.get_mapping(offset, view.size - offset))
+            mapping, length = runtime.run_sync(view.get_mapping(offset, view.size - offset))
             length = min(length, view.size - offset)
             if isinstance(mapping, ShallowRaw):
                 add(mapping.offset, length)
@@ -77,9 +77,9 @@ def test_refcounts_of_every_width_match_the_metadata(tmp_path: Path, bits: int) 
     if bits >= 2:
         assert max(expected.values()) == 2  # clusters shared with the snapshot
     for cluster, count in expected.items():
-        assert aio.run_sync(image.refcount(cluster)) == count, f"cluster {cluster:#x}"
+        assert runtime.run_sync(image.refcount(cluster)) == count, f"cluster {cluster:#x}"
     file_end = path.stat().st_size // CLUSTER * CLUSTER + CLUSTER
-    assert aio.run_sync(image.refcount(file_end + 100 * CLUSTER)) == 0
+    assert runtime.run_sync(image.refcount(file_end + 100 * CLUSTER)) == 0
     SyncFormatAccess(image).close()
 
 

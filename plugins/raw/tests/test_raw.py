@@ -73,7 +73,7 @@ def test_create_truncates_existing_file(tmp_path: Path) -> None:
     path.write_bytes(b"\xff" * 8192)
     storage = File.open_sync(StorageOpenOptions(filename=path, writable=True))
     Raw.create_builder(storage).size(4096).create_sync()
-    imago.aio.run_sync(storage.close())
+    imago.runtime.run_sync(storage.close())
     assert path.read_bytes() == bytes(4096)
 
 
@@ -109,7 +109,7 @@ def test_probe_and_info(tmp_path: Path) -> None:
     path = tmp_path / "any.bin"
     path.write_bytes(os.urandom(1024))
     storage = File.open_sync(StorageOpenOptions(filename=path))
-    assert imago.aio.run_sync(Raw.probe(storage))
+    assert imago.runtime.run_sync(Raw.probe(storage))
     assert imago.probe_sync(storage) is Raw
     image = Raw.builder(storage).open_sync(DenyImplicitOpenGate())
     assert image.info() == {}

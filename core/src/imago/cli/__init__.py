@@ -11,8 +11,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from .. import _plugins
 from ..errors import ImagoError, PluginLoadError
+from ..plugin import manager as _plugins
 from .plugins import configure_plugins, run_plugins
 
 __all__ = ["build_parser", "main"]

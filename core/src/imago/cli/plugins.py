@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .. import _plugins
+from ..plugin import manager as _plugins
 
 __all__ = ["configure_plugins", "run_plugins"]
 

@@ -1,28 +1,8 @@
-"""The format layer: drivers, mappings, the I/O engine, builders and gates."""
+"""The format layer.
 
-from .access import FormatAccess
-from .builder import MAX_CHAIN_DEPTH, FormatCreateBuilder, FormatDriverBuilder
-from .driver import FormatDriver
-from .gates import (
-    DenyImplicitOpenGate,
-    ImplicitOpenGate,
-    PermissiveImplicitOpenGate,
-    SandboxImplicitOpenGate,
-    check_local_file_name,
-)
-from .mapping import Mapping, ShallowMapping
-
-__all__ = [
-    "MAX_CHAIN_DEPTH",
-    "DenyImplicitOpenGate",
-    "FormatAccess",
-    "FormatCreateBuilder",
-    "FormatDriver",
-    "FormatDriverBuilder",
-    "ImplicitOpenGate",
-    "Mapping",
-    "PermissiveImplicitOpenGate",
-    "SandboxImplicitOpenGate",
-    "ShallowMapping",
-    "check_local_file_name",
-]
+``driver`` (the FormatDriver interface) and ``builder`` (opening and creating images), ``mapping``
+(where data lives), ``capabilities`` (what a driver can do beyond reading), ``names`` (which file
+names images may record), ``gates`` (which files an image may make us open), ``access`` (the I/O
+engine and its synchronous face) and ``extents`` (the engine's mapping cache). Their public names
+are exported from :mod:`imago`.
+"""

@@ -1,12 +1,22 @@
-"""FormatAccess: the one generic I/O engine over any format driver."""
+"""The I/O engine: :class:`FormatAccess` (async) and its blocking face :class:`SyncFormatAccess`.
+
+:class:`FormatAccess` is the one generic engine over any format driver. :class:`SyncFormatAccess`
+offers the same methods, blocking: each call drives the engine by hand
+(:func:`imago.runtime.run_sync`), so it costs no event-loop round trip and works both outside and
+inside a running event loop (it blocks the loop's thread while it runs, like any synchronous
+I/O). Reads that fall inside a mapping the engine already resolved go straight to the storage's
+inline read. The two live together because each hands out the other (``as_sync``, ``access``).
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..errors import ClosedError, ImagoError, InvalidRequestError, ReadOnlyError
+from .. import runtime
+from ..errors import ClosedError, DriverContractError, InvalidRequestError, ReadOnlyError
+from ..fileobj import ImageFile
 from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
 from ..storage import PreallocateMode
 from .driver import FormatDriver
@@ -25,10 +35,7 @@ from .mapping import (
     ShallowZero,
 )
 
-if TYPE_CHECKING:
-    from ..sync import SyncFormatAccess
-
-__all__ = ["FormatAccess"]
+__all__ = ["FormatAccess", "SyncFormatAccess", "read_through"]
 
 
 def _non_negative(name: str, value: int) -> None:
@@ -163,7 +170,7 @@ class FormatAccess:
             epoch = driver.mapping_epoch
             mapping, mapped = await driver.get_mapping(guest, length - pos)
             if mapped <= 0:
-                raise ImagoError(f"{driver.name} driver returned an empty mapping at offset {guest}")
+                raise DriverContractError(driver.name, "get_mapping returned an empty mapping", guest)
             step = min(mapped, length - pos)
             part = slice_iovec(iov, pos, step)
             kind = type(mapping)
@@ -180,7 +187,7 @@ class FormatAccess:
                 assert isinstance(mapping, ShallowSpecial)
                 await driver.readv_special(part, mapping.offset)
             else:
-                raise ImagoError(f"{driver.name} driver returned an unknown mapping {mapping!r}")
+                raise DriverContractError(driver.name, f"get_mapping returned an unknown mapping {mapping!r}", guest)
             pos += step
 
     def _remember(self, guest: int, length: int, mapping: ShallowRaw, epoch: int) -> None:
@@ -278,7 +285,7 @@ class FormatAccess:
         driver = self._driver
         mapping, mapped = await driver.ensure_data_mapping(offset, length, overwrite)
         if not isinstance(mapping, ShallowRaw) or not mapping.writable or mapped <= 0:
-            raise ImagoError(f"{driver.name} driver returned no writable mapping for offset {offset}")
+            raise DriverContractError(driver.name, "ensure_data_mapping returned no writable mapping", offset)
         return mapping, min(mapped, length)
 
     async def _write_zeroes_data(self, offset: int, length: int) -> None:
@@ -292,7 +299,9 @@ class FormatAccess:
     async def _zero_range(self, offset: int, length: int, handled: tuple[int, int], *, explicit: bool) -> None:
         start, count = handled
         if start < offset or count < 0 or start + count > offset + length:
-            raise ImagoError(f"{self._driver.name} driver handled [{start}, {start + count}), outside the request")
+            raise DriverContractError(
+                self._driver.name, f"handled [{start}, {start + count}), outside the request", offset
+            )
         self._driver.mappings_changed()
         if explicit:
             if start > offset:
@@ -335,7 +344,9 @@ class FormatAccess:
             return
         start, count = await self._driver.discard_to_backing(offset, length)
         if start < offset or count < 0 or start + count > offset + length:
-            raise ImagoError(f"{self._driver.name} driver handled [{start}, {start + count}), outside the request")
+            raise DriverContractError(
+                self._driver.name, f"handled [{start}, {start + count}), outside the request", offset
+            )
         self._driver.mappings_changed()
         for part_start, part_end in ((offset, start), (start + count, offset + length)):
             if part_end > part_start:
@@ -397,8 +408,6 @@ class FormatAccess:
 
     def as_sync(self) -> SyncFormatAccess:
         """A synchronous view of this image."""
-        from ..sync import SyncFormatAccess
-
         return SyncFormatAccess(self)
 
     def as_file(self) -> io.RawIOBase:
@@ -414,3 +423,163 @@ class FormatAccess:
     def __repr__(self) -> str:
         state = " closed" if self._closed else ""
         return f"<FormatAccess {self._driver.name} {self.filename!r} size={self.size}{state}>"
+
+
+async def read_through(driver: FormatDriver, bufs: Sequence[memoryview], offset: int) -> None:
+    """Fill *bufs* with what *driver*'s layer reads at guest *offset* now: for copy-on-write.
+
+    Format drivers call this to copy the data a write leaves untouched in a cluster it moves: it
+    runs the engine's read loop over the driver's own mappings (backing layers and compressed
+    data included), without the request checks of :class:`FormatAccess` (the driver may be in
+    the middle of changing its metadata) and without caching what it maps. Bytes past the end of
+    the disk read as zero.
+    """
+    length = iovec_length(bufs)
+    await FormatAccess(driver)._read_as_backing(list(bufs), offset, length)
+
+
+class SyncFormatAccess:
+    """Synchronous I/O on an image: the methods of :class:`FormatAccess`, blocking.
+
+    Takes an opened format driver or a :class:`FormatAccess`. A context manager: leaving
+    it (or :meth:`close`) flushes and closes the image.
+    """
+
+    def __init__(self, image: FormatDriver | FormatAccess) -> None:
+        if isinstance(image, FormatAccess):
+            self._access = image
+        elif isinstance(image, FormatDriver):
+            self._access = FormatAccess(image)
+        else:
+            raise InvalidRequestError(
+                f"SyncFormatAccess needs a FormatDriver or FormatAccess, got {type(image).__name__}"
+            )
+
+    @property
+    def access(self) -> FormatAccess:
+        """The asynchronous access underneath."""
+        return self._access
+
+    @property
+    def driver(self) -> FormatDriver:
+        """The format driver underneath."""
+        return self._access.driver
+
+    @property
+    def size(self) -> int:
+        """Virtual disk size in bytes."""
+        return self._access.size
+
+    @property
+    def writable(self) -> bool:
+        """Whether the image is open for writing."""
+        return self._access.writable
+
+    @property
+    def closed(self) -> bool:
+        """Whether the image has been closed."""
+        return self._access.closed
+
+    @property
+    def format_name(self) -> str:
+        """The format's name."""
+        return self._access.format_name
+
+    @property
+    def filename(self) -> str | None:
+        """The image's file name, if any."""
+        return self._access.filename
+
+    @property
+    def mem_align(self) -> int:
+        """See :attr:`FormatAccess.mem_align`."""
+        return self._access.mem_align
+
+    @property
+    def req_align(self) -> int:
+        """See :attr:`FormatAccess.req_align`."""
+        return self._access.req_align
+
+    def read(self, buf: Any, offset: int) -> None:
+        """Fill *buf* with the disk's bytes at *offset*."""
+        access = self._access
+        cache = access._cache
+        if cache.epoch == access._driver.mapping_epoch and type(offset) is int:
+            view = memoryview(buf) if type(buf) is bytearray else byte_view(buf, writable=True)
+            extent = cache.find(offset, view.nbytes)
+            if extent is not None:
+                extent.storage.readv_inline([view], offset + extent.delta)
+                return
+        runtime.run_sync(access.read(buf, offset))
+
+    def readv(self, bufs: Sequence[Any], offset: int) -> None:
+        """Fill the buffers of *bufs* with the disk's bytes at *offset*."""
+        runtime.run_sync(self._access.readv(bufs, offset))
+
+    def write(self, buf: Any, offset: int) -> None:
+        """Write *buf* at *offset*."""
+        runtime.run_sync(self._access.write(buf, offset))
+
+    def writev(self, bufs: Sequence[Any], offset: int) -> None:
+        """Write the buffers of *bufs* at *offset*."""
+        runtime.run_sync(self._access.writev(bufs, offset))
+
+    def write_compressed(self, buf: Any, offset: int) -> None:
+        """See :meth:`FormatAccess.write_compressed`."""
+        runtime.run_sync(self._access.write_compressed(buf, offset))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """See :meth:`FormatAccess.write_zeroes`."""
+        runtime.run_sync(self._access.write_zeroes(offset, length))
+
+    def discard_to_zero(self, offset: int, length: int) -> None:
+        """See :meth:`FormatAccess.discard_to_zero`."""
+        runtime.run_sync(self._access.discard_to_zero(offset, length))
+
+    def discard_to_any(self, offset: int, length: int) -> None:
+        """See :meth:`FormatAccess.discard_to_any`."""
+        runtime.run_sync(self._access.discard_to_any(offset, length))
+
+    def discard_to_backing(self, offset: int, length: int) -> None:
+        """See :meth:`FormatAccess.discard_to_backing`."""
+        runtime.run_sync(self._access.discard_to_backing(offset, length))
+
+    def get_mapping(self, offset: int, max_length: int) -> tuple[Mapping, int]:
+        """See :meth:`FormatAccess.get_mapping`."""
+        return runtime.run_sync(self._access.get_mapping(offset, max_length))
+
+    def get_shallow_mapping(self, offset: int, max_length: int) -> tuple[ShallowMapping, int]:
+        """See :meth:`FormatAccess.get_shallow_mapping`."""
+        return runtime.run_sync(self._access.get_shallow_mapping(offset, max_length))
+
+    def flush(self) -> None:
+        """See :meth:`FormatAccess.flush`."""
+        runtime.run_sync(self._access.flush())
+
+    def sync(self) -> None:
+        """See :meth:`FormatAccess.sync`."""
+        runtime.run_sync(self._access.sync())
+
+    def resize(self, new_size: int, prealloc: PreallocateMode | str = PreallocateMode.NONE) -> None:
+        """See :meth:`FormatAccess.resize`."""
+        runtime.run_sync(self._access.resize(new_size, prealloc))
+
+    def close(self) -> None:
+        """Flush (if writable) and close the image. Closing twice does nothing."""
+        runtime.run_sync(self._access.close())
+
+    def as_file(self) -> ImageFile:
+        """A seekable binary file object (:class:`io.RawIOBase`) over the disk.
+
+        Closing the file object does not close the image. Writes cannot grow the disk.
+        """
+        return ImageFile(self)
+
+    def __enter__(self) -> SyncFormatAccess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<SyncFormatAccess {self.format_name} {self.filename!r} size={self.size}>"

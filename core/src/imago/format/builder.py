@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_checkable
 
-from .. import aio
+import attrs
+
+from .. import runtime
 from ..errors import BackingChainError, InvalidOptionError
 from ..storage import PreallocateMode, Storage, StorageOpenOptions
+from .names import check_local_file_name
 
 if TYPE_CHECKING:
     from .driver import FormatDriver
@@ -116,8 +119,6 @@ class FormatDriverBuilder(Generic[D]):
     async def open_storage(self, gate: ImplicitOpenGate) -> Storage:
         """The storage to open the image on: the given one, or the path opened through *gate*."""
         if self._path is not None:
-            from .gates import check_local_file_name
-
             # Before identity(): realpath fails on a NUL byte with a bare ValueError.
             check_local_file_name(self._path)
         identity = self.identity()
@@ -127,8 +128,6 @@ class FormatDriverBuilder(Generic[D]):
             raise BackingChainError(identity, f"the chain of backing files is deeper than {MAX_CHAIN_DEPTH}")
         if self._storage is not None:
             return self._storage
-        import attrs
-
         options = attrs.evolve(self._storage_options, filename=self._path, writable=self._writable)
         return await gate.open_storage(options)
 
@@ -136,15 +135,29 @@ class FormatDriverBuilder(Generic[D]):
 
     async def open(self, gate: ImplicitOpenGate) -> D:
         """Open the image; *gate* decides which files it may make us open."""
-        from .gates import ImplicitOpenGate
-
-        if not isinstance(gate, ImplicitOpenGate):
+        if not isinstance(gate, _Gate):
             raise InvalidOptionError("gate", f"expected an ImplicitOpenGate, got {type(gate).__name__}")
         return await self._driver.open_image(self, gate)
 
     def open_sync(self, gate: ImplicitOpenGate) -> D:
         """Synchronous :meth:`open`."""
-        return aio.run_sync(self.open(gate))
+        return runtime.run_sync(self.open(gate))
+
+
+@runtime_checkable
+class _Gate(Protocol):
+    """What :meth:`FormatDriverBuilder.open` needs of a gate (an :class:`~imago.ImplicitOpenGate`).
+
+    Checked structurally: the gate classes build on this module, not the other way round.
+    """
+
+    async def check_storage(self, options: StorageOpenOptions) -> StorageOpenOptions: ...
+
+    async def check_format(self, builder: FormatDriverBuilder[Any]) -> None: ...
+
+    async def open_storage(self, options: StorageOpenOptions) -> Storage: ...
+
+    async def open_format(self, builder: FormatDriverBuilder[D]) -> D: ...
 
 
 def _size_value(value: int) -> int:
@@ -221,4 +234,4 @@ class FormatCreateBuilder(Generic[D]):
 
     def create_sync(self) -> None:
         """Synchronous :meth:`create`."""
-        aio.run_sync(self.create())
+        runtime.run_sync(self.create())

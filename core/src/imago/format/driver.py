@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self
 from ..errors import UnsupportedFeatureError
 from ..storage import PreallocateMode, Storage
 from .builder import FormatCreateBuilder, FormatDriverBuilder
+from .capabilities import Capability
 from .mapping import ShallowMapping
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ class FormatDriver(abc.ABC):
     create_builder_class: ClassVar[type[FormatCreateBuilder[Any]]] = FormatCreateBuilder
     #: A fallback format (raw) matches any file when probing, but only if nothing else does.
     probe_fallback: ClassVar[bool] = False
+    #: What the driver can do beyond reading and writing (see :class:`Capability`); checked
+    #: against the methods it defines when it is registered.
+    capabilities: ClassVar[frozenset[Capability[Any]]] = frozenset()
 
     #: Increases whenever a mapping reported earlier may have become wrong.
     mapping_epoch: int = 0
@@ -75,6 +79,11 @@ class FormatDriver(abc.ABC):
     async def probe(cls, storage: Storage) -> bool:
         """Whether *storage* holds an image of this format. Looks only; never writes."""
         return False
+
+    @classmethod
+    def supports(cls, capability: Capability[Any]) -> bool:
+        """Whether this driver claims *capability* (``Qcow2.supports(Capability.SNAPSHOTS)``)."""
+        return capability in cls.capabilities
 
     # --- facts -----------------------------------------------------------------------------------
 

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 
 from ..errors import ImplicitOpenDeniedError
+from ..plugin.manager import storage_driver
 from ..storage import Storage, StorageOpenOptions
+from .names import check_local_file_name
 
 if TYPE_CHECKING:
     from .builder import FormatDriverBuilder
@@ -29,26 +31,9 @@ __all__ = [
     "ImplicitOpenGate",
     "PermissiveImplicitOpenGate",
     "SandboxImplicitOpenGate",
-    "check_local_file_name",
 ]
 
 D = TypeVar("D", bound="FormatDriver")
-
-
-def check_local_file_name(name: str | None) -> str:
-    """Return *name* if it is a plain local file name, else raise :class:`ImplicitOpenDeniedError`.
-
-    Like QEMU, a name whose first ``:`` comes before any ``/`` is taken as a protocol prefix
-    (``json:{...}``, ``nbd:...``, ``http://...``) and refused; write ``./a:b`` for such a file.
-    """
-    if name is None or name == "":
-        raise ImplicitOpenDeniedError(repr(name), "no file name given")
-    if "\0" in name:
-        raise ImplicitOpenDeniedError(name, "file name contains a NUL byte")
-    colon = name.find(":")
-    if colon >= 0 and "/" not in name[:colon]:
-        raise ImplicitOpenDeniedError(name, "not a plain local file name (looks like a protocol or json: string)")
-    return name
 
 
 class ImplicitOpenGate(abc.ABC):
@@ -75,8 +60,6 @@ class ImplicitOpenGate(abc.ABC):
         """Check, then open a storage implicitly."""
         check_local_file_name(options.filename)
         options = await self.check_storage(options)
-        from .._plugins import storage_driver
-
         return await storage_driver(options.driver).open(options)
 
     async def open_format(self, builder: FormatDriverBuilder[D]) -> D:

@@ -17,10 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError
-from ..format.access import FormatAccess
+from ..format.access import FormatAccess, SyncFormatAccess
 from ..format.driver import FormatDriver
 from ..storage import PreallocateMode
-from ..sync import SyncFormatAccess
 from .model import DiskModel, check_mappings, random_bytes
 
 __all__ = ["FormatConformance"]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from ..format.mapping import Mapping, ShallowMapping
 
 if TYPE_CHECKING:
-    from ..sync import SyncFormatAccess
+    from ..format.access import SyncFormatAccess
 
 __all__ = ["DiskModel", "check_mappings"]
 

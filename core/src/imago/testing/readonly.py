@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError
+from ..format.access import SyncFormatAccess
 from ..format.driver import FormatDriver
-from ..sync import SyncFormatAccess
 from .model import check_mappings
 
 __all__ = ["ReadOnlyFormatConformance"]

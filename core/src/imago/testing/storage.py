@@ -10,7 +10,7 @@ from typing import ClassVar
 
 import pytest
 
-from .. import aio
+from .. import runtime
 from ..errors import ClosedError, ImagoError, ReadOnlyError
 from ..storage import PreallocateMode, Storage
 from .model import DiskModel, random_bytes
@@ -22,12 +22,12 @@ _SIZE = 1 << 20
 
 def _read(storage: Storage, offset: int, length: int) -> bytes:
     buf = bytearray(length)
-    aio.run_sync(storage.readv([memoryview(buf)], offset))
+    runtime.run_sync(storage.readv([memoryview(buf)], offset))
     return bytes(buf)
 
 
 def _write(storage: Storage, offset: int, data: bytes) -> None:
-    aio.run_sync(storage.writev([memoryview(data)], offset))
+    runtime.run_sync(storage.writev([memoryview(data)], offset))
 
 
 class StorageConformance(abc.ABC):
@@ -90,11 +90,11 @@ class StorageConformance(abc.ABC):
     def test_vectored_io(self, storage: Storage) -> None:
         rng = random.Random(2)
         parts = [random_bytes(rng, n) for n in (100, 4096, 1, 3000)]
-        aio.run_sync(storage.writev([memoryview(p) for p in parts], 1000))
+        runtime.run_sync(storage.writev([memoryview(p) for p in parts], 1000))
         model = DiskModel(_SIZE)
         model.write(1000, b"".join(parts))
         pieces = [bytearray(n) for n in (7, 5000, 2190)]
-        aio.run_sync(storage.readv([memoryview(p) for p in pieces], 1000))
+        runtime.run_sync(storage.readv([memoryview(p) for p in pieces], 1000))
         if self.stores_data:
             model.check(b"".join(pieces), 1000)
         else:
@@ -121,7 +121,7 @@ class StorageConformance(abc.ABC):
         _write(storage, 0, data)
         model.write(0, data)
         for offset, length in [(1, 1000), (4096, 65536), (150000, 49999)]:
-            aio.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
+            runtime.run_sync(storage.write_zeroes(offset, length, unmap=unmap))
             model.zero(offset, length)
         self._expect(model, storage, 0, 200001)
 
@@ -130,7 +130,7 @@ class StorageConformance(abc.ABC):
         _write(storage, 0, data)
         model = DiskModel(_SIZE)
         model.write(0, data)
-        aio.run_sync(storage.discard(65536, 65536))
+        runtime.run_sync(storage.discard(65536, 65536))
         model.forget(65536, 65536)
         self._expect(model, storage, 0, 3 * 65536)
         _write(storage, 65536 + 7, b"after discard")
@@ -141,16 +141,16 @@ class StorageConformance(abc.ABC):
     def test_resize(self, storage: Storage, mode: PreallocateMode) -> None:
         data = random_bytes(random.Random(6), 4096)
         _write(storage, _SIZE - 4096, data)
-        aio.run_sync(storage.resize(2 * _SIZE + 123, mode))
+        runtime.run_sync(storage.resize(2 * _SIZE + 123, mode))
         assert storage.size == 2 * _SIZE + 123
         model = DiskModel(2 * _SIZE + 123)
         model.write(_SIZE - 4096, data)
         self._expect(model, storage, _SIZE - 4096)
-        aio.run_sync(storage.resize(_SIZE - 2048, mode))
+        runtime.run_sync(storage.resize(_SIZE - 2048, mode))
         assert storage.size == _SIZE - 2048
         model.resize(_SIZE - 2048)
         self._expect(model, storage, _SIZE - 4096)
-        aio.run_sync(storage.resize(_SIZE, mode))
+        runtime.run_sync(storage.resize(_SIZE, mode))
         model.resize(_SIZE)
         self._expect(model, storage, _SIZE - 4096)  # what was cut off does not come back
 
@@ -164,16 +164,16 @@ class StorageConformance(abc.ABC):
 
     def test_flush_and_sync(self, storage: Storage) -> None:
         _write(storage, 0, b"durable")
-        aio.run_sync(storage.flush())
-        aio.run_sync(storage.sync())
+        runtime.run_sync(storage.flush())
+        runtime.run_sync(storage.sync())
         self._expect_prefix(storage, b"durable")
 
     def _expect_prefix(self, storage: Storage, data: bytes) -> None:
         assert _read(storage, 0, len(data)) == (data if self.stores_data else bytes(len(data)))
 
     def test_closed_storage_refuses_io(self, storage: Storage) -> None:
-        aio.run_sync(storage.close())
-        aio.run_sync(storage.close())  # closing twice is fine
+        runtime.run_sync(storage.close())
+        runtime.run_sync(storage.close())  # closing twice is fine
         with pytest.raises(ClosedError):
             _read(storage, 0, 10)
         with pytest.raises(ClosedError):
@@ -181,7 +181,7 @@ class StorageConformance(abc.ABC):
 
     def test_read_only_refuses_writes(self, storage: Storage) -> None:
         _write(storage, 0, b"original")
-        aio.run_sync(storage.flush())
+        runtime.run_sync(storage.flush())
         read_only = self.reopen_read_only(storage)
         if read_only is None:
             pytest.skip(f"{type(storage).name} storages cannot be reopened read-only")
@@ -190,19 +190,19 @@ class StorageConformance(abc.ABC):
             with pytest.raises(ReadOnlyError):
                 _write(read_only, 0, b"changed")
             with pytest.raises(ReadOnlyError):
-                aio.run_sync(read_only.write_zeroes(0, 8))
+                runtime.run_sync(read_only.write_zeroes(0, 8))
             with pytest.raises(ReadOnlyError):
-                aio.run_sync(read_only.resize(10))
+                runtime.run_sync(read_only.resize(10))
             self._expect_prefix(read_only, b"original")
         finally:
-            aio.run_sync(read_only.close())
+            runtime.run_sync(read_only.close())
 
     def test_concurrent_io_under_event_loop(self, storage: Storage) -> None:
         rng = random.Random(7)
         chunks = {index * 8192 + rng.randrange(100): random_bytes(rng, 5000) for index in range(64)}
 
         async def main() -> list[bytes]:
-            assert not aio.inline()
+            assert not runtime.inline()
             await asyncio.gather(*(storage.writev([memoryview(d)], o) for o, d in chunks.items()))
             bufs = {o: bytearray(len(d)) for o, d in chunks.items()}
             await asyncio.gather(*(storage.readv([memoryview(b)], o) for o, b in bufs.items()))
@@ -232,7 +232,7 @@ class StorageConformance(abc.ABC):
                 _write(storage, offset, data)
                 model.write(offset, data)
             elif action < 0.8:
-                aio.run_sync(storage.write_zeroes(offset, length, unmap=rng.random() < 0.5))
+                runtime.run_sync(storage.write_zeroes(offset, length, unmap=rng.random() < 0.5))
                 model.zero(offset, length)
             else:
                 self._expect(model, storage, offset, length)
@@ -249,6 +249,6 @@ class StorageConformance(abc.ABC):
             assert os.path.dirname(resolved) == os.path.dirname(storage.filename)
 
     def test_errors_are_imago_errors(self, storage: Storage) -> None:
-        aio.run_sync(storage.close())
+        runtime.run_sync(storage.close())
         with pytest.raises(ImagoError):
             _read(storage, 0, 1)

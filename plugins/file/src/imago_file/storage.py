@@ -18,15 +18,16 @@ from collections.abc import Sequence
 
 from imago import (
     ClosedError,
-    ImagoError,
     InvalidOptionError,
     PreallocateMode,
+    RangeLock,
     ReadOnlyError,
     Storage,
     StorageCreateOptions,
     StorageOpenOptions,
     UnsupportedFeatureError,
-    aio,
+    UnsupportedFileTypeError,
+    runtime,
 )
 from imago.io_buffers import aligned_buffer, iovec_length, is_aligned, slice_iovec, zero_fill
 
@@ -37,10 +38,22 @@ __all__ = ["File"]
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # Largest bounce buffer and zero-write chunk, to keep memory bounded for large requests.
 _CHUNK = 4 << 20
+
 # Alignments tried when probing what O_DIRECT needs; the largest is the safe fallback.
 _ALIGNMENTS = (1, 512, 1024, 2048, 4096)
 # End of the range a write locks when it must own everything from its start to the end of the file.
 _TO_EOF = 1 << 63
+
+
+def _file_kind(mode: int) -> str:
+    """What kind of file *mode* describes, for messages."""
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a special file"
 
 
 class File(Storage):
@@ -63,7 +76,7 @@ class File(Storage):
         self._nowait_write = True
         self._mem_align = 1
         self._req_align = 1
-        self._locks = aio.RangeLock()
+        self._locks = RangeLock()
         self._no_flush = False
         if direct:
             self._mem_align, self._req_align = self._probe_alignment()
@@ -73,13 +86,13 @@ class File(Storage):
     @classmethod
     async def open(cls, options: StorageOpenOptions) -> File:
         """Open ``options.filename`` (read-only unless ``writable``; ``O_DIRECT`` if ``direct``)."""
-        return await aio.run_blocking(cls._open_blocking, options, 0)
+        return await runtime.run_blocking(cls._open_blocking, options, 0)
 
     @classmethod
     async def create(cls, options: StorageCreateOptions) -> File:
         """Create the file (``overwrite`` replaces an existing one), sized and preallocated as asked."""
         flags = os.O_CREAT | (os.O_TRUNC if options.overwrite else os.O_EXCL)
-        storage = await aio.run_blocking(cls._open_blocking, options.open_options(), flags)
+        storage = await runtime.run_blocking(cls._open_blocking, options.open_options(), flags)
         try:
             if storage._block_device:
                 raise UnsupportedFeatureError("creating a block device", options.filename)
@@ -108,7 +121,7 @@ class File(Storage):
             elif stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filename)
             else:
-                raise ImagoError(f"{filename}: not a regular file or block device")
+                raise UnsupportedFileTypeError(filename, _file_kind(st.st_mode), "a regular file or block device")
             storage = cls(
                 fd, filename, writable=options.writable, direct=options.direct, block_device=block_device, size=size
             )
@@ -220,7 +233,7 @@ class File(Storage):
         """Blocking read in place (the synchronous API's fast path)."""
         fd = self._live_fd()
         if self._direct:
-            aio.run_sync(self.readv(bufs, offset))
+            runtime.run_sync(self.readv(bufs, offset))
             return
         if len(bufs) == 1 and os.preadv(fd, bufs, offset) == bufs[0].nbytes:
             return
@@ -237,7 +250,7 @@ class File(Storage):
         done = self._try_nowait_read(fd, bufs, offset)
         total = bufs[0].nbytes if len(bufs) == 1 else iovec_length(bufs)
         if done < total:
-            await aio.run_blocking(self._preadv_full, fd, slice_iovec(bufs, done, total - done), offset + done)
+            await runtime.run_blocking(self._preadv_full, fd, slice_iovec(bufs, done, total - done), offset + done)
 
     def _try_nowait_read(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
         """Read what the page cache holds without blocking; returns the bytes read."""
@@ -289,7 +302,7 @@ class File(Storage):
             done += step
 
     async def _direct_read(self, bounce: memoryview, offset: int) -> None:
-        await aio.run_blocking(self._preadv_full, self._live_fd(), [bounce], offset)
+        await runtime.run_blocking(self._preadv_full, self._live_fd(), [bounce], offset)
 
     # --- writing -----------------------------------------------------------------------------------
 
@@ -301,12 +314,12 @@ class File(Storage):
             return  # like pwrite(2): writing nothing changes nothing, not even the size
         if self._direct:
             await self._writev_direct(fd, bufs, offset, total)
-        elif aio.inline():
+        elif runtime.inline():
             self._pwritev_full(fd, bufs, offset)
         else:
             done = self._try_nowait_write(fd, bufs, offset)
             if done < total:
-                await aio.run_blocking(self._pwritev_full, fd, slice_iovec(bufs, done, total - done), offset + done)
+                await runtime.run_blocking(self._pwritev_full, fd, slice_iovec(bufs, done, total - done), offset + done)
         if offset + total > self._size:
             self._size = offset + total
 
@@ -346,7 +359,7 @@ class File(Storage):
         token = await self._locks.acquire(start, end if aligned or end <= self._size else _TO_EOF)
         try:
             if aligned:
-                await aio.run_blocking(self._pwritev_full, fd, bufs, offset)
+                await runtime.run_blocking(self._pwritev_full, fd, bufs, offset)
                 return
             done = 0
             while done < total:
@@ -355,7 +368,7 @@ class File(Storage):
                 done += step
             if end > max(self._size, offset + total):
                 # The aligned write ran past the intended end of the file: cut the padding off.
-                await aio.run_blocking(os.ftruncate, fd, max(self._size, offset + total))
+                await runtime.run_blocking(os.ftruncate, fd, max(self._size, offset + total))
         finally:
             self._locks.release(token)
 
@@ -372,7 +385,7 @@ class File(Storage):
         for view in bufs:
             bounce[pos : pos + view.nbytes] = view
             pos += view.nbytes
-        await aio.run_blocking(self._pwritev_full, fd, [bounce], start)
+        await runtime.run_blocking(self._pwritev_full, fd, [bounce], start)
 
     # --- zeroes, discards, maintenance -------------------------------------------------------------
 
@@ -406,12 +419,12 @@ class File(Storage):
         the zeroes.
         """
         if not self._direct:
-            await aio.run_blocking(syscalls.fallocate, fd, mode, offset, length)
+            await runtime.run_blocking(syscalls.fallocate, fd, mode, offset, length)
             return
         align = self._req_align
         token = await self._locks.acquire(offset // align * align, -(-(offset + length) // align) * align)
         try:
-            await aio.run_blocking(syscalls.fallocate, fd, mode, offset, length)
+            await runtime.run_blocking(syscalls.fallocate, fd, mode, offset, length)
         finally:
             self._locks.release(token)
 
@@ -430,7 +443,7 @@ class File(Storage):
         if inside <= 0:
             return
         try:
-            await aio.run_blocking(
+            await runtime.run_blocking(
                 syscalls.fallocate, fd, syscalls.FALLOC_FL_PUNCH_HOLE | syscalls.FALLOC_FL_KEEP_SIZE, offset, inside
             )
         except OSError as error:
@@ -441,13 +454,13 @@ class File(Storage):
         """``fdatasync`` (nothing when opened with ``no_flush``)."""
         fd = self._live_fd()
         if self._writable and not self._no_flush:
-            await aio.run_blocking(os.fdatasync, fd)
+            await runtime.run_blocking(os.fdatasync, fd)
 
     async def sync(self) -> None:
         """``fsync``."""
         fd = self._live_fd()
         if self._writable:
-            await aio.run_blocking(os.fsync, fd)
+            await runtime.run_blocking(os.fsync, fd)
 
     async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
         """Grow or shrink the file; grown space is prepared as *prealloc* says.
@@ -466,15 +479,15 @@ class File(Storage):
                 )
             return
         if new_size <= old_size or prealloc in (PreallocateMode.NONE, PreallocateMode.ZERO, PreallocateMode.METADATA):
-            await aio.run_blocking(os.ftruncate, fd, new_size)
+            await runtime.run_blocking(os.ftruncate, fd, new_size)
             self._size = new_size
         elif prealloc is PreallocateMode.FALLOC:
             try:
-                await aio.run_blocking(syscalls.fallocate, fd, 0, old_size, new_size - old_size)
+                await runtime.run_blocking(syscalls.fallocate, fd, 0, old_size, new_size - old_size)
             except OSError as error:
                 if error.errno not in syscalls.UNSUPPORTED_ERRNOS:
                     raise
-                await aio.run_blocking(os.posix_fallocate, fd, old_size, new_size - old_size)
+                await runtime.run_blocking(os.posix_fallocate, fd, old_size, new_size - old_size)
             self._size = new_size
         else:
             await self._write_zero_data(old_size, new_size)

@@ -16,9 +16,9 @@ from imago import (
     PreallocateMode,
     Storage,
     StorageCreateOptions,
+    check_local_file_name,
     storage_driver,
 )
-from imago.format import check_local_file_name
 
 from .header import (
     AUTOCLEAR_DATA_FILE_RAW,

@@ -19,17 +19,21 @@ from imago import (
     ImagoError,
     ImplicitOpenGate,
     InvalidOptionError,
+    MetadataCache,
     ReadOnlyError,
+    ShallowEof,
+    ShallowIndirect,
     ShallowMapping,
+    ShallowRaw,
+    ShallowSpecial,
+    ShallowZero,
     Storage,
     StorageOpenOptions,
-    aio,
+    check_local_file_name,
     format_driver,
     probe,
+    runtime,
 )
-from imago.cache import MetadataCache
-from imago.format import check_local_file_name
-from imago.format.mapping import ShallowEof, ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
 
 from .compression import decompress_cluster
 from .create import Qcow2CreateBuilder
@@ -454,7 +458,7 @@ class Qcow2(Qcow2Snapshotting):
 
     def read_snapshot_sync(self, name_or_id: str) -> Qcow2:
         """Synchronous :meth:`read_snapshot`."""
-        return aio.run_sync(self.read_snapshot(name_or_id))
+        return runtime.run_sync(self.read_snapshot(name_or_id))
 
     # --- mappings ------------------------------------------------------------------------------
 
@@ -611,7 +615,7 @@ class Qcow2(Qcow2Snapshotting):
             partial = len(targets) > 1 or targets[0][0].nbytes < cluster_size
             return cluster if partial else None
 
-        results = await aio.run_parallel(inflate, list(zip(compressed, (t for _, t in work), strict=True)))
+        results = await runtime.run_parallel(inflate, list(zip(compressed, (t for _, t in work), strict=True)))
         for (entry, _), cluster in zip(work, results, strict=True):
             if cluster is not None:
                 self._decompressed[entry] = cluster

@@ -12,8 +12,7 @@ import sys
 from array import array
 from collections.abc import Awaitable, Callable
 
-from imago import CorruptImageError, ImagoError, Storage
-from imago.cache import MetadataCache
+from imago import CorruptImageError, ImagoError, MetadataCache, Storage
 
 from .header import Header
 

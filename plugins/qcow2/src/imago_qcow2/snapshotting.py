@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import attrs
 
-from imago import CorruptImageError, ImagoError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError, aio
+from imago import CorruptImageError, ImagoError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError, runtime
 
 from .header import MAX_NAME_BYTES, MAX_SNAPSHOTS
 from .snapshots import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table, snapshot_table_length
@@ -179,15 +179,15 @@ class Qcow2Snapshotting(Qcow2Writing):
 
     def create_snapshot_sync(self, name: str, *, date_ns: int | None = None, vm_clock_nsec: int = 0) -> Snapshot:
         """Synchronous :meth:`create_snapshot`."""
-        return aio.run_sync(self.create_snapshot(name, date_ns=date_ns, vm_clock_nsec=vm_clock_nsec))
+        return runtime.run_sync(self.create_snapshot(name, date_ns=date_ns, vm_clock_nsec=vm_clock_nsec))
 
     def apply_snapshot_sync(self, name_or_id: str) -> None:
         """Synchronous :meth:`apply_snapshot`."""
-        aio.run_sync(self.apply_snapshot(name_or_id))
+        runtime.run_sync(self.apply_snapshot(name_or_id))
 
     def delete_snapshot_sync(self, name_or_id: str) -> Snapshot:
         """Synchronous :meth:`delete_snapshot`."""
-        return aio.run_sync(self.delete_snapshot(name_or_id))
+        return runtime.run_sync(self.delete_snapshot(name_or_id))
 
     # --- helpers -----------------------------------------------------------------------------
 

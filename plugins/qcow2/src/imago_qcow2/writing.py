@@ -37,14 +37,14 @@ from imago import (
     FormatDriver,
     ImagoError,
     InvalidRequestError,
+    MetadataCache,
     PreallocateMode,
     ShallowMapping,
+    ShallowRaw,
     Storage,
     UnsupportedFeatureError,
 )
-from imago.aio import run_parallel
-from imago.cache import MetadataCache
-from imago.format.mapping import ShallowRaw
+from imago.runtime import run_parallel
 
 from .compression import compress_cluster
 from .header import INCOMPAT_DIRTY, MAX_L1_BYTES, Header

@@ -16,10 +16,10 @@ import attrs
 import importlib_metadata
 import pluggy
 
+from ..errors import DriverNotFoundError, DuplicateDriverError, InvalidDriverError, PluginLoadError
+from ..format.driver import FormatDriver
+from ..storage import Storage
 from . import hookspecs
-from .errors import DriverNotFoundError, DuplicateDriverError, InvalidDriverError, PluginLoadError
-from .format.driver import FormatDriver
-from .storage import Storage
 
 __all__ = [
     "CliCommand",

@@ -1,4 +1,4 @@
-"""imago.aio: driving coroutines by hand, inline I/O, the I/O thread pool, range locks."""
+"""imago.runtime: driving coroutines by hand, inline I/O, the I/O thread pool, range locks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import types
 import pytest
 
 import imago
-from imago import aio
+from imago import RangeLock, runtime
 
 # --- run_sync -------------------------------------------------------------------------------
 
@@ -24,8 +24,8 @@ async def _nested() -> int:
 
 
 def test_run_sync_returns_value() -> None:
-    assert aio.run_sync(_add(2, 3)) == 5
-    assert aio.run_sync(_nested()) == 10
+    assert runtime.run_sync(_add(2, 3)) == 5
+    assert runtime.run_sync(_nested()) == 10
 
 
 async def _none() -> None:
@@ -33,7 +33,7 @@ async def _none() -> None:
 
 
 def test_run_sync_returns_none() -> None:
-    assert aio.run_sync(_none()) is None
+    assert runtime.run_sync(_none()) is None
 
 
 class BoomError(Exception):
@@ -47,7 +47,7 @@ async def _raise() -> None:
 
 def test_run_sync_propagates_exceptions() -> None:
     with pytest.raises(BoomError, match="boom"):
-        aio.run_sync(_raise())
+        runtime.run_sync(_raise())
 
 
 def test_run_sync_propagates_stop_iteration_free_errors() -> None:
@@ -55,13 +55,13 @@ def test_run_sync_propagates_stop_iteration_free_errors() -> None:
         raise imago.InvalidRequestError("bad")
 
     with pytest.raises(imago.InvalidRequestError, match="bad"):
-        aio.run_sync(imago_error())
+        runtime.run_sync(imago_error())
 
 
 def test_run_sync_outside_a_loop_suspending_raises() -> None:
     # asyncio.sleep needs a loop: without one, that is still "had to wait".
     with pytest.raises(imago.SuspendedInSyncModeError):
-        aio.run_sync(asyncio.sleep(0.01))
+        runtime.run_sync(asyncio.sleep(0.01))
 
 
 def test_run_sync_bare_yield_raises_and_closes_coroutine() -> None:
@@ -78,16 +78,16 @@ def test_run_sync_bare_yield_raises_and_closes_coroutine() -> None:
             finalised.append(True)
 
     with pytest.raises(imago.SuspendedInSyncModeError):
-        aio.run_sync(coro())
+        runtime.run_sync(coro())
     assert finalised == [True]  # the coroutine was closed, not left dangling
 
 
 def test_run_sync_inside_a_loop_suspending_raises() -> None:
     async def main() -> None:
         with pytest.raises(imago.SuspendedInSyncModeError):
-            aio.run_sync(asyncio.sleep(0.01))
+            runtime.run_sync(asyncio.sleep(0.01))
         # The loop and the sync machinery still work afterwards.
-        assert aio.run_sync(_add(1, 1)) == 2
+        assert runtime.run_sync(_add(1, 1)) == 2
         await asyncio.sleep(0)
 
     asyncio.run(main())
@@ -98,18 +98,18 @@ def test_run_sync_genuine_runtime_errors_pass_through() -> None:
         raise RuntimeError("something else")
 
     with pytest.raises(RuntimeError, match="something else") as info:
-        aio.run_sync(coro())
+        runtime.run_sync(coro())
     assert not isinstance(info.value, imago.SuspendedInSyncModeError)
 
 
 def test_run_sync_state_restored_after_errors() -> None:
     with pytest.raises(BoomError):
-        aio.run_sync(_raise())
+        runtime.run_sync(_raise())
     with pytest.raises(imago.SuspendedInSyncModeError):
-        aio.run_sync(asyncio.sleep(0))
+        runtime.run_sync(asyncio.sleep(0))
 
     async def main() -> bool:
-        return aio.inline()
+        return runtime.inline()
 
     assert asyncio.run(main()) is False  # depth went back to zero
 
@@ -118,17 +118,17 @@ def test_run_sync_state_restored_after_errors() -> None:
 
 
 async def _inline() -> bool:
-    return aio.inline()
+    return runtime.inline()
 
 
 def test_inline_outside_a_loop() -> None:
-    assert aio.inline() is True
-    assert aio.run_sync(_inline()) is True
+    assert runtime.inline() is True
+    assert runtime.run_sync(_inline()) is True
 
 
 def test_inline_inside_a_loop() -> None:
     async def main() -> tuple[bool, bool, bool]:
-        return aio.inline(), aio.run_sync(_inline()), aio.inline()
+        return runtime.inline(), runtime.run_sync(_inline()), runtime.inline()
 
     assert asyncio.run(main()) == (False, True, False)
 
@@ -138,14 +138,14 @@ def test_inline_is_per_thread() -> None:
 
     async def main() -> None:
         def other_thread() -> None:
-            seen.append(aio.inline())  # no loop in this thread
+            seen.append(runtime.inline())  # no loop in this thread
 
         async def in_sync() -> None:
             thread = threading.Thread(target=other_thread)
             thread.start()
             thread.join()
 
-        aio.run_sync(in_sync())
+        runtime.run_sync(in_sync())
 
     asyncio.run(main())
     assert seen == [True]
@@ -159,14 +159,14 @@ def _whoami(tag: str, *, suffix: str = "") -> tuple[threading.Thread, str]:
 
 
 def test_run_blocking_inline_without_loop() -> None:
-    thread, value = aio.run_sync(aio.run_blocking(_whoami, "a", suffix="b"))
+    thread, value = runtime.run_sync(runtime.run_blocking(_whoami, "a", suffix="b"))
     assert thread is threading.current_thread()
     assert value == "ab"
 
 
 def test_run_blocking_in_thread_under_loop() -> None:
     async def main() -> list[tuple[threading.Thread, str]]:
-        return [await aio.run_blocking(_whoami, "x"), await aio.run_blocking(_whoami, "y", suffix="z")]
+        return [await runtime.run_blocking(_whoami, "x"), await runtime.run_blocking(_whoami, "y", suffix="z")]
 
     results = asyncio.run(main())
     for thread, _ in results:
@@ -177,7 +177,7 @@ def test_run_blocking_in_thread_under_loop() -> None:
 
 def test_run_blocking_inline_under_run_sync_in_a_loop() -> None:
     async def main() -> threading.Thread:
-        thread, _ = aio.run_sync(aio.run_blocking(_whoami, "x"))
+        thread, _ = runtime.run_sync(runtime.run_blocking(_whoami, "x"))
         return thread
 
     assert asyncio.run(main()) is threading.current_thread()
@@ -188,10 +188,10 @@ def test_run_blocking_propagates_exceptions() -> None:
         raise OSError(5, "I/O error")
 
     with pytest.raises(OSError, match="I/O error"):
-        aio.run_sync(aio.run_blocking(fail))
+        runtime.run_sync(runtime.run_blocking(fail))
 
     async def main() -> None:
-        await aio.run_blocking(fail)
+        await runtime.run_blocking(fail)
 
     with pytest.raises(OSError, match="I/O error"):
         asyncio.run(main())
@@ -207,9 +207,9 @@ def test_gather_all_inline_in_order() -> None:
         order.append(i)
         return i * 10
 
-    assert aio.run_sync(aio.gather_all([item(i) for i in range(5)])) == [0, 10, 20, 30, 40]
+    assert runtime.run_sync(runtime.gather_all([item(i) for i in range(5)])) == [0, 10, 20, 30, 40]
     assert order == [0, 1, 2, 3, 4]
-    assert aio.run_sync(aio.gather_all([])) == []
+    assert runtime.run_sync(runtime.gather_all([])) == []
 
 
 def test_gather_all_concurrent_under_loop() -> None:
@@ -227,21 +227,21 @@ def test_gather_all_concurrent_under_loop() -> None:
             second.set()
             return "b"
 
-        return await asyncio.wait_for(aio.gather_all([a(), b()]), timeout=30)
+        return await asyncio.wait_for(runtime.gather_all([a(), b()]), timeout=30)
 
     assert asyncio.run(main()) == ["a", "b"]
 
 
 def test_gather_all_propagates_errors() -> None:
     with pytest.raises(BoomError):
-        aio.run_sync(aio.gather_all([_add(1, 2), _raise()]))
+        runtime.run_sync(runtime.gather_all([_add(1, 2), _raise()]))
 
 
 # --- RangeLock --------------------------------------------------------------------------------
 
 
 def test_range_lock_uncontended_under_run_sync() -> None:
-    lock = aio.RangeLock()
+    lock = RangeLock()
 
     async def use() -> list[int]:
         a = await lock.acquire(0, 4096)
@@ -252,32 +252,32 @@ def test_range_lock_uncontended_under_run_sync() -> None:
         lock.release(c)
         return [a, b, c]
 
-    tokens = aio.run_sync(use())
+    tokens = runtime.run_sync(use())
     assert len(set(tokens)) == 3
 
 
 def test_range_lock_release_unknown_token() -> None:
-    lock = aio.RangeLock()
+    lock = RangeLock()
     with pytest.raises(KeyError):
         lock.release(12345)
 
 
 def test_range_lock_contended_under_run_sync_raises() -> None:
-    lock = aio.RangeLock()
+    lock = RangeLock()
 
     async def hold() -> int:
         return await lock.acquire(0, 10)
 
-    token = aio.run_sync(hold())
+    token = runtime.run_sync(hold())
     with pytest.raises(imago.SuspendedInSyncModeError):
-        aio.run_sync(lock.acquire(5, 15))
+        runtime.run_sync(lock.acquire(5, 15))
     lock.release(token)
-    lock.release(aio.run_sync(lock.acquire(5, 15)))
+    lock.release(runtime.run_sync(lock.acquire(5, 15)))
 
 
 def test_range_lock_serialises_overlaps_and_not_disjoint() -> None:
     async def main() -> list[str]:
-        lock = aio.RangeLock()
+        lock = RangeLock()
         events: list[str] = []
         first = await lock.acquire(0, 100)
 
@@ -316,7 +316,7 @@ def test_range_lock_serialises_overlaps_and_not_disjoint() -> None:
 
 def test_range_lock_many_writers_never_overlap() -> None:
     async def main() -> int:
-        lock = aio.RangeLock()
+        lock = RangeLock()
         holders: set[int] = set()
         max_concurrent_same_block = 0
 

@@ -15,8 +15,8 @@ import pluggy
 if TYPE_CHECKING:
     import argparse
 
-    from .format.driver import FormatDriver
-    from .storage import Storage
+    from ..format.driver import FormatDriver
+    from ..storage import Storage
 
 __all__ = ["PROJECT_NAME", "CliConfigure", "CliRun", "hookimpl", "hookspec"]
 

@@ -1,4 +1,4 @@
-"""Running imago's async code with and without an event loop.
+"""The runtime: imago's async code driven with and without an event loop.
 
 Drivers are written once, in ``async``. The synchronous API does not run an event loop:
 :func:`run_sync` drives the coroutine by hand (``send(None)`` until ``StopIteration``), and
@@ -19,7 +19,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from .errors import SuspendedInSyncModeError
 
-__all__ = ["RangeLock", "gather_all", "inline", "run_blocking", "run_parallel", "run_sync"]
+__all__ = ["gather_all", "inline", "run_blocking", "run_parallel", "run_sync"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -91,41 +91,6 @@ async def run_blocking(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwarg
     if kwargs:
         return await loop.run_in_executor(_thread_pool(), lambda: func(*args, **kwargs))
     return await loop.run_in_executor(_thread_pool(), func, *args)
-
-
-class RangeLock:
-    """Serialises requests on overlapping byte ranges; disjoint ranges proceed in parallel.
-
-    Used for read-modify-write cycles, where two writes touching the same aligned block must not
-    interleave. Without contention it never suspends, so it works under :func:`run_sync` too.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[int, tuple[int, int, asyncio.Event]] = {}
-        self._next_id = 0
-
-    def _overlapping(self, start: int, end: int) -> asyncio.Event | None:
-        for held_start, held_end, released in self._held.values():
-            if held_start < end and start < held_end:
-                return released
-        return None
-
-    async def acquire(self, start: int, end: int) -> int:
-        """Wait until no held range overlaps ``[start, end)``, then hold it; returns a token."""
-        while (released := self._overlapping(start, end)) is not None:
-            if _get_running_loop() is None:
-                # Without a loop there is nothing to wait with (asyncio.Event would fail obscurely).
-                raise SuspendedInSyncModeError(f"byte range [{start}, {end}) is held by another request")
-            await released.wait()
-        token = self._next_id
-        self._next_id += 1
-        self._held[token] = (start, end, asyncio.Event())
-        return token
-
-    def release(self, token: int) -> None:
-        """Release the range held under *token*, waking whoever waits for it."""
-        _, _, released = self._held.pop(token)
-        released.set()
 
 
 async def gather_all(awaitables: list[Awaitable[T]]) -> list[T]:

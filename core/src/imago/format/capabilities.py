@@ -1,0 +1,142 @@
+"""Capabilities: what a format driver can do beyond reading, declared rather than discovered.
+
+A driver class lists its capabilities in :attr:`FormatDriver.capabilities`; generic code (the
+command line, the conformance suites) asks ``driver.supports(Capability.SNAPSHOTS)`` or gets the
+driver typed as the capability's protocol with ``Capability.SNAPSHOTS.of(driver)`` (``None``
+when the driver does not claim it), instead of calling and catching
+:class:`~imago.UnsupportedFeatureError`. Registration checks that a driver claiming a capability
+implements every method of its protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast
+
+import attrs
+
+if TYPE_CHECKING:
+    from ..storage import PreallocateMode
+    from .driver import FormatDriver
+
+__all__ = [
+    "Capability",
+    "SnapshotRecord",
+    "SupportsCheck",
+    "SupportsCompressedWrites",
+    "SupportsResize",
+    "SupportsSnapshots",
+]
+
+P = TypeVar("P")
+
+
+class SnapshotRecord(Protocol):
+    """An internal snapshot as a driver lists it (``qemu-img snapshot -l``'s columns)."""
+
+    @property
+    def id(self) -> str:
+        """The snapshot's ID (unique in the image)."""
+
+    @property
+    def name(self) -> str:
+        """The snapshot's name (need not be unique)."""
+
+    @property
+    def disk_size(self) -> int:
+        """The virtual disk size the snapshot records."""
+
+    def describe(self) -> dict[str, Any]:
+        """The snapshot as ``qemu-img info --output=json`` lists it."""
+
+
+class SupportsSnapshots(Protocol):
+    """Internal snapshots: ``qemu-img snapshot -l/-c/-a/-d`` and reading one."""
+
+    @property
+    def snapshots(self) -> Sequence[SnapshotRecord]:
+        """The snapshots, in table order."""
+
+    async def create_snapshot(self, name: str, *, date_ns: int | None = None, vm_clock_nsec: int = 0) -> SnapshotRecord:
+        """Record the current disk as a new snapshot."""
+
+    async def apply_snapshot(self, name_or_id: str) -> None:
+        """Revert the disk to a snapshot (ID first, then name)."""
+
+    async def delete_snapshot(self, name_or_id: str) -> SnapshotRecord:
+        """Delete a snapshot (name first, then ID); returns it."""
+
+    async def read_snapshot(self, name_or_id: str) -> FormatDriver:
+        """A read-only driver over a snapshot's disk."""
+
+
+class SupportsCompressedWrites(Protocol):
+    """Compressed writes of whole clusters (``qemu-img convert -c``)."""
+
+    @property
+    def cluster_size(self) -> int:
+        """The granularity of compressed writes, in bytes."""
+
+    async def write_compressed(self, data: memoryview, offset: int) -> None:
+        """Write whole clusters compressed."""
+
+
+class SupportsResize(Protocol):
+    """Changing the virtual disk size (``qemu-img resize``)."""
+
+    async def resize(self, new_size: int, prealloc: PreallocateMode = ...) -> None:
+        """Grow or shrink the disk."""
+
+
+class SupportsCheck(Protocol):
+    """Consistency checks (``qemu-img check``): the result type is the driver's."""
+
+    async def check(self) -> Any:
+        """Check the image's metadata; report what is wrong."""
+
+
+@attrs.frozen
+class Capability(Generic[P]):
+    """One capability: a name, the protocol a driver claiming it implements, and its methods.
+
+    The instances are class attributes (``Capability.SNAPSHOTS``, ...); the type parameter is
+    the protocol :meth:`of` returns.
+    """
+
+    name: str
+    #: Methods (and properties) of the protocol a driver claiming it must define itself.
+    methods: tuple[str, ...]
+    protocol: type[Any] = attrs.field(eq=False, repr=False)
+
+    SNAPSHOTS: ClassVar[Capability[SupportsSnapshots]]
+    COMPRESSED_WRITES: ClassVar[Capability[SupportsCompressedWrites]]
+    RESIZE: ClassVar[Capability[SupportsResize]]
+    CHECK: ClassVar[Capability[SupportsCheck]]
+
+    def of(self, driver: FormatDriver) -> P | None:
+        """*driver*, typed as this capability's protocol, if its class claims it; else ``None``."""
+        return cast(P, driver) if self in type(driver).capabilities else None
+
+    def missing(self, cls: type[FormatDriver], base: type[FormatDriver]) -> list[str]:
+        """The protocol methods *cls* leaves to *base* (the FormatDriver defaults) or lacks."""
+        return [name for name in self.methods if getattr(cls, name, None) is getattr(base, name, None)]
+
+    @classmethod
+    def all(cls) -> tuple[Capability[Any], ...]:
+        """Every capability imago defines."""
+        return (cls.SNAPSHOTS, cls.COMPRESSED_WRITES, cls.RESIZE, cls.CHECK)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Capability.SNAPSHOTS = Capability(
+    "snapshots",
+    ("snapshots", "create_snapshot", "apply_snapshot", "delete_snapshot", "read_snapshot"),
+    SupportsSnapshots,
+)
+Capability.COMPRESSED_WRITES = Capability(
+    "compressed-writes", ("cluster_size", "write_compressed"), SupportsCompressedWrites
+)
+Capability.RESIZE = Capability("resize", ("resize",), SupportsResize)
+Capability.CHECK = Capability("check", ("check",), SupportsCheck)
