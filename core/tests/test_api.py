@@ -451,3 +451,17 @@ def test_probe_prefers_non_fallback_drivers() -> None:
     finally:
         imago.unregister_plugin("magic-test")
     assert "magic-test-format" not in imago.format_drivers()
+
+
+@pytest.mark.parametrize(
+    ("function", "words"),
+    [
+        (imago.open, ["format", "write", "gate", "direct", "no_flush", "storage_driver_name", "Example"]),
+        (imago.create, ["format", "size", "options", "preallocation", "cluster_size", "InvalidOptionError"]),
+    ],
+)
+def test_the_first_functions_users_call_document_their_parameters(function: object, words: list[str]) -> None:
+    doc = getattr(function, "__doc__", None) or ""
+    assert len(doc.splitlines()) > 10
+    for word in words:
+        assert word in doc, word

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
+import imago
 from imago import (
     DenyImplicitOpenGate,
     FormatAccess,
@@ -18,13 +19,16 @@ from imago import (
     InvalidRequestError,
     Mapping,
     ReadOnlyError,
+    ShallowIndirect,
     ShallowMapping,
+    ShallowRaw,
+    ShallowSpecial,
+    ShallowZero,
     Storage,
     SyncFormatAccess,
     UnsupportedFeatureError,
     runtime,
 )
-from imago.format.mapping import ShallowIndirect, ShallowRaw, ShallowSpecial, ShallowZero
 from imago_null import Null
 from imago_raw import Raw
 
@@ -414,3 +418,22 @@ def test_raw_over_null_from_the_issue_example() -> None:
     mapping, length = asyncio.run(main())
     assert isinstance(mapping, Mapping.Raw)
     assert length == 1 << 20
+
+
+@pytest.mark.parametrize(
+    ("mode", "call", "offset"),
+    [
+        ("empty", lambda a: a.read(bytearray(10), 0), 0),
+        ("readonly-mapping", lambda a: a.write(b"x", BLOCK), BLOCK),
+        ("zero-outside", lambda a: a.write_zeroes(BLOCK, BLOCK), BLOCK),
+    ],
+)
+def test_driver_misbehaviour_is_a_contract_error(mode: str, call, offset: int) -> None:  # type: ignore[no-untyped-def]
+    driver = BadDriver(MemoryStorage(0), 8 * BLOCK, None, writable=True)
+    driver.mode = mode
+    with pytest.raises(imago.DriverContractError) as caught:
+        call(SyncFormatAccess(driver))
+    assert isinstance(caught.value, RuntimeError)
+    assert caught.value.driver == "blocktest"
+    assert caught.value.offset == offset
+    assert caught.value.problem in str(caught.value)

@@ -332,3 +332,67 @@ def test_preallocate_parse_rejects(value: object) -> None:
         PreallocateMode.parse(value)  # type: ignore[arg-type]
     assert "falloc" in str(info.value)  # the message lists the choices
     assert isinstance(info.value, ValueError)
+
+
+# --- errors that carry their data -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "builtin"),
+    [
+        (imago.DirtyImageError, ValueError),
+        (imago.SnapshotNotFoundError, LookupError),
+        (imago.MissingStorageError, ValueError),
+        (imago.AllocationError, RuntimeError),
+        (imago.DriverContractError, RuntimeError),
+        (imago.UnsupportedFileTypeError, OSError),
+    ],
+)
+def test_specific_errors_have_their_builtin_base(cls: type[Exception], builtin: type[Exception]) -> None:
+    assert issubclass(cls, imago.ImagoError)
+    assert issubclass(cls, builtin)
+    assert cls.__doc__
+
+
+def test_dirty_image_error() -> None:
+    error = imago.DirtyImageError("vm.qcow2", "repair it (qemu-img check -r all)")
+    assert (error.filename, error.repair) == ("vm.qcow2", "repair it (qemu-img check -r all)")
+    assert str(error).startswith("vm.qcow2: the image is dirty")
+    assert "qemu-img check -r all" in str(error)
+    assert "<anonymous>" in str(imago.DirtyImageError(None, "repair it"))
+
+
+def test_snapshot_not_found_error() -> None:
+    error = imago.SnapshotNotFoundError("vm.qcow2", "before-upgrade")
+    assert (error.filename, error.snapshot) == ("vm.qcow2", "before-upgrade")
+    assert str(error) == "vm.qcow2: no snapshot with ID or name 'before-upgrade'"
+
+
+def test_missing_storage_error() -> None:
+    error = imago.MissingStorageError("vm.qcow2", "data_file", "the data file was not given")
+    assert (error.filename, error.role, error.problem) == ("vm.qcow2", "data_file", "the data file was not given")
+    assert str(error) == "vm.qcow2: the data file was not given"
+
+
+def test_allocation_error() -> None:
+    error = imago.AllocationError("vm.qcow2", "an L1 table", "no contiguous clusters")
+    assert (error.what, error.problem) == ("an L1 table", "no contiguous clusters")
+    assert str(error) == "vm.qcow2: cannot place an L1 table: no contiguous clusters"
+
+
+def test_driver_contract_error() -> None:
+    error = imago.DriverContractError("vmdk", "get_mapping returned an empty mapping", 4096)
+    assert (error.driver, error.offset) == ("vmdk", 4096)
+    assert str(error) == "vmdk driver at offset 4096: get_mapping returned an empty mapping"
+    assert str(imago.DriverContractError("vmdk", "broken")) == "vmdk driver: broken"
+
+
+def test_unsupported_file_type_error() -> None:
+    error = imago.UnsupportedFileTypeError("/dev/null", "a character device", "a regular file or block device")
+    assert (error.filename, error.kind, error.expected) == (
+        "/dev/null",
+        "a character device",
+        "a regular file or block device",
+    )
+    assert str(error) == "/dev/null: a character device, not a regular file or block device"
+    assert error.errno is None  # not an OS error from the kernel

@@ -618,3 +618,18 @@ def test_builder_option_validation(tmp_path: pathlib.Path) -> None:
     assert builder.write(False).writable is False
     assert builder.path == str(tmp_path / "x.img")
     assert builder.driver is Raw
+
+
+def test_storage_open_options_is_storage_options(tmp_path: pathlib.Path) -> None:
+    path = _image(tmp_path / "disk.img")
+    options = StorageOpenOptions(direct=False, no_flush=True)
+    builder = Raw.builder_path(path)
+    assert builder.storage_open_options(options) is builder
+    assert builder.given_storage_options is options
+    driver = builder.write(True).open_sync(imago.PermissiveImplicitOpenGate())
+    assert driver.storage.writable
+    runtime.run_sync(driver.close())
+    with pytest.raises(imago.InvalidOptionError) as info:
+        builder.storage_open_options("direct")  # type: ignore[arg-type]
+    assert info.value.option == "storage_open_options"
+    assert builder.given_storage_options is options  # unchanged by the refused call

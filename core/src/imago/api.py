@@ -48,14 +48,9 @@ async def open_async(
     no_flush: bool = False,
     storage_driver_name: str = "file",
 ) -> FormatAccess:
-    """Open the image file *filename* and return a :class:`FormatAccess`.
+    """Open the image file *filename*; the asynchronous form of :func:`open` (same parameters).
 
-    *format* names the format driver; ``None`` probes the content (unsafe for untrusted
-    images, see :func:`probe`). *gate* decides which files the image may make us open,
-    the image file included; the default only allows files in the image's own directory.
-    *direct* bypasses the host page cache; *no_flush* ignores flushes (as ``qemu-img convert``
-    writes its target by default: fast, but not crash-safe, see
-    :attr:`StorageOpenOptions.no_flush`).
+    Returns a :class:`FormatAccess`, whose methods are coroutines.
     """
     name = os.fspath(filename)
     if gate is None:
@@ -87,7 +82,35 @@ def open(
     no_flush: bool = False,
     storage_driver_name: str = "file",
 ) -> SyncFormatAccess:
-    """Synchronous :func:`open_async`: returns a :class:`SyncFormatAccess`."""
+    """Open the image file *filename* and return a :class:`SyncFormatAccess` (blocking calls).
+
+    Args:
+        filename: the image file (a path).
+        format: the format driver's name (``"raw"``, ``"qcow2"``, ...). ``None`` probes the
+            file's content, which is unsafe for untrusted images: a guest can write another
+            format's header into a raw disk (see :func:`probe`). Name the format when you know it.
+        write: open for writing (default: read-only).
+        gate: the :class:`ImplicitOpenGate` deciding which files the image may make us open
+            (its backing file, an external data file, the image file itself). The default is a
+            :class:`SandboxImplicitOpenGate` over the image's own directory; pass
+            :class:`DenyImplicitOpenGate` to refuse every such file, or
+            :class:`PermissiveImplicitOpenGate` for trusted images whose files live elsewhere.
+        direct: bypass the host page cache (``O_DIRECT``), for every file opened.
+        no_flush: ignore flushes (``qemu-img convert``'s default ``cache=unsafe``): faster, but a
+            host crash may lose or corrupt what was written; ``sync()`` still makes it durable.
+        storage_driver_name: the storage driver opening the files (default ``"file"``).
+
+    The result is a context manager: leaving it (or ``close()``) flushes and closes the image,
+    its backing chain and its files. Errors: :class:`DriverNotFoundError` for an unknown
+    format, :class:`ImplicitOpenDeniedError` when the gate refuses a file,
+    :class:`CorruptImageError` / :class:`UnsupportedFeatureError` for bad or unsupported
+    images; OS errors (``FileNotFoundError``, ...) pass through unchanged.
+
+    Example::
+
+        with imago.open("vm.qcow2", format="qcow2", write=True) as disk:
+            disk.write(b"hello", 0)
+    """
     return SyncFormatAccess(
         runtime.run_sync(
             open_async(
@@ -104,11 +127,7 @@ def open(
 
 
 async def create_async(filename: str | os.PathLike[str], format: str, size: int, **options: Any) -> None:
-    """Create an image file (replacing an existing one, as ``qemu-img create`` does).
-
-    *options* are the format's creation options by name (``preallocate="full"``,
-    ``cluster_size=65536``, ...); unknown ones raise :class:`InvalidOptionError`.
-    """
+    """Create an image file; the asynchronous form of :func:`create` (same parameters)."""
     driver = format_driver(format)
     storage_cls = storage_driver("file")
     # Validate every option before touching the file, so bad input loses no data.
@@ -128,7 +147,30 @@ async def create_async(filename: str | os.PathLike[str], format: str, size: int,
 
 
 def create(filename: str | os.PathLike[str], format: str, size: int, **options: Any) -> None:
-    """Synchronous :func:`create_async`."""
+    """Create the image file *filename* of *format*, *size* bytes large, as ``qemu-img create`` does.
+
+    An existing file is replaced, but only after every option was checked: bad options raise
+    :class:`InvalidOptionError` (naming the option) and leave the file untouched.
+
+    Args:
+        filename: the file to create.
+        format: the format driver's name (``"raw"``, ``"qcow2"``, ...).
+        size: the virtual disk size in bytes.
+        **options: the format's creation options by name, as the driver's create builder
+            methods take them, or by ``qemu-img``'s names: ``preallocate`` /
+            ``preallocation`` (``"off"``, ``"metadata"``, ``"falloc"``, ``"full"``) for every
+            format; for qcow2 also ``cluster_size``, ``refcount_bits``, ``compat``,
+            ``lazy_refcounts``, ``compression_type``, ``extended_l2``, ``backing_file``,
+            ``backing_format``, ``data_file``, ``data_file_raw``. The builder's
+            ``option_names`` lists them (``Qcow2.create_builder_class.option_names``).
+
+    Names recorded in the image (a backing file) are not opened. For a storage you opened
+    yourself, use the driver's builder: ``Qcow2.create_builder(storage).size(n)...create_sync()``.
+
+    Example::
+
+        imago.create("disk.qcow2", "qcow2", 1 << 30, cluster_size=65536, lazy_refcounts=True)
+    """
     runtime.run_sync(create_async(filename, format, size, **options))
 
 

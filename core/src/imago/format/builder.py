@@ -26,11 +26,23 @@ MAX_CHAIN_DEPTH = 64
 
 
 class FormatDriverBuilder(Generic[D]):
-    """Collects how to open an image, then opens it with :meth:`open`.
+    """Collects how to open an image, then opens it with :meth:`open` (or :meth:`open_sync`).
 
-    Made by ``Driver.builder(storage)`` (the caller's storage, used as it is) or
-    ``Driver.builder_path(path)`` (the file is opened through the gate passed to :meth:`open`).
-    Format drivers with more options subclass this and set ``FormatDriver.builder_class``.
+    Made by ``Driver.builder(storage)`` (the caller's storage, used as it is, and owned by the
+    driver afterwards) or ``Driver.builder_path(path)`` (the file is opened through the gate
+    passed to :meth:`open`). Options are methods returning the builder, so they chain:
+
+    * :meth:`write` -- open for writing (default: read-only);
+    * :meth:`storage_options` (also :meth:`storage_open_options`) -- how files are opened by
+      path: storage driver, ``direct``, ``no_flush``, driver options;
+    * :meth:`below` -- for drivers opening backing files: the image above, for loop detection.
+
+    ``open(gate)`` returns the format driver (wrap it in :class:`~imago.FormatAccess` or
+    :class:`~imago.SyncFormatAccess` for I/O); the gate decides which files the image may make
+    us open. Format drivers with more options (qcow2's ``backing``, ``data_file``) subclass this
+    and set ``FormatDriver.builder_class``. Example::
+
+        image = Raw.builder_path("disk.img").write(True).open_sync(SandboxImplicitOpenGate(["."]))
     """
 
     def __init__(
@@ -61,8 +73,15 @@ class FormatDriverBuilder(Generic[D]):
 
         ``filename`` and ``writable`` are taken from the builder itself.
         """
+        return self._set_storage_options(options, "storage_options")
+
+    def storage_open_options(self, options: StorageOpenOptions) -> Self:
+        """Another name for :meth:`storage_options` (the Rust crate's)."""
+        return self._set_storage_options(options, "storage_open_options")
+
+    def _set_storage_options(self, options: StorageOpenOptions, option: str) -> Self:
         if not isinstance(options, StorageOpenOptions):
-            raise InvalidOptionError("storage_options", f"expected StorageOpenOptions, got {type(options).__name__}")
+            raise InvalidOptionError(option, f"expected StorageOpenOptions, got {type(options).__name__}")
         self._storage_options = options
         return self
 
@@ -167,10 +186,19 @@ def _size_value(value: int) -> int:
 
 
 class FormatCreateBuilder(Generic[D]):
-    """Collects the options of a new image, then writes it with :meth:`create`.
+    """Collects the options of a new image, then writes it with :meth:`create` (or :meth:`create_sync`).
 
-    Options are methods returning the builder. :meth:`set_option` sets one by name (as
-    ``imago.create(**options)`` does); the names it accepts are listed in :attr:`option_names`.
+    Made by ``Driver.create_builder(storage)``: the image is written into *storage* (emptied
+    first), which stays the caller's to close. Options are methods returning the builder:
+    :meth:`size` (the virtual size in bytes) and :meth:`preallocate` for every format, and the
+    format's own (qcow2: ``cluster_size``, ``refcount_width``, ``backing``, ...).
+    :meth:`set_option` sets one by name (as ``imago.create(**options)`` does), also under
+    ``qemu-img``'s names (:attr:`option_aliases`); the names it accepts are listed in
+    :attr:`option_names`. Each option is checked when it is set and :meth:`validate` checks
+    them together before anything is written, raising :class:`~imago.InvalidOptionError` naming
+    the option. Example::
+
+        Raw.create_builder(storage).size(1 << 30).preallocate("falloc").create_sync()
     """
 
     #: Names accepted by :meth:`set_option`; subclasses extend it with their own methods.

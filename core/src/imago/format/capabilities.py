@@ -117,7 +117,7 @@ class Capability(Generic[P]):
         """*driver*, typed as this capability's protocol, if its class claims it; else ``None``."""
         return cast(P, driver) if self in type(driver).capabilities else None
 
-    def missing(self, cls: type[FormatDriver], base: type[FormatDriver]) -> list[str]:
+    def missing(self, cls: type[Any], base: type[Any]) -> list[str]:
         """The protocol methods *cls* leaves to *base* (the FormatDriver defaults) or lacks."""
         return [name for name in self.methods if getattr(cls, name, None) is getattr(base, name, None)]
 

@@ -9,16 +9,25 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ..errors import ClosedError, InvalidBufferError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError
+from ..errors import (
+    ClosedError,
+    InvalidBufferError,
+    InvalidRequestError,
+    ReadOnlyError,
+    SnapshotNotFoundError,
+    UnsupportedFeatureError,
+)
 from ..format.access import FormatAccess, SyncFormatAccess
+from ..format.capabilities import Capability
 from ..format.driver import FormatDriver
+from ..runtime import run_sync
 from ..storage import PreallocateMode
 from .model import DiskModel, check_mappings, random_bytes
 
@@ -28,10 +37,12 @@ _SIZE = 4 << 20
 
 
 class FormatConformance(abc.ABC):
-    """Tests every format driver must pass on images it creates. Subclass it as ``TestSomething``."""
+    """Tests every format driver must pass on images it creates. Subclass it as ``TestSomething``.
 
-    #: Whether the driver can change the disk size (if not, resizing must raise UnsupportedFeatureError).
-    supports_resize: ClassVar[bool] = True
+    What a driver does beyond reading and writing is tested where its class claims the
+    capability (:class:`~imago.Capability`): resizing, compressed writes, snapshots. Where it
+    does not, the suite checks that asking for it fails with UnsupportedFeatureError.
+    """
 
     @abc.abstractmethod
     def create_image(self, directory: Path, size: int) -> FormatDriver:
@@ -56,6 +67,10 @@ class FormatConformance(abc.ABC):
         buf = bytearray(length)
         image.read(buf, offset)
         return bytes(buf)
+
+    @staticmethod
+    def _supports(image: SyncFormatAccess, capability: Capability[Any]) -> bool:
+        return type(image.driver).supports(capability)
 
     def _check(self, image: SyncFormatAccess, model: DiskModel) -> None:
         assert image.size == model.size
@@ -192,7 +207,7 @@ class FormatConformance(abc.ABC):
 
     def test_resize(self, image: SyncFormatAccess) -> None:
         data = random_bytes(random.Random(17), 8192)
-        if not self.supports_resize:
+        if not self._supports(image, Capability.RESIZE):
             image.write(data, 0)
             with pytest.raises(UnsupportedFeatureError):
                 image.resize(2 * _SIZE)
@@ -213,6 +228,68 @@ class FormatConformance(abc.ABC):
         assert image.size == _SIZE - 4096
         image.resize(_SIZE, "full")
         assert self._read(image, _SIZE - 8192, 8192) == data[:4096] + bytes(4096)
+        image.close()
+
+    def test_claimed_capabilities_are_implemented(self, image: SyncFormatAccess) -> None:
+        cls = type(image.driver)
+        for capability in cls.capabilities:
+            assert capability in Capability.all(), capability
+            assert capability.missing(cls, FormatDriver) == [], capability
+            assert capability.of(image.driver) is image.driver
+        for capability in set(Capability.all()) - cls.capabilities:
+            assert capability.of(image.driver) is None
+        image.close()
+
+    def test_compressed_writes(self, image: SyncFormatAccess) -> None:
+        compressing = Capability.COMPRESSED_WRITES.of(image.driver)
+        if compressing is None:
+            with pytest.raises(UnsupportedFeatureError):
+                image.write_compressed(bytes(65536), 0)
+            image.close()
+            return
+        cluster = compressing.cluster_size
+        rng = random.Random(19)
+        # A compressible cluster, an incompressible one (written as is), and zeroes.
+        data = bytes(rng.getrandbits(2) for _ in range(cluster)) + random_bytes(rng, cluster) + bytes(cluster)
+        image.write_compressed(data, 2 * cluster)
+        assert self._read(image, 2 * cluster, len(data)) == data
+        assert self._read(image, cluster, cluster) == bytes(cluster)
+        with pytest.raises(InvalidRequestError):
+            image.write_compressed(data[:cluster], cluster // 2)
+        image = self._reopen(image, writable=False)
+        assert self._read(image, 2 * cluster, len(data)) == data
+        with pytest.raises(ReadOnlyError):
+            image.write_compressed(data[:cluster], 0)
+        image.close()
+
+    def test_snapshots(self, image: SyncFormatAccess) -> None:
+        snapshotting = Capability.SNAPSHOTS.of(image.driver)
+        if snapshotting is None:
+            image.close()
+            pytest.skip(f"{image.format_name} does not claim snapshots")
+        before = random_bytes(random.Random(20), 8192)
+        after = random_bytes(random.Random(21), 8192)
+        image.write(before, 4096)
+        first = run_sync(snapshotting.create_snapshot("first"))
+        assert [s.name for s in snapshotting.snapshots] == ["first"]
+        image.write(after, 4096)
+        view = SyncFormatAccess(run_sync(snapshotting.read_snapshot(first.id)))
+        assert self._read(view, 4096, 8192) == before
+        view.close()
+        assert self._read(image, 4096, 8192) == after
+        run_sync(snapshotting.apply_snapshot("first"))
+        assert self._read(image, 4096, 8192) == before
+        with pytest.raises(SnapshotNotFoundError):
+            run_sync(snapshotting.apply_snapshot("no such snapshot"))
+        deleted = run_sync(snapshotting.delete_snapshot("first"))
+        assert deleted.id == first.id
+        assert list(snapshotting.snapshots) == []
+        image = self._reopen(image, writable=False)
+        assert self._read(image, 4096, 8192) == before
+        reopened = Capability.SNAPSHOTS.of(image.driver)
+        assert reopened is not None
+        with pytest.raises(ReadOnlyError):
+            run_sync(reopened.create_snapshot("read-only"))
         image.close()
 
     def test_closed_image(self, image: SyncFormatAccess) -> None:
@@ -312,7 +389,7 @@ class _Workload(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.image = SyncFormatAccess(self.conformance.reopen_image(self.image.driver, writable=True))
 
-    @precondition(lambda self: self.conformance.supports_resize)
+    @precondition(lambda self: type(self.image.driver).supports(Capability.RESIZE))
     @rule(size=st.integers(min_value=1, max_value=2 * _SIZE))
     def resize(self, size: int) -> None:
         self.image.resize(size)

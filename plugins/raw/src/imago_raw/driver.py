@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from imago import (
+    Capability,
     FormatCreateBuilder,
     FormatDriver,
     FormatDriverBuilder,
@@ -27,6 +28,7 @@ class Raw(FormatDriver):
 
     name = "raw"
     probe_fallback = True
+    capabilities = frozenset({Capability.RESIZE})
 
     def __init__(self, storage: Storage, *, writable: bool) -> None:
         self._storage = storage
