@@ -5,17 +5,18 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DISTS := core plugins/file plugins/null plugins/raw plugins/qcow2
+# The in-repo distributions are the directories: the core and every plugin with a pyproject.toml.
+DISTS := core $(sort $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck pytest qemu bench clean
+.PHONY: setup run test lint typecheck pytest qemu bench clean dists
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The root distribution pulls in every in-repo distribution plus the dev tools; the second
 # step turns the in-repo ones into editable installs.
-$(VENV)/.installed: $(BIN)/python pyproject.toml $(foreach d,$(DISTS),$(d)/pyproject.toml)
+$(VENV)/.installed: $(BIN)/python pyproject.toml hatch_build.py $(foreach d,$(DISTS),$(d)/pyproject.toml)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check '.[dev]'
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps $(foreach d,$(DISTS),-e $(d))
 	touch $@
@@ -48,6 +49,10 @@ bench: setup qemu
 	$(BIN)/python bench/bench_raw.py
 	$(BIN)/python bench/bench_qcow2.py
 	$(BIN)/python bench/bench_qcow2_write.py
+
+# The list above, one per line (tests/test_workspace.py compares it with the tree).
+dists:
+	@printf '%s\n' $(DISTS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

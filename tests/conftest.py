@@ -34,6 +34,14 @@ def register_plugin() -> Iterator[Callable[[str, object], None]]:
 
 
 @pytest.fixture
+def fresh_registry() -> Iterator[None]:
+    """Rebuild the plugin registry before and after the test (for tests that change ``sys.path``)."""
+    imago.plugin.manager.reset()
+    yield
+    imago.plugin.manager.reset()
+
+
+@pytest.fixture
 def run_python() -> Callable[..., subprocess.CompletedProcess[str]]:
     """``run_python(args, pythonpath=[...])``: run this venv's Python in a subprocess.
 

@@ -308,3 +308,76 @@ def test_cli_register_takes_keywords(register_plugin: RegisterPlugin, capsys: py
 
     register_plugin("keywords", types.SimpleNamespace(imago_register_cli_commands=imago_register_cli_commands))
     assert imago.cli.main(["kw"]) == 7
+
+
+# --- the CLI registrar -----------------------------------------------------------------------
+
+
+def test_cli_hook_receives_a_registrar(register_plugin: RegisterPlugin) -> None:
+    received: list[object] = []
+
+    @imago.hookimpl
+    def imago_register_cli_commands(register: imago.CliRegistrar) -> None:
+        received.append(register)
+        register.command(name="typed-cmd", help="typed", configure=no_arguments, run=lambda args: 5)
+
+    register_plugin("typed-cli", types.SimpleNamespace(imago_register_cli_commands=imago_register_cli_commands))
+    assert imago.cli.main(["typed-cmd"]) == 5
+    assert len(received) == 1
+    assert isinstance(received[0], imago.CliRegistrar)
+    assert received[0].closed
+
+
+def test_cli_registrar_command_takes_keywords_only(register_plugin: RegisterPlugin) -> None:
+    @imago.hookimpl
+    def imago_register_cli_commands(register: imago.CliRegistrar) -> None:
+        register.command("positional", "help", no_arguments, lambda args: 0)  # type: ignore[misc]
+
+    register_plugin("positional", types.SimpleNamespace(imago_register_cli_commands=imago_register_cli_commands))
+    error = {info.name: info for info in imago.plugins()}["positional"].error
+    assert isinstance(error, imago.PluginLoadError)
+    assert isinstance(error.__cause__, TypeError)
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        pytest.param(("-x", "help", no_arguments, print), "must not start with '-'", id="option-like-name"),
+        pytest.param(("two words", "help", no_arguments, print), "contain white space", id="name-with-space"),
+        pytest.param((42, "help", no_arguments, print), "has no name", id="name-not-a-string"),
+        pytest.param(("cmd", None, no_arguments, print), "help must be a string", id="help-none"),
+        pytest.param(("cmd", "help", "configure", print), "configure must be callable", id="configure-str"),
+        pytest.param(("cmd", "help", no_arguments, None), "run must be callable", id="run-none"),
+    ],
+)
+def test_invalid_cli_command_is_a_load_error(
+    register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str], command: tuple[Any, ...], message: str
+) -> None:
+    register_plugin("bad-cli", cli_plugin(command))  # type: ignore[arg-type]
+    error = {info.name: info for info in imago.plugins()}["bad-cli"].error
+    assert isinstance(error, imago.PluginLoadError)
+    assert isinstance(error.__cause__, imago.InvalidDriverError)
+    assert message in str(error)
+    assert imago.cli.main(["plugins"]) == 1
+    blocks = plugin_blocks(capsys.readouterr().out)
+    assert blocks["bad-cli (registered in-process)"][0].startswith("ERROR: ")
+    assert message in blocks["bad-cli (registered in-process)"][0]
+
+
+def test_plugins_shows_an_unknown_hook(register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str]) -> None:
+    @imago.hookimpl
+    def imago_register_cli_command(register: imago.CliRegistrar) -> None:
+        raise AssertionError("must not be called")
+
+    register_plugin("typo", types.SimpleNamespace(imago_register_cli_command=imago_register_cli_command))
+    assert imago.cli.main(["plugins"]) == 1
+    blocks = plugin_blocks(capsys.readouterr().out)
+    (line,) = blocks["typo (registered in-process)"]
+    assert line.startswith("ERROR: PluginValidationError: unknown hook 'imago_register_cli_command'")
+    assert "did you mean 'imago_register_cli_commands'?" in line
+
+    assert imago.cli.main(["plugins", "--output", "json"]) == 1
+    entries = {entry["name"]: entry for entry in json.loads(capsys.readouterr().out)}
+    assert "unknown hook 'imago_register_cli_command'" in entries["typo"]["error"]
+    assert entries["typo"]["cli-commands"] == []
+    assert entries["raw"]["error"] is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 from unittest import mock
 
 import importlib_metadata
+import pluggy
 import pytest
 
 import imago
@@ -81,13 +83,20 @@ def write_distribution(
     version: str,
     entry_points: dict[str, str],
     modules: dict[str, str],
+    other_groups: dict[str, dict[str, str]] | None = None,
 ) -> None:
-    """Make *site* look like an installed distribution: a ``.dist-info`` and its modules."""
+    """Make *site* look like an installed distribution: a ``.dist-info`` and its modules.
+
+    *entry_points* go into the group ``imago``, *other_groups* maps further groups (the driver
+    declarations ``imago.format_drivers``, say) to their entry points.
+    """
     site.mkdir(parents=True, exist_ok=True)
     dist_info = site / f"{distribution.replace('-', '_')}-{version}.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: {version}\n")
     lines = ["[imago]", *(f"{name} = {target}" for name, target in entry_points.items())]
+    for group, group_entry_points in (other_groups or {}).items():
+        lines += [f"[{group}]", *(f"{name} = {target}" for name, target in group_entry_points.items())]
     (dist_info / "entry_points.txt").write_text("\n".join(lines) + "\n")
     for module, source in modules.items():
         (site / f"{module}.py").write_text(textwrap.dedent(source))
@@ -657,9 +666,19 @@ def test_missing_driver_names_the_distribution(lookup: Callable[[str], type], na
     assert error.__cause__ is None
 
 
-def test_missing_known_driver_names_its_distribution(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Every in-repo driver is installed here; pretend one is known but missing.
-    monkeypatch.setitem(imago.plugin.manager._KNOWN_DISTRIBUTIONS, "vhdx", "imago-formats-extra")
+def test_missing_known_driver_names_its_distribution(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    # An installed distribution declares the driver in its metadata, but its plugin cannot load.
+    write_distribution(
+        tmp_path,
+        "imago-formats-extra",
+        "1.0",
+        {"extra": "imago_formats_extra_not_there"},
+        {},
+        {"imago.format_drivers": {"vhdx": "imago_formats_extra_not_there:Vhdx"}},
+    )
+    monkeypatch.syspath_prepend(tmp_path)
     with pytest.raises(imago.DriverNotFoundError, match="install the distribution 'imago-formats-extra'"):
         imago.format_driver("vhdx")
 
@@ -759,3 +778,443 @@ def test_three_plugins_with_one_name_are_all_listed(register_plugin: Callable[[s
         register_plugin("same", types.SimpleNamespace())
     names = [p.name for p in imago.plugins()]
     assert [n for n in names if n.startswith("same")] == ["same", "same#2", "same#3"]
+
+
+# --- hooks imago does not specify ------------------------------------------------------------
+
+
+def misspelled_plugin() -> types.SimpleNamespace:
+    """A plugin with one good hook and one misspelled hook (``..._format_driver``, singular)."""
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: imago.StorageRegistrar) -> None:
+        register(storage_class("misspelled"))
+
+    @imago.hookimpl
+    def imago_register_format_driver(register: imago.FormatRegistrar) -> None:
+        raise AssertionError("must not be called")
+
+    return types.SimpleNamespace(
+        imago_register_storage_drivers=imago_register_storage_drivers,
+        imago_register_format_driver=imago_register_format_driver,
+    )
+
+
+def test_misspelled_hook_is_a_load_error(register_plugin: Callable[[str, object], None]) -> None:
+    register_plugin("misspelled", misspelled_plugin())
+    info = plugin_info("misspelled")
+    assert isinstance(info.error, imago.PluginLoadError)
+    assert isinstance(info.error.__cause__, pluggy.PluginValidationError)
+    assert "unknown hook 'imago_register_format_driver'" in info.error.reason
+    assert "did you mean 'imago_register_format_drivers'?" in info.error.reason
+    # Nothing of the plugin counts, not even its correctly spelled hook.
+    assert info.storage_drivers == ()
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.storage_driver("misspelled")
+    assert caught.value.__cause__ is info.error
+    assert "unknown hook 'imago_register_format_driver'" in str(caught.value)
+    assert null_raw_roundtrip() == bytes(1024)
+
+
+def test_unknown_hook_without_a_close_match(register_plugin: Callable[[str, object], None]) -> None:
+    @imago.hookimpl
+    def imago_frobnicate() -> None:
+        raise AssertionError("must not be called")
+
+    register_plugin("frob", types.SimpleNamespace(imago_frobnicate=imago_frobnicate))
+    error = plugin_info("frob").error
+    assert error is not None
+    assert "unknown hook 'imago_frobnicate'" in error.reason
+    assert "did you mean" not in error.reason
+
+
+def test_optional_unknown_hook_is_allowed(register_plugin: Callable[[str, object], None]) -> None:
+    # pluggy's way for a plugin to implement a hook a newer imago may specify.
+    @imago.hookimpl(optionalhook=True)
+    def imago_register_future_things(register: object) -> None:
+        raise AssertionError("must not be called")
+
+    plugin = make_plugin(storage=[storage_class("forward")])
+    plugin.imago_register_future_things = imago_register_future_things
+    register_plugin("forward", plugin)
+    assert plugin_info("forward").error is None
+    assert imago.storage_driver("forward").name == "forward"
+
+
+def test_hook_without_the_marker_is_a_load_error(register_plugin: Callable[[str, object], None]) -> None:
+    def imago_register_storage_drivers(register: imago.StorageRegistrar) -> None:
+        raise AssertionError("must not be called")
+
+    register_plugin("unmarked", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    error = plugin_info("unmarked").error
+    assert isinstance(error, imago.PluginLoadError)
+    assert "'imago_register_storage_drivers' is not marked with @imago.hookimpl" in error.reason
+
+
+MISSPELLED_HOOK_SOURCE = """
+    import imago
+
+    class Vhdx(imago.FormatDriver):
+        name = "vhdx"
+
+    @imago.hookimpl
+    def imago_register_format_driver(register):
+        register(Vhdx)
+"""
+
+
+def test_misspelled_hook_through_an_entry_point(tmp_path: Path, run_python: RunPython) -> None:
+    write_distribution(
+        tmp_path,
+        "imago-vhdx-example",
+        "0.1",
+        {"vhdx-example": "imago_vhdx_example"},
+        {"imago_vhdx_example": MISSPELLED_HOOK_SOURCE},
+        {"imago.format_drivers": {"vhdx": "imago_vhdx_example:Vhdx"}},
+    )
+    report = run_script(
+        run_python,
+        """
+        import json
+        import imago
+
+        info = {info.name: info for info in imago.plugins()}["vhdx-example"]
+        try:
+            imago.format_driver("vhdx")
+        except imago.DriverNotFoundError as error:
+            lookup = {
+                "distribution": error.distribution,
+                "message": str(error),
+                "cause_is_load_error": error.__cause__ is info.error,
+            }
+        print(json.dumps({
+            "reason": info.error.reason,
+            "cause": type(info.error.__cause__).__name__,
+            "format_drivers": list(info.format_drivers),
+            "lookup": lookup,
+            "raw": imago.format_driver("raw").__name__,
+        }))
+        """,
+        [tmp_path],
+    )
+    assert report["cause"] == "PluginValidationError"
+    assert "unknown hook 'imago_register_format_driver'" in report["reason"]
+    assert report["format_drivers"] == []
+    assert report["lookup"]["distribution"] == "imago-vhdx-example"
+    assert report["lookup"]["cause_is_load_error"] is True
+    assert "unknown hook 'imago_register_format_driver'" in report["lookup"]["message"]
+    assert report["raw"] == "Raw"
+
+    listed = run_python(["-m", "imago.cli", "plugins"], pythonpath=[tmp_path])
+    assert listed.returncode == 1
+    lines = listed.stdout.splitlines()
+    error_line = lines[lines.index("vhdx-example (imago-vhdx-example 0.1)") + 1].strip()
+    assert error_line.startswith("ERROR: PluginValidationError: unknown hook 'imago_register_format_driver'")
+    assert "did you mean 'imago_register_format_drivers'?" in error_line
+
+    as_json = run_python(["-m", "imago.cli", "plugins", "--output", "json"], pythonpath=[tmp_path])
+    assert as_json.returncode == 1
+    entries = {entry["name"]: entry for entry in json.loads(as_json.stdout)}
+    assert "unknown hook 'imago_register_format_driver'" in entries["vhdx-example"]["error"]
+    assert entries["raw"]["error"] is None
+
+
+# --- the registrars --------------------------------------------------------------------------
+
+
+def test_hooks_receive_typed_registrars(register_plugin: Callable[[str, object], None]) -> None:
+    received: dict[str, object] = {}
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: imago.StorageRegistrar) -> None:
+        received["storage"] = register
+        register.register(storage_class("typed-storage"))
+
+    @imago.hookimpl
+    def imago_register_format_drivers(register: imago.FormatRegistrar) -> None:
+        received["format"] = register
+        register.register(format_class("typed-format"))
+
+    @imago.hookimpl
+    def imago_register_cli_commands(register: imago.CliRegistrar) -> None:
+        received["cli"] = register
+        register.command(name="typed", help="typed", configure=lambda parser: None, run=lambda args: 0)
+
+    register_plugin(
+        "typed",
+        types.SimpleNamespace(
+            imago_register_storage_drivers=imago_register_storage_drivers,
+            imago_register_format_drivers=imago_register_format_drivers,
+            imago_register_cli_commands=imago_register_cli_commands,
+        ),
+    )
+    info = plugin_info("typed")
+    assert info.error is None
+    assert (info.storage_drivers, info.format_drivers, info.cli_commands) == (
+        ("typed-storage",),
+        ("typed-format",),
+        ("typed",),
+    )
+    assert isinstance(received["storage"], imago.StorageRegistrar)
+    assert isinstance(received["format"], imago.FormatRegistrar)
+    assert isinstance(received["cli"], imago.CliRegistrar)
+    for registrar in received.values():
+        assert registrar.plugin == "typed"  # type: ignore[attr-defined]
+        assert registrar.closed  # type: ignore[attr-defined]
+        assert "closed" in repr(registrar)
+    assert list(received["storage"].registered) == ["typed-storage"]  # type: ignore[attr-defined]
+
+
+def test_registering_after_the_hook_returned_is_refused(register_plugin: Callable[[str, object], None]) -> None:
+    kept: list[imago.StorageRegistrar] = []
+
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: imago.StorageRegistrar) -> None:
+        kept.append(register)
+        register(storage_class("early"))
+
+    register_plugin("late", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    assert imago.storage_driver("early").name == "early"
+    with pytest.raises(imago.PluginError, match="after its hook returned"):
+        kept[0](storage_class("late"))
+    with pytest.raises(imago.PluginError, match="after its hook returned"):
+        kept[0].register(storage_class("later"))
+    assert kept[0].registered.keys() == {"early"}
+    with pytest.raises(imago.DriverNotFoundError):
+        imago.storage_driver("late")
+    assert plugin_info("late").storage_drivers == ("early",)
+
+
+def test_cli_registrar_refuses_commands_after_the_hook_returned(register_plugin: Callable[[str, object], None]) -> None:
+    kept: list[imago.CliRegistrar] = []
+
+    @imago.hookimpl
+    def imago_register_cli_commands(register: imago.CliRegistrar) -> None:
+        kept.append(register)
+
+    register_plugin("sneaky", types.SimpleNamespace(imago_register_cli_commands=imago_register_cli_commands))
+    assert plugin_info("sneaky").error is None
+    with pytest.raises(imago.PluginError, match="after its hook returned"):
+        kept[0].command(name="sneaky", help="", configure=print, run=print)
+    assert "sneaky" not in imago.plugin.manager.cli_commands()
+
+
+def test_swallowed_registration_error_still_fails_the_plugin(register_plugin: Callable[[str, object], None]) -> None:
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: imago.StorageRegistrar) -> None:
+        register(storage_class("kept"))
+        with contextlib.suppress(imago.InvalidDriverError):  # hiding the mistake must not help
+            register(storage_class(""))
+
+    register_plugin("hider", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    info = plugin_info("hider")
+    assert isinstance(info.error, imago.PluginLoadError)
+    assert isinstance(info.error.__cause__, imago.InvalidDriverError)
+    assert "has no name" in info.error.reason
+    assert info.storage_drivers == ()
+    with pytest.raises(imago.DriverNotFoundError):
+        imago.storage_driver("kept")
+
+
+def test_swallowed_duplicate_is_still_reported(register_plugin: Callable[[str, object], None]) -> None:
+    @imago.hookimpl
+    def imago_register_storage_drivers(register: imago.StorageRegistrar) -> None:
+        with contextlib.suppress(imago.DuplicateDriverError):
+            register(storage_class("null"))
+
+    register_plugin("hides-dup", types.SimpleNamespace(imago_register_storage_drivers=imago_register_storage_drivers))
+    assert isinstance(plugin_info("hides-dup").error, imago.PluginLoadError)
+    with pytest.raises(imago.DuplicateDriverError) as caught:
+        imago.storage_driver("null")
+    assert caught.value.plugins == ("null", "hides-dup")
+
+
+@pytest.mark.parametrize(
+    "registrar_class", [imago.StorageRegistrar, imago.FormatRegistrar, imago.CliRegistrar], ids=lambda c: c.__name__
+)
+@pytest.mark.parametrize("plugin", ["", None, 3])
+def test_registrar_needs_a_plugin_name(registrar_class: type[Any], plugin: Any) -> None:
+    with pytest.raises(TypeError, match="plugin's name"):
+        registrar_class(plugin)
+
+
+def test_registrar_used_directly() -> None:
+    registrar = imago.StorageRegistrar("direct", taken={"file": "file"})
+    cls = storage_class("direct")
+    registrar(cls)
+    assert registrar.registered == {"direct": cls}
+    registrar.registered.clear()  # a copy: the registrar's own table is unchanged
+    assert registrar.registered == {"direct": cls}
+    with pytest.raises(imago.DuplicateDriverError) as caught:
+        registrar.register(storage_class("file"))
+    assert caught.value.plugins == ("file", "direct")
+    assert registrar.error is caught.value
+    assert not registrar.closed
+    registrar.close()
+    assert registrar.closed
+    with pytest.raises(imago.PluginError):
+        registrar(storage_class("after"))
+    assert registrar.error is caught.value  # the first error stays the one reported
+
+
+@pytest.mark.parametrize("obj", [storage_class("s"), "raw", None, 42, imago.Capability.RESIZE])
+def test_format_registrar_rejects_non_format_drivers(obj: Any) -> None:
+    with pytest.raises(imago.InvalidDriverError, match="must be a subclass of FormatDriver"):
+        imago.FormatRegistrar("p").register(obj)
+
+
+# --- capabilities are checked at registration ------------------------------------------------
+
+
+async def _resize(self: Any, new_size: int, prealloc: Any = None) -> None:
+    pass
+
+
+async def _check(self: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "methods", "message"),
+    [
+        pytest.param(
+            frozenset({imago.Capability.RESIZE}),
+            {},
+            "claims the capability 'resize' but does not implement resize",
+            id="resize-missing",
+        ),
+        pytest.param(
+            frozenset({imago.Capability.SNAPSHOTS}),
+            {"create_snapshot": _check, "snapshots": ()},
+            "claims the capability 'snapshots' but does not implement apply_snapshot, delete_snapshot, read_snapshot",
+            id="snapshots-partly",
+        ),
+        pytest.param(
+            frozenset({imago.Capability.COMPRESSED_WRITES}),
+            {"cluster_size": 65536},
+            "claims the capability 'compressed-writes' but does not implement write_compressed",
+            id="compressed-without-writer",
+        ),
+        pytest.param(
+            frozenset({"resize"}), {"resize": _resize}, "'resize' in capabilities is not a Capability", id="str"
+        ),
+        pytest.param(imago.Capability.RESIZE, {"resize": _resize}, "capabilities must be a frozenset", id="not-a-set"),
+        pytest.param("resize", {"resize": _resize}, "capabilities must be a frozenset", id="a-string"),
+    ],
+)
+def test_format_driver_must_implement_its_capabilities(
+    register_plugin: Callable[[str, object], None], capabilities: Any, methods: dict[str, Any], message: str
+) -> None:
+    cls = type("Claims", (imago.FormatDriver,), {"name": "claims", "capabilities": capabilities, **methods})
+    register_plugin("claims", make_plugin(formats=[cls]))
+    info = plugin_info("claims")
+    assert isinstance(info.error, imago.PluginLoadError)
+    assert isinstance(info.error.__cause__, imago.InvalidDriverError)
+    assert message in str(info.error.__cause__)
+    assert info.format_drivers == ()
+    with pytest.raises(imago.DriverNotFoundError):
+        imago.format_driver("claims")
+
+
+def test_format_driver_implementing_its_capabilities_registers(register_plugin: Callable[[str, object], None]) -> None:
+    capabilities = frozenset({imago.Capability.RESIZE, imago.Capability.CHECK})
+    cls = type(
+        "Able",
+        (imago.FormatDriver,),
+        {"name": "able", "capabilities": capabilities, "resize": _resize, "check": _check},
+    )
+    register_plugin("able", make_plugin(formats=[cls]))
+    assert plugin_info("able").error is None
+    assert imago.format_driver("able").supports(imago.Capability.RESIZE)
+
+
+# --- which distribution a missing driver names -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lookup", "asked", "installed", "distribution"),
+    [
+        (imago.format_driver, "QCOW2", "qcow2", "imago-qcow2"),
+        (imago.format_driver, "Raw", "raw", "imago-raw"),
+        (imago.storage_driver, "FILE", "file", "imago-file"),
+        (imago.storage_driver, "nUlL", "null", "imago-null"),
+    ],
+)
+def test_name_differing_only_in_case(
+    lookup: Callable[[str], type], asked: str, installed: str, distribution: str
+) -> None:
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        lookup(asked)
+    error = caught.value
+    assert (error.name, error.suggestion, error.distribution) == (asked, installed, distribution)
+    assert f"did you mean {installed!r}?" in str(error)
+    assert f"'{distribution}'" in str(error)
+    assert f"imago-{asked}" not in str(error)
+
+
+def test_unknown_upper_case_name_follows_the_lower_case_convention() -> None:
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.format_driver("VMDK")
+    assert caught.value.distribution == "imago-vmdk"
+    assert caught.value.suggestion is None
+    assert "install the distribution 'imago-vmdk'" in str(caught.value)
+
+
+def test_case_hint_for_an_in_process_plugin(register_plugin: Callable[[str, object], None]) -> None:
+    register_plugin("mixed", make_plugin(storage=[storage_class("MiXed")]))
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.storage_driver("mixed")
+    # No distribution to name: the convention, lower-cased, for the driver that exists.
+    assert (caught.value.suggestion, caught.value.distribution) == ("MiXed", "imago-mixed")
+
+
+def test_case_hint_for_a_declared_driver_of_a_broken_plugin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    write_distribution(
+        tmp_path,
+        "imago-vendor-formats",
+        "3.0",
+        {"vendor": "imago_vendor_formats"},
+        {"imago_vendor_formats": IMPORT_FAILS_SOURCE},
+        {"imago.format_drivers": {"vhdx": "imago_vendor_formats:Vhdx", "vpc": "imago_vendor_formats:Vpc"}},
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    vendor = plugin_info("vendor")
+    assert vendor.error is not None
+
+    with pytest.raises(imago.DriverNotFoundError) as exact:
+        imago.format_driver("vpc")
+    assert exact.value.distribution == "imago-vendor-formats"
+    assert exact.value.__cause__ is vendor.error
+    assert "this plugin cannot be imported" in str(exact.value)
+
+    with pytest.raises(imago.DriverNotFoundError) as folded:
+        imago.format_driver("VHDX")
+    assert (folded.value.suggestion, folded.value.distribution) == ("vhdx", "imago-vendor-formats")
+    assert folded.value.__cause__ is vendor.error
+
+    # Declarations are per kind: no storage driver "vhdx" is declared.
+    with pytest.raises(imago.DriverNotFoundError) as other_kind:
+        imago.storage_driver("vhdx")
+    assert other_kind.value.distribution == "imago-vhdx"
+
+
+def test_declared_driver_a_healthy_plugin_does_not_register(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    write_distribution(
+        tmp_path,
+        "imago-promises",
+        "1.0",
+        {"promises": "imago_promises"},
+        {"imago_promises": STORAGE_PLUGIN_SOURCE.format(cls="S3", driver="s3")},
+        {"imago.storage_drivers": {"s3": "imago_promises:S3", "gcs": "imago_promises:Gcs"}},
+    )
+    monkeypatch.syspath_prepend(tmp_path)
+    assert imago.storage_driver("s3").__name__ == "S3"
+    with pytest.raises(imago.DriverNotFoundError) as caught:
+        imago.storage_driver("gcs")
+    assert caught.value.distribution == "imago-promises"
+    assert "declares it, but its plugin 'promises' did not register it" in str(caught.value)
+    assert caught.value.__cause__ is None

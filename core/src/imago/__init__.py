@@ -83,6 +83,7 @@ from .plugin.manager import (
     storage_drivers,
     unregister_plugin,
 )
+from .plugin.registrars import CliRegistrar, FormatRegistrar, StorageRegistrar
 from .storage import PreallocateMode, Storage, StorageCreateOptions, StorageOpenOptions
 
 try:
@@ -96,6 +97,7 @@ __all__ = [
     "AnnotatedStorage",
     "BackingChainError",
     "Capability",
+    "CliRegistrar",
     "ClosedError",
     "CorruptImageError",
     "DenyImplicitOpenGate",
@@ -107,6 +109,7 @@ __all__ = [
     "FormatCreateBuilder",
     "FormatDriver",
     "FormatDriverBuilder",
+    "FormatRegistrar",
     "ImageFile",
     "ImagoError",
     "ImplicitOpenDeniedError",
@@ -141,6 +144,7 @@ __all__ = [
     "Storage",
     "StorageCreateOptions",
     "StorageOpenOptions",
+    "StorageRegistrar",
     "SupportsCheck",
     "SupportsCompressedWrites",
     "SupportsResize",

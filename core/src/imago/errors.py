@@ -75,14 +75,25 @@ class InvalidDriverError(PluginError, TypeError):
 class DriverNotFoundError(ImagoError, LookupError):
     """No installed plugin provides the requested driver.
 
-    ``distribution`` names the distribution that would provide it.
+    ``distribution`` names the distribution that would provide it. ``suggestion`` is the name
+    of a driver differing only in case (driver names are case-sensitive), which
+    ``distribution`` provides.
     """
 
-    def __init__(self, kind: str, name: str, distribution: str, detail: str = "") -> None:
+    def __init__(
+        self, kind: str, name: str, distribution: str, detail: str = "", *, suggestion: str | None = None
+    ) -> None:
         self.kind = kind
         self.name = name
         self.distribution = distribution
-        message = f"no {kind} driver named {name!r} is installed (install the distribution {distribution!r})"
+        self.suggestion = suggestion
+        if suggestion is None:
+            message = f"no {kind} driver named {name!r} is installed (install the distribution {distribution!r})"
+        else:
+            message = (
+                f"no {kind} driver named {name!r} is installed (did you mean {suggestion!r}? driver names are "
+                f"case-sensitive; {suggestion!r} comes from the distribution {distribution!r})"
+            )
         super().__init__(message + (f"; {detail}" if detail else ""))
 
 

@@ -2,31 +2,45 @@
 
 A plugin is a module (or object) named by an entry point in the group ``imago``; it
 implements some of these hooks, marked with :data:`hookimpl`. Hooks only register classes;
-they are called once, lazily, the first time a driver is looked up.
+they are called once, lazily, the first time a driver is looked up. Each receives a typed
+registrar (:mod:`imago.plugin.registrars`) as its ``register`` argument, valid only while
+the hook runs.
+
+A marked function whose name matches no specification here (a misspelled hook) makes the
+plugin fail to load, and so does a function named like a hook but not marked.
+
+A distribution can also declare the drivers its plugin provides, in the entry-point groups
+``imago.storage_drivers`` and ``imago.format_drivers`` (driver name = ``module:Class``).
+imago never loads those entry points: when a driver is missing, they let the error name the
+distribution that should provide it, even when its plugin failed to load.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
-    import argparse
+    from .registrars import CliRegistrar, FormatRegistrar, StorageRegistrar
 
-    from ..format.driver import FormatDriver
-    from ..storage import Storage
-
-__all__ = ["PROJECT_NAME", "CliConfigure", "CliRun", "hookimpl", "hookspec"]
-
-#: Adds a subcommand's arguments to its parser.
-CliConfigure = Callable[["argparse.ArgumentParser"], None]
-#: Runs a subcommand; returns the exit status (``None`` meaning 0).
-CliRun = Callable[["argparse.Namespace"], Any]
+__all__ = [
+    "FORMAT_DRIVERS_GROUP",
+    "PROJECT_NAME",
+    "STORAGE_DRIVERS_GROUP",
+    "hookimpl",
+    "hookspec",
+    "imago_register_cli_commands",
+    "imago_register_format_drivers",
+    "imago_register_storage_drivers",
+]
 
 #: The pluggy project name, and the entry-point group plugins are found under.
 PROJECT_NAME = "imago"
+#: Entry-point group in which a distribution declares its storage drivers (name = class).
+STORAGE_DRIVERS_GROUP = "imago.storage_drivers"
+#: Entry-point group in which a distribution declares its format drivers (name = class).
+FORMAT_DRIVERS_GROUP = "imago.format_drivers"
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 #: Decorator marking a plugin's hook implementations.
@@ -34,27 +48,29 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def imago_register_storage_drivers(register: Callable[[type[Storage]], None]) -> None:
-    """Register storage driver classes: call ``register(cls)`` for each.
+def imago_register_storage_drivers(register: StorageRegistrar) -> None:
+    """Register storage driver classes: ``register(cls)`` (or ``register.register(cls)``) for each.
 
     ``cls`` must subclass :class:`imago.Storage` and set a non-empty ``name``; a name
-    registered twice is an error.
+    registered twice, by this plugin or another, is an error.
     """
 
 
 @hookspec
-def imago_register_format_drivers(register: Callable[[type[FormatDriver]], None]) -> None:
-    """Register format driver classes: call ``register(cls)`` for each.
+def imago_register_format_drivers(register: FormatRegistrar) -> None:
+    """Register format driver classes: ``register(cls)`` (or ``register.register(cls)``) for each.
 
-    ``cls`` must subclass :class:`imago.FormatDriver` and set a non-empty ``name``.
+    ``cls`` must subclass :class:`imago.FormatDriver`, set a non-empty ``name`` (unique, as
+    for storage drivers) and implement every capability listed in its ``capabilities``.
     """
 
 
 @hookspec
-def imago_register_cli_commands(register: Callable[[str, str, CliConfigure, CliRun], None]) -> None:
+def imago_register_cli_commands(register: CliRegistrar) -> None:
     """Register subcommands of the ``imago`` command line tool.
 
-    Call ``register(name, help, configure, run)``: *configure* adds arguments to the
-    subcommand's parser, *run* executes it with the parsed arguments and returns the exit
-    status (``None`` meaning 0).
+    Call ``register.command(name=..., help=..., configure=..., run=...)`` (or
+    ``register(name, help, configure, run)``): *configure* adds arguments to the subcommand's
+    parser, *run* executes it with the parsed arguments and returns the exit status (``None``
+    meaning 0).
     """

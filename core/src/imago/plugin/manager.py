@@ -1,25 +1,35 @@
 """The plugin manager: entry-point loading and the driver registry.
 
 Loading is lazy (first look-up) and idempotent. Each plugin is loaded and asked to register
-on its own, so one broken plugin records an error and leaves the others working; its
-error is raised (chained) when one of its drivers is asked for.
+on its own, with its own :class:`pluggy.PluginManager`, so one broken plugin records an error
+and leaves the others working; its error is raised (chained) when one of its drivers is asked
+for. A plugin is broken when it cannot be imported, when a hook raises or registers something
+invalid, and when it implements a hook imago does not specify (loading ends with pluggy's
+``check_pending()``).
+
+When a driver is missing, the error names the distribution to install. That name comes from
+the plugins' own metadata, never from a table in the core: a distribution that declares the
+driver (entry-point groups ``imago.storage_drivers`` / ``imago.format_drivers``), the
+distribution of the installed driver whose name differs only in case, or else the
+convention ``imago-<name>``.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import attrs
 import importlib_metadata
 import pluggy
 
-from ..errors import DriverNotFoundError, DuplicateDriverError, InvalidDriverError, PluginLoadError
+from ..errors import DriverNotFoundError, DuplicateDriverError, PluginLoadError
 from ..format.driver import FormatDriver
 from ..storage import Storage
 from . import hookspecs
+from .registrars import CORE_DISTRIBUTION, CliCommand, CliRegistrar, FormatRegistrar, StorageRegistrar
 
 __all__ = [
     "CliCommand",
@@ -37,11 +47,16 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Where the in-repo drivers come from, so a missing one names what to install.
-_KNOWN_DISTRIBUTIONS = {"file": "imago-file", "null": "imago-null", "raw": "imago-raw", "qcow2": "imago-qcow2"}
-
 # Subcommands the core's CLI defines itself (``imago.cli``); a plugin may not take their names.
 _CORE_CLI_COMMANDS = frozenset({"plugins"})
+
+# Driver kind -> the entry-point group in which distributions declare drivers of that kind.
+_DECLARATION_GROUPS = {"storage": hookspecs.STORAGE_DRIVERS_GROUP, "format": hookspecs.FORMAT_DRIVERS_GROUP}
+
+# The hooks imago specifies, for "did you mean" hints and the unmarked-hook check.
+_HOOK_NAMES = tuple(
+    sorted(name for name, value in vars(hookspecs).items() if hasattr(value, f"{hookspecs.PROJECT_NAME}_spec"))
+)
 
 
 @attrs.frozen(kw_only=True)
@@ -58,14 +73,15 @@ class PluginInfo:
 
 
 @attrs.frozen(kw_only=True)
-class CliCommand:
-    """A subcommand registered through ``imago_register_cli_commands``."""
+class _Source:
+    """A plugin to load: its label, where it comes from, and what its distribution declares."""
 
     name: str
-    help: str
-    configure: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], Any]
-    plugin: str
+    distribution: str | None
+    version: str | None
+    load: Callable[[], object]
+    # Driver kind -> names the distribution declares in its metadata.
+    declared: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -76,6 +92,8 @@ class _Registry:
     # A driver name claimed twice: the error to raise when it is looked up.
     duplicates: dict[tuple[str, str], DuplicateDriverError] = attrs.Factory(dict)
     plugins: dict[str, PluginInfo] = attrs.Factory(dict)
+    # (kind, driver name) -> labels of the plugins whose distribution declares it.
+    declared: dict[tuple[str, str], list[str]] = attrs.Factory(dict)
 
 
 class _Manager:
@@ -109,107 +127,112 @@ class _Manager:
 
     def _load(self) -> _Registry:
         registry = _Registry()
-        sources: list[tuple[str, str | None, str | None, Callable[[], object]]] = []
-        for entry_point in importlib_metadata.entry_points(group=hookspecs.PROJECT_NAME):
-            dist = entry_point.dist
-            sources.append(
-                (
-                    entry_point.name,
-                    dist.metadata["Name"] if dist is not None else None,
-                    dist.version if dist is not None else None,
-                    entry_point.load,
-                )
-            )
-        for name, plugin in self._extra:
-            sources.append((name, None, None, _constant(plugin)))
-        for name, distribution, version, load in sources:
-            label, copy = name, 1
+        sources = [_entry_point_source(entry_point) for entry_point in _entry_points()]
+        sources += [_Source(name=name, distribution=None, version=None, load=_constant(p)) for name, p in self._extra]
+        for source in sources:
+            label, copy = source.name, 1
             while label in registry.plugins:  # the same entry-point name from several sources
                 copy += 1
-                label = f"{name}@{distribution}" if copy == 2 and distribution else f"{name}#{copy}"
-            registry.plugins[label] = self._load_one(registry, label, distribution, version, load)
+                distribution = source.distribution
+                label = f"{source.name}@{distribution}" if copy == 2 and distribution else f"{source.name}#{copy}"
+            for kind, names in source.declared.items():
+                for name in names:
+                    registry.declared.setdefault((kind, name), []).append(label)
+            registry.plugins[label] = _load_one(registry, label, source)
         return registry
 
-    def _load_one(
-        self,
-        registry: _Registry,
-        name: str,
-        distribution: str | None,
-        version: str | None,
-        load: Callable[[], object],
-    ) -> PluginInfo:
-        found: dict[str, list[str]] = {"storage": [], "format": [], "cli": []}
-        pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        pm.add_hookspecs(hookspecs)
-        staged = _Registry()
 
-        def register_class(kind: str, base: type[Any], table: dict[str, Any]) -> Callable[[Any], None]:
-            def register(cls: Any) -> None:
-                if not isinstance(cls, type) or not issubclass(cls, base):
-                    raise InvalidDriverError(f"{kind} driver must be a subclass of {base.__name__}, got {cls!r}")
-                driver_name = getattr(cls, "name", "")
-                if not isinstance(driver_name, str) or not driver_name:
-                    raise InvalidDriverError(f"{kind} driver {cls.__qualname__} has no name")
-                if driver_name in table or driver_name in found[kind]:
-                    previous = table[driver_name][1] if driver_name in table else name
-                    raise DuplicateDriverError(kind, driver_name, previous, name)
-                found[kind].append(driver_name)
-                getattr(staged, kind)[driver_name] = (cls, name)
+def _entry_points() -> importlib_metadata.EntryPoints:
+    return importlib_metadata.entry_points(group=hookspecs.PROJECT_NAME)
 
-            return register
 
-        plugin_name = name
+def _entry_point_source(entry_point: importlib_metadata.EntryPoint) -> _Source:
+    dist = entry_point.dist
+    if dist is None:
+        return _Source(name=entry_point.name, distribution=None, version=None, load=entry_point.load)
+    declared = {
+        kind: tuple(sorted({ep.name for ep in dist.entry_points.select(group=group)}))
+        for kind, group in _DECLARATION_GROUPS.items()
+    }
+    return _Source(
+        name=entry_point.name,
+        distribution=dist.metadata["Name"],
+        version=dist.version,
+        load=entry_point.load,
+        declared=declared,
+    )
 
-        def register_cli(name: str, help: str, configure: Any, run: Any) -> None:
-            if not isinstance(name, str) or not name:
-                raise InvalidDriverError(f"CLI command must have a non-empty name, got {name!r}")
-            if name in _CORE_CLI_COMMANDS:
-                raise DuplicateDriverError("CLI command", name, "imago-core", plugin_name)
-            if name in registry.cli or name in found["cli"]:
-                previous = registry.cli[name].plugin if name in registry.cli else plugin_name
-                raise DuplicateDriverError("CLI command", name, previous, plugin_name)
-            found["cli"].append(name)
-            staged.cli[name] = CliCommand(name=name, help=help, configure=configure, run=run, plugin=plugin_name)
 
-        error: PluginLoadError | None = None
-        try:
-            module = load()
-            pm.register(module, name=name)
-            hooks = pm.hook
-            _call_each(hooks.imago_register_storage_drivers, register_class("storage", Storage, registry.storage))
-            _call_each(hooks.imago_register_format_drivers, register_class("format", FormatDriver, registry.format))
-            _call_each(hooks.imago_register_cli_commands, register_cli)
-        except DuplicateDriverError as duplicate:
-            registry.duplicates[(duplicate.kind, duplicate.name)] = duplicate
-            error = PluginLoadError(name, distribution, str(duplicate))
-            error.__cause__ = duplicate
-        except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() on import is broken too
-            error = PluginLoadError(name, distribution, f"{type(exc).__name__}: {exc}")
-            error.__cause__ = exc
-        if error is None:
-            registry.storage.update(staged.storage)
-            registry.format.update(staged.format)
-            registry.cli.update(staged.cli)
-        return PluginInfo(
-            name=name,
-            distribution=distribution,
-            version=version,
-            storage_drivers=tuple(found["storage"]) if error is None else (),
-            format_drivers=tuple(found["format"]) if error is None else (),
-            cli_commands=tuple(found["cli"]) if error is None else (),
-            error=error,
-        )
+def _load_one(registry: _Registry, name: str, source: _Source) -> PluginInfo:
+    """Load one plugin and run its hooks; what it registers counts only if all of that succeeds."""
+    storage = StorageRegistrar(name, taken={n: owner for n, (_, owner) in registry.storage.items()})
+    formats = FormatRegistrar(name, taken={n: owner for n, (_, owner) in registry.format.items()})
+    taken_commands = dict.fromkeys(_CORE_CLI_COMMANDS, CORE_DISTRIBUTION)
+    cli = CliRegistrar(name, taken=taken_commands | {n: command.plugin for n, command in registry.cli.items()})
+    pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    error: PluginLoadError | None = None
+    try:
+        plugin = source.load()
+        pm.register(plugin, name=name)
+        _check_hooks(pm, plugin)
+        _call_each(pm.hook.imago_register_storage_drivers, storage)
+        _call_each(pm.hook.imago_register_format_drivers, formats)
+        _call_each(pm.hook.imago_register_cli_commands, cli)
+    except DuplicateDriverError as duplicate:
+        registry.duplicates[(duplicate.kind, duplicate.name)] = duplicate
+        error = PluginLoadError(name, source.distribution, str(duplicate))
+        error.__cause__ = duplicate
+    except (Exception, SystemExit) as exc:  # a plugin calling sys.exit() on import is broken too
+        error = PluginLoadError(name, source.distribution, f"{type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+    finally:
+        for registrar in (storage, formats, cli):
+            registrar.close()
+    if error is not None:
+        return PluginInfo(name=name, distribution=source.distribution, version=source.version, error=error)
+    registry.storage.update({n: (cls, name) for n, cls in storage.registered.items()})
+    registry.format.update({n: (cls, name) for n, cls in formats.registered.items()})
+    registry.cli.update(cli.registered)
+    return PluginInfo(
+        name=name,
+        distribution=source.distribution,
+        version=source.version,
+        storage_drivers=tuple(storage.registered),
+        format_drivers=tuple(formats.registered),
+        cli_commands=tuple(cli.registered),
+    )
+
+
+def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
+    """Reject hooks that would silently never run: misspelled ones, and unmarked ones."""
+    for hook_name in _HOOK_NAMES:
+        if callable(getattr(plugin, hook_name, None)) and pm.parse_hookimpl_opts(plugin, hook_name) is None:
+            raise pluggy.PluginValidationError(
+                plugin, f"{hook_name!r} is not marked with @imago.hookimpl, so it would never be called"
+            )
+    for caller in pm.get_hookcallers(plugin) or ():
+        if not caller.has_spec() and not all(impl.optionalhook for impl in caller.get_hookimpls()):
+            close = difflib.get_close_matches(caller.name, _HOOK_NAMES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise pluggy.PluginValidationError(
+                plugin, f"unknown hook {caller.name!r}: imago specifies no such hook{hint}"
+            )
+    pm.check_pending()
 
 
 def _constant(value: object) -> Callable[[], object]:
     return lambda: value
 
 
-def _call_each(hook: pluggy.HookCaller, register: Callable[..., None]) -> None:
+def _call_each(hook: pluggy.HookCaller, registrar: StorageRegistrar | FormatRegistrar | CliRegistrar) -> None:
     # Called implementation by implementation (not through pluggy's multi-call) so that the
     # first error propagates with its own traceback; each gets only the arguments it declares.
     for impl in hook.get_hookimpls():
-        impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+        impl.function(*[{"register": registrar}[arg] for arg in impl.argnames])
+    registrar.close()
+    if registrar.error is not None:  # the hook caught its registration error; it still counts
+        raise registrar.error
 
 
 _manager = _Manager()
@@ -223,24 +246,70 @@ def _lookup(kind: str, name: str, table: dict[str, tuple[T, str]]) -> T:
     entry = table.get(name)
     if entry is not None:
         return entry[0]
-    distribution = _KNOWN_DISTRIBUTIONS.get(name, f"imago-{name}")
-    broken = [info.error for info in registry.plugins.values() if info.error is not None]
-    same_name = [e for e in broken if e.plugin == name or e.distribution == distribution]
+    raise _not_found(registry, kind, name, table)
+
+
+def _not_found(registry: _Registry, kind: str, name: str, table: Mapping[str, tuple[Any, str]]) -> DriverNotFoundError:
+    """The error for a missing driver, naming the distribution to install and what went wrong."""
+    broken = [info for info in registry.plugins.values() if info.error is not None]
+    declaring = [registry.plugins[label] for label in registry.declared.get((kind, name), ())]
+    if declaring:  # its distribution is installed and declares it, but did not deliver it
+        info = next((info for info in declaring if info.error is not None), declaring[0])
+        return _provider_failed(kind, name, info)
+    # No declaration: a broken plugin named like the driver, or like its conventional distribution.
+    distribution = _conventional_distribution(name)
+    same_name = [info for info in broken if distribution == info.distribution or info.name == name]
     if same_name:
-        raise DriverNotFoundError(kind, name, distribution, str(same_name[0])) from same_name[0]
-    detail = ""
-    if broken:
-        detail = "plugins that failed to load: " + ", ".join(e.plugin for e in broken)
-    raise DriverNotFoundError(kind, name, distribution, detail) from (broken[0] if broken else None)
+        return _provider_failed(kind, name, same_name[0])
+    # A driver whose name differs only in case, installed or declared by a distribution.
+    folded = name.casefold()
+    similar = [(other, plugin) for other, (_, plugin) in sorted(table.items()) if other.casefold() == folded]
+    similar += [
+        (other, labels[0])
+        for (declared_kind, other), labels in sorted(registry.declared.items())
+        if declared_kind == kind and other.casefold() == folded
+    ]
+    if similar:
+        other, label = similar[0]
+        info = registry.plugins[label]
+        provider = info.distribution or _conventional_distribution(other)
+        error = DriverNotFoundError(kind, name, provider, str(info.error or ""), suggestion=other)
+        error.__cause__ = info.error
+        return error
+    detail = "plugins that failed to load: " + ", ".join(info.name for info in broken) if broken else ""
+    error = DriverNotFoundError(kind, name, distribution, detail)
+    error.__cause__ = broken[0].error if broken else None
+    return error
+
+
+def _provider_failed(kind: str, name: str, info: PluginInfo) -> DriverNotFoundError:
+    """The error for a driver whose plugin is installed but failed to load (or to register it)."""
+    distribution = info.distribution or _conventional_distribution(name)
+    if info.error is None:
+        detail = f"the distribution {distribution!r} declares it, but its plugin {info.name!r} did not register it"
+        return DriverNotFoundError(kind, name, distribution, detail)
+    error = DriverNotFoundError(kind, name, distribution, str(info.error))
+    error.__cause__ = info.error
+    return error
+
+
+def _conventional_distribution(name: str) -> str:
+    """The distribution name the convention gives a driver: ``imago-<name>``, lower-cased."""
+    return f"imago-{name.lower()}"
 
 
 def storage_driver(name: str) -> type[Storage]:
-    """The storage driver class registered as *name* (``file``, ``null``, ...)."""
+    """The storage driver class registered as *name* (``file``, ``null``, ...).
+
+    Raises :class:`~imago.DriverNotFoundError` naming the distribution to install (chained to
+    the load error of the plugin that should have provided it, if any) and
+    :class:`~imago.DuplicateDriverError` if two plugins claim *name*.
+    """
     return _lookup("storage", name, _manager.registry().storage)
 
 
 def format_driver(name: str) -> type[FormatDriver]:
-    """The format driver class registered as *name* (``raw``, ``qcow2``, ...)."""
+    """The format driver class registered as *name* (``raw``, ``qcow2``, ...); errors as :func:`storage_driver`."""
     return _lookup("format", name, _manager.registry().format)
 
 
@@ -267,7 +336,8 @@ def plugins() -> list[PluginInfo]:
 def register_plugin(name: str, plugin: object) -> None:
     """Add a plugin object by hand (besides those found through entry points).
 
-    Meant for tests and embedding; the registry is rebuilt on the next look-up.
+    *plugin* is a module or any object with hook implementations, as an entry point would
+    name. Meant for tests and embedding; the registry is rebuilt on the next look-up.
     """
     _manager.add(name, plugin)
 

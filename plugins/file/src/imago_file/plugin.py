@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from imago import Storage, hookimpl
+from imago import StorageRegistrar, hookimpl
 
 from .storage import File
 
 
 @hookimpl
-def imago_register_storage_drivers(register: Callable[[type[Storage]], None]) -> None:
+def imago_register_storage_drivers(register: StorageRegistrar) -> None:
     """Register the ``file`` storage driver."""
-    register(File)
+    register.register(File)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from imago import Storage, hookimpl
+from imago import StorageRegistrar, hookimpl
 
 from .storage import Null
 
 
 @hookimpl
-def imago_register_storage_drivers(register: Callable[[type[Storage]], None]) -> None:
+def imago_register_storage_drivers(register: StorageRegistrar) -> None:
     """Register the ``null`` storage driver."""
-    register(Null)
+    register.register(Null)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from imago import FormatDriver, hookimpl
+from imago import FormatRegistrar, hookimpl
 
 from .driver import Qcow2
 
 
 @hookimpl
-def imago_register_format_drivers(register: Callable[[type[FormatDriver]], None]) -> None:
+def imago_register_format_drivers(register: FormatRegistrar) -> None:
     """Register the ``qcow2`` format driver."""
-    register(Qcow2)
+    register.register(Qcow2)
