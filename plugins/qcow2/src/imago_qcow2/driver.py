@@ -12,6 +12,7 @@ from typing import Any, Self
 import attrs
 
 from imago import (
+    Capability,
     CorruptImageError,
     FormatAccess,
     FormatCreateBuilder,
@@ -118,6 +119,7 @@ class Qcow2(Qcow2Snapshotting):
 
     name = "qcow2"
     builder_class = Qcow2Builder
+    capabilities = frozenset({Capability.RESIZE, Capability.SNAPSHOTS, Capability.COMPRESSED_WRITES})
     create_builder_class = Qcow2CreateBuilder
 
     def __init__(
