@@ -246,7 +246,7 @@ async def _run_serially(func: Callable[[Any], Any], items: list[Any]) -> list[An
 def one_thread() -> Iterator[None]:
     """Make the qcow2 driver decompress on the calling thread only.
 
-    ``imago_qcow2.driver`` looks up ``runtime.run_parallel`` (``runtime`` is the ``imago.runtime`` module)
+    ``imago_qcow2.compressed`` looks up ``runtime.run_parallel`` (``runtime`` is the ``imago.runtime`` module)
     at every call, so replacing the module attribute for the duration of the run is enough.
     """
     original = imago.runtime.run_parallel

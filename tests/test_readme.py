@@ -66,3 +66,17 @@ def test_shell_blocks_other_than_make_run_as_written() -> None:
         result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (command, result.stderr)
         assert result.stdout
+
+
+def test_architecture_document_maps_every_module() -> None:
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    sources = [ROOT / "core" / "src", *sorted((ROOT / "plugins").glob("*/src"))]
+    missing = []
+    for source in sources:
+        for module in sorted(source.rglob("*.py")):
+            relative = module.relative_to(source).as_posix()
+            if module.name in ("__init__.py", "__main__.py") and relative != "imago/__init__.py":
+                continue
+            if f"`{relative}`" not in text:
+                missing.append(relative)
+    assert missing == []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 __all__ = ["MetadataCache"]
 
@@ -42,7 +42,7 @@ class MetadataCache(Generic[K, V]):
         self._barrier = barrier
         self._entries: OrderedDict[K, V] = OrderedDict()
         self._dirty: set[K] = set()
-        self._dependencies: list[MetadataCache[object, object]] = []
+        self._dependencies: list[MetadataCache[Any, Any]] = []
 
     @property
     def capacity(self) -> int:
@@ -95,7 +95,7 @@ class MetadataCache(Generic[K, V]):
             raise TypeError("this cache has no write-back function")
         self._dirty.add(key)
 
-    def depends_on(self, other: MetadataCache[object, object]) -> None:
+    def depends_on(self, other: MetadataCache[Any, Any]) -> None:
         """Flush *other* before writing any entry of this cache."""
         if other is self:
             raise ValueError("a cache cannot depend on itself")

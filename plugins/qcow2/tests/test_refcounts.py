@@ -33,7 +33,7 @@ def referenced_clusters(image: Qcow2) -> dict[int, int]:
 
     add(0, CLUSTER)
     add(header.refcount_table_offset, header.refcount_table_clusters * CLUSTER)
-    table = runtime.run_sync(image._refcounts.table())
+    table = runtime.run_sync(image._state.refcounts.table())
     for entry in table:
         if entry:
             add(entry, CLUSTER)
@@ -43,8 +43,8 @@ def referenced_clusters(image: Qcow2) -> dict[int, int]:
         table_end = last.table_offset + 40 + len(last.extra_data) + len(last.id) + len(last.name)
         add(header.snapshots_offset, table_end - header.snapshots_offset)
     for view in [image, *(image.read_snapshot_sync(s.id) for s in image.snapshots)]:
-        l1 = view._l1
-        add(view._snapshot.l1_table_offset if view._snapshot else header.l1_table_offset, len(l1) * 8)
+        l1 = view._state.l1
+        add(view._state.snapshot.l1_table_offset if view._state.snapshot else header.l1_table_offset, len(l1) * 8)
         for l2 in l1:
             if l2:
                 add(l2, CLUSTER)

@@ -3,6 +3,6 @@
 from .create import Qcow2CreateBuilder
 from .driver import Qcow2, Qcow2Builder
 from .header import Header
-from .snapshots import Snapshot
+from .snapshot_table import Snapshot
 
 __all__ = ["Header", "Qcow2", "Qcow2Builder", "Qcow2CreateBuilder", "Snapshot"]

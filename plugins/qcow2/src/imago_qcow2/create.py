@@ -20,9 +20,11 @@ from imago import (
     storage_driver,
 )
 
-from .header import (
+from .header import Header, build_header
+from .layout import (
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
+    CREATED_V3_HEADER_LENGTH,
     INCOMPAT_COMPRESSION,
     INCOMPAT_DATA_FILE,
     INCOMPAT_EXTENDED_L2,
@@ -31,8 +33,9 @@ from .header import (
     MAX_NAME_BYTES,
     MIN_CLUSTER_BITS,
     V2_HEADER_LENGTH,
-    Header,
-    build_header,
+    ImageLayout,
+    l1_entries,
+    plan_image,
 )
 from .refcounts import RefcountBlock
 from .tables import OFLAG_COPIED
@@ -44,8 +47,6 @@ __all__ = ["Qcow2CreateBuilder"]
 
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _COMPRESSION = {"zlib": 0, "zstd": 1}
-# Header length QEMU writes for version 3: the compression type byte, padded to 8 bytes.
-_V3_HEADER_LENGTH = 112
 
 
 def _flag(option: str, value: Any) -> bool:
@@ -108,9 +109,8 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
 
     def size(self, size: int) -> Self:
         """Virtual disk size in bytes, rounded up to whole 512-byte sectors as ``qemu-img`` does."""
-        super().size(size)
-        self._size = -(-self._size // 512) * 512
-        return self
+        super().size(size)  # (validates it)
+        return super().size(-(-self.virtual_size // 512) * 512)
 
     def cluster_size(self, size: int) -> Self:
         """Bytes per cluster: a power of two from 512 to 2 MiB (default 64 KiB)."""
@@ -224,9 +224,7 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
             raise InvalidOptionError(
                 "preallocation", "a backing file and preallocation can only be used together with extended_l2"
             )
-        entries_per_table = (1 << self._cluster_bits) // (16 if self._extended_l2 else 8)
-        l1_entries = -(-self.virtual_size // (entries_per_table << self._cluster_bits))
-        if l1_entries * 8 > MAX_L1_BYTES:
+        if l1_entries(self.virtual_size, self._cluster_bits, self._extended_l2) * 8 > MAX_L1_BYTES:
             raise InvalidOptionError("size", f"{self.virtual_size} bytes is too large for this cluster size")
 
     # --- writing ---------------------------------------------------------------------------------
@@ -238,33 +236,18 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
         cluster_size = 1 << cluster_bits
         size = self.virtual_size
         prealloc = self.preallocation
-        extended = self._extended_l2
-        entries_per_table = cluster_size // (16 if extended else 8)
-        guest_clusters = -(-size // cluster_size)
-        l1_entries = -(-guest_clusters // entries_per_table)
-        l1_clusters = -(-l1_entries * 8 // cluster_size)  # none for an empty disk, as in QEMU
         # data_file_raw maps every cluster to the same offset of the data file, as QEMU does.
-        mapped = prealloc is not PreallocateMode.NONE or self._data_file_raw
-        l2_tables = l1_entries if mapped else 0
-        data_clusters = guest_clusters if mapped and self._data_file is None else 0
-
-        # Refcount blocks must cover themselves and the refcount table: grow until stable.
-        per_block = cluster_size * 8 >> self._refcount_order
-        table_clusters = blocks = 1
-        while True:
-            total = 1 + table_clusters + blocks + l1_clusters + l2_tables + data_clusters
-            need_blocks = -(-total // per_block)
-            need_table = -(-need_blocks * 8 // cluster_size)
-            if (need_blocks, need_table) == (blocks, table_clusters):
-                break
-            blocks, table_clusters = max(blocks, need_blocks), max(table_clusters, need_table)
-        table_offset = cluster_size
-        blocks_offset = table_offset + table_clusters * cluster_size
-        l1_offset = blocks_offset + blocks * cluster_size
-        l2_offset = l1_offset + l1_clusters * cluster_size
-        data_offset = l2_offset + l2_tables * cluster_size
-        metadata_end = data_offset
-        total = data_offset // cluster_size + data_clusters
+        layout = plan_image(
+            size=size,
+            cluster_bits=cluster_bits,
+            refcount_order=self._refcount_order,
+            extended_l2=self._extended_l2,
+            mapped=prealloc is not PreallocateMode.NONE or self._data_file_raw,
+            data_in_file=self._data_file is None,
+        )
+        l1_size = layout.l1_entries
+        # The data area: sparse (metadata), reserved (falloc) or written (full).
+        data_mode = prealloc if prealloc in (PreallocateMode.FALLOC, PreallocateMode.FULL) else PreallocateMode.NONE
 
         data_storage = self._data_storage
         if self._data_file is not None and data_storage is None:
@@ -278,7 +261,7 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
             incompat = (
                 (INCOMPAT_DATA_FILE if self._data_file is not None else 0)
                 | (INCOMPAT_COMPRESSION if self._compression_type else 0)
-                | (INCOMPAT_EXTENDED_L2 if extended else 0)
+                | (INCOMPAT_EXTENDED_L2 if self._extended_l2 else 0)
             )
             header = Header(
                 version=self._version,
@@ -287,17 +270,17 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
                 cluster_bits=cluster_bits,
                 size=size,
                 crypt_method=0,
-                l1_size=l1_entries,
-                l1_table_offset=l1_offset if l1_entries else 0,
-                refcount_table_offset=table_offset,
-                refcount_table_clusters=table_clusters,
+                l1_size=l1_size,
+                l1_table_offset=layout.l1_offset if l1_size else 0,
+                refcount_table_offset=layout.refcount_table_offset,
+                refcount_table_clusters=layout.refcount_table_clusters,
                 nb_snapshots=0,
                 snapshots_offset=0,
                 incompatible_features=incompat,
                 compatible_features=COMPAT_LAZY_REFCOUNTS if self._lazy_refcounts else 0,
                 autoclear_features=AUTOCLEAR_DATA_FILE_RAW if self._data_file_raw else 0,
                 refcount_order=self._refcount_order,
-                header_length=_V3_HEADER_LENGTH if self._version >= 3 else V2_HEADER_LENGTH,
+                header_length=CREATED_V3_HEADER_LENGTH if self._version >= 3 else V2_HEADER_LENGTH,
                 compression_type=self._compression_type,
                 backing_file=self._backing_file,
                 backing_format=self._backing_format,
@@ -308,68 +291,64 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
             except ValueError as error:
                 raise InvalidOptionError("backing_file", str(error)) from None
             await storage.writev([memoryview(header_bytes)], 0)
+            await self._write_refcounts(storage, layout)
 
-            reftable = bytearray(table_clusters * cluster_size)
-            struct.pack_into(f">{blocks}Q", reftable, 0, *(blocks_offset + i * cluster_size for i in range(blocks)))
-            await storage.writev([memoryview(reftable)], table_offset)
-            for index in range(blocks):
-                block = RefcountBlock(bytearray(cluster_size), offset=0, refcount_order=self._refcount_order)
-                first = index * per_block
-                for entry in range(min(per_block, total - first)):
-                    block.set(entry, 1)
-                await storage.writev([memoryview(block.data)], blocks_offset + index * cluster_size)
-
-            l1 = bytearray(l1_entries * 8)
-            if mapped:
+            l1 = bytearray(l1_size * 8)
+            if layout.l2_tables:
                 struct.pack_into(
-                    f">{l1_entries}Q",
+                    f">{l1_size}Q",
                     l1,
                     0,
-                    *((l2_offset + i * cluster_size) | OFLAG_COPIED for i in range(l1_entries)),
+                    *((layout.l2_offset + i * cluster_size) | OFLAG_COPIED for i in range(l1_size)),
                 )
-                await self._write_l2_tables(storage, l2_offset, entries_per_table, guest_clusters, data_offset)
+                await self._write_l2_tables(storage, layout)
             if l1:
-                await storage.writev([memoryview(l1)], l1_offset)
+                await storage.writev([memoryview(l1)], layout.l1_offset)
 
-            if data_clusters:
-                end = data_offset + data_clusters * cluster_size
-                # The data area: sparse (metadata), reserved (falloc) or written (full).
-                mode = prealloc if prealloc in (PreallocateMode.FALLOC, PreallocateMode.FULL) else PreallocateMode.NONE
-                await storage.resize(end, mode)
-            elif storage.size < metadata_end:
-                await storage.resize(metadata_end)
+            if layout.data_clusters:
+                await storage.resize(layout.data_offset + layout.data_clusters * cluster_size, data_mode)
+            elif storage.size < layout.data_offset:
+                await storage.resize(layout.data_offset)
             if data_storage is not None:
                 await data_storage.resize(0)
                 # Sized like the disk, as QEMU does: sparse unless preallocated.
-                mode = prealloc if prealloc in (PreallocateMode.FALLOC, PreallocateMode.FULL) else PreallocateMode.NONE
-                await data_storage.resize(size, mode)
+                await data_storage.resize(size, data_mode)
                 await data_storage.flush()
             await storage.flush()
         finally:
             if created_data and data_storage is not None:
                 await data_storage.close()
 
-    async def _write_l2_tables(
-        self, storage: Storage, l2_offset: int, entries_per_table: int, guest_clusters: int, data_offset: int
-    ) -> None:
+    async def _write_refcounts(self, storage: Storage, layout: ImageLayout) -> None:
+        """The refcount table and blocks: every cluster the layout uses counted once."""
+        cluster_size = 1 << layout.cluster_bits
+        blocks = layout.refcount_blocks
+        blocks_offset = layout.refcount_blocks_offset
+        reftable = bytearray(layout.refcount_table_clusters * cluster_size)
+        struct.pack_into(f">{blocks}Q", reftable, 0, *(blocks_offset + i * cluster_size for i in range(blocks)))
+        await storage.writev([memoryview(reftable)], layout.refcount_table_offset)
+        per_block = cluster_size * 8 >> self._refcount_order
+        total = layout.clusters_in_use
+        for index in range(blocks):
+            block = RefcountBlock(bytearray(cluster_size), offset=0, refcount_order=self._refcount_order)
+            first = index * per_block
+            for entry in range(min(per_block, total - first)):
+                block.set(entry, 1)
+            await storage.writev([memoryview(block.data)], blocks_offset + index * cluster_size)
+
+    async def _write_l2_tables(self, storage: Storage, layout: ImageLayout) -> None:
         """L2 tables mapping every guest cluster: to the data area, or guest = host in a data file."""
-        cluster_bits = self._cluster_bits
-        cluster_size = 1 << cluster_bits
-        tables = -(-guest_clusters // entries_per_table)
-        for table in range(tables):
-            first = table * entries_per_table
-            count = min(entries_per_table, guest_clusters - first)
+        cluster_size = 1 << layout.cluster_bits
+        per_table = layout.entries_per_table
+        for table in range(layout.l2_tables):
+            first = table * per_table
             words: list[int] = []
-            for cluster in range(first, first + count):
-                if self._data_file is not None:
-                    host = cluster << cluster_bits
-                else:
-                    host = data_offset + (cluster << cluster_bits)
-                words.append(host | OFLAG_COPIED)
+            for cluster in range(first, min(first + per_table, layout.guest_clusters)):
+                words.append(layout.data_host(cluster) | OFLAG_COPIED)
                 if self._extended_l2:
                     # As QEMU does: the host cluster is reserved, its subclusters stay unallocated
                     # (reading as zero, or as the backing file).
                     words.append(0)
             raw = bytearray(cluster_size)
             struct.pack_into(f">{len(words)}Q", raw, 0, *words)
-            await storage.writev([memoryview(raw)], l2_offset + table * cluster_size)
+            await storage.writev([memoryview(raw)], layout.l2_offset + table * cluster_size)

@@ -13,60 +13,43 @@ import attrs
 
 from imago import CorruptImageError, UnsupportedFeatureError
 
+from .layout import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    COMPRESSION_TYPES,
+    EXT_BACKING_FORMAT,
+    EXT_BITMAPS,
+    EXT_CRYPTO,
+    EXT_DATA_FILE,
+    EXT_END,
+    EXT_FEATURE_TABLE,
+    HEADER_FIELDS,
+    INCOMPAT_COMPRESSION,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_EXTENDED_L2,
+    KNOWN_INCOMPAT,
+    MAGIC,
+    MAX_CLUSTER_BITS,
+    MAX_L1_BYTES,
+    MAX_NAME_BYTES,
+    MAX_REFCOUNT_TABLE_BYTES,
+    MAX_SNAPSHOTS,
+    MIN_CLUSTER_BITS,
+    V2_HEADER_LENGTH,
+    V3_HEADER_LENGTH,
+    field_offset,
+    header_struct,
+    l1_entries,
+)
+
 __all__ = [
-    "EXT_BACKING_FORMAT",
-    "HEADER_PROBE_BYTES",
-    "EXT_DATA_FILE",
-    "EXT_FEATURE_TABLE",
-    "INCOMPAT_COMPRESSION",
-    "INCOMPAT_CORRUPT",
-    "INCOMPAT_DATA_FILE",
-    "INCOMPAT_DIRTY",
-    "INCOMPAT_EXTENDED_L2",
-    "MAGIC",
-    "MAX_L1_BYTES",
-    "MAX_NAME_BYTES",
-    "MAX_REFCOUNT_TABLE_BYTES",
-    "MAX_SNAPSHOTS",
-    "V2_HEADER_LENGTH",
-    "V3_HEADER_LENGTH",
     "Header",
     "HeaderExtension",
     "build_header",
+    "check_table",
     "header_cluster_size",
     "parse_header",
 ]
 
-MAGIC = b"QFI\xfb"
-V2_HEADER_LENGTH = 72
-V3_HEADER_LENGTH = 104
-MIN_CLUSTER_BITS = 9
-MAX_CLUSTER_BITS = 21
-
-INCOMPAT_DIRTY = 1 << 0
-INCOMPAT_CORRUPT = 1 << 1
-INCOMPAT_DATA_FILE = 1 << 2
-INCOMPAT_COMPRESSION = 1 << 3
-INCOMPAT_EXTENDED_L2 = 1 << 4
-KNOWN_INCOMPAT = INCOMPAT_DIRTY | INCOMPAT_CORRUPT | INCOMPAT_DATA_FILE | INCOMPAT_COMPRESSION | INCOMPAT_EXTENDED_L2
-COMPAT_LAZY_REFCOUNTS = 1 << 0
-AUTOCLEAR_BITMAPS = 1 << 0
-AUTOCLEAR_DATA_FILE_RAW = 1 << 1
-
-EXT_END = 0
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_FEATURE_TABLE = 0x6803F857
-EXT_BITMAPS = 0x23852875
-EXT_CRYPTO = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
-
-# QEMU's limits, so that no image makes us allocate more than they would.
-MAX_L1_BYTES = 32 << 20
-MAX_REFCOUNT_TABLE_BYTES = 8 << 20
-MAX_SNAPSHOTS = 65536
-MAX_NAME_BYTES = 1023
-
-COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 _FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
 _BUILTIN_FEATURE_NAMES = {
     (0, 0): "dirty bit",
@@ -79,8 +62,8 @@ _BUILTIN_FEATURE_NAMES = {
     (2, 1): "raw external data",
 }
 
-_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
-_V3 = struct.Struct(">QQQII")
+_V2 = header_struct(0, V2_HEADER_LENGTH)
+_V3 = header_struct(V2_HEADER_LENGTH, V3_HEADER_LENGTH)
 
 
 @attrs.frozen(kw_only=True)
@@ -166,9 +149,7 @@ class Header:
 
     def l1_entries_needed(self, size: int | None = None) -> int:
         """L1 entries needed to map a disk of *size* bytes (default: this image's)."""
-        size = self.size if size is None else size
-        per_table = self.cluster_size * self.l2_entries
-        return -(-size // per_table)
+        return l1_entries(self.size if size is None else size, self.cluster_bits, self.extended_l2)
 
     def describe(self) -> dict[str, Any]:
         """Header facts for ``info()``."""
@@ -185,6 +166,9 @@ class Header:
         }
 
 
+_at = field_offset
+
+
 def _corrupt(filename: str | None, offset: int | None, problem: str) -> CorruptImageError:
     return CorruptImageError(filename, offset, problem)
 
@@ -199,18 +183,15 @@ def _decode_name(raw: bytes, what: str, filename: str | None, offset: int) -> st
     return name
 
 
-#: Bytes to read first: enough for the version 3 header with its compression type.
-HEADER_PROBE_BYTES = 112
-
-
 def header_cluster_size(head: bytes) -> int | None:
     """The cluster size a header's first bytes announce, if it is a plausible qcow2 header.
 
     :func:`parse_header` wants the whole header cluster; this says how much to read.
     """
-    if len(head) < 24 or head[:4] != MAGIC:
+    field = HEADER_FIELDS["cluster_bits"]
+    if len(head) < field.end or head[:4] != MAGIC:
         return None
-    cluster_bits = int.from_bytes(head[20:24], "big")
+    cluster_bits = int.from_bytes(head[field.offset : field.end], "big")
     return 1 << cluster_bits if MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS else None
 
 
@@ -238,20 +219,30 @@ def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
     if version not in (2, 3):
         raise UnsupportedFeatureError(f"qcow2 version {version}", filename)
     if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
-        raise _corrupt(filename, 20, f"cluster_bits {cluster_bits} outside [{MIN_CLUSTER_BITS}, {MAX_CLUSTER_BITS}]")
+        raise _corrupt(
+            filename,
+            _at("cluster_bits"),
+            f"cluster_bits {cluster_bits} outside [{MIN_CLUSTER_BITS}, {MAX_CLUSTER_BITS}]",
+        )
     cluster_size = 1 << cluster_bits
     fields: dict[str, Any] = {}
     if version == 3:
         if len(data) < V3_HEADER_LENGTH:
             raise _corrupt(filename, 0, "version 3 header truncated")
-        incompat, compat, autoclear, refcount_order, header_length = _V3.unpack_from(data, 72)
+        incompat, compat, autoclear, refcount_order, header_length = _V3.unpack_from(data, V2_HEADER_LENGTH)
         if header_length < V3_HEADER_LENGTH:
-            raise _corrupt(filename, 100, f"header_length {header_length} is less than {V3_HEADER_LENGTH}")
+            raise _corrupt(
+                filename, _at("header_length"), f"header_length {header_length} is less than {V3_HEADER_LENGTH}"
+            )
         if header_length > cluster_size:
-            raise _corrupt(filename, 100, f"header_length {header_length} exceeds the cluster size {cluster_size}")
+            raise _corrupt(
+                filename, _at("header_length"), f"header_length {header_length} exceeds the cluster size {cluster_size}"
+            )
         if header_length > len(data):
-            raise _corrupt(filename, 100, f"header_length {header_length} runs past the end of the file")
-        compression_type = data[104] if header_length > 104 else 0
+            raise _corrupt(
+                filename, _at("header_length"), f"header_length {header_length} runs past the end of the file"
+            )
+        compression_type = data[_at("compression_type")] if header_length > _at("compression_type") else 0
         fields.update(
             incompatible_features=incompat,
             compatible_features=compat,
@@ -273,21 +264,25 @@ def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
     if crypt_method != 0:
         raise UnsupportedFeatureError(f"encryption (unknown crypt_method {crypt_method})", filename)
     if refcount_order > 6:
-        raise _corrupt(filename, 96, f"refcount_order {refcount_order} is above 6 (64-bit refcounts)")
+        raise _corrupt(
+            filename, _at("refcount_order"), f"refcount_order {refcount_order} is above 6 (64-bit refcounts)"
+        )
 
     # Extensions: from the end of the header to the backing file name (or the cluster's end).
     limit = min(cluster_size, len(data))
     if backing_file_offset:
         if backing_file_size > MAX_NAME_BYTES:
             raise _corrupt(
-                filename, 16, f"backing file name is {backing_file_size} bytes long (at most {MAX_NAME_BYTES})"
+                filename,
+                _at("backing_file_size"),
+                f"backing file name is {backing_file_size} bytes long (at most {MAX_NAME_BYTES})",
             )
         if backing_file_offset + backing_file_size > cluster_size:
-            raise _corrupt(filename, 8, "backing file name does not lie in the header cluster")
+            raise _corrupt(filename, _at("backing_file_offset"), "backing file name does not lie in the header cluster")
         if backing_file_offset + backing_file_size > len(data):
-            raise _corrupt(filename, 8, "backing file name runs past the end of the file")
+            raise _corrupt(filename, _at("backing_file_offset"), "backing file name runs past the end of the file")
         if backing_file_offset < header_length:
-            raise _corrupt(filename, 8, "backing file name overlaps the header")
+            raise _corrupt(filename, _at("backing_file_offset"), "backing file name overlaps the header")
         limit = backing_file_offset
     feature_names: dict[tuple[int, int], str] = {}
     extensions: list[HeaderExtension] = []
@@ -345,9 +340,9 @@ def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
     if compression_type not in COMPRESSION_TYPES:
         raise UnsupportedFeatureError(f"compression type {compression_type}", filename)
     if (compression_type != 0) != bool(incompat & INCOMPAT_COMPRESSION):
-        raise _corrupt(filename, 104, "compression type and its incompatible feature bit disagree")
+        raise _corrupt(filename, _at("compression_type"), "compression type and its incompatible feature bit disagree")
     if header.extended_l2 and cluster_bits < 14:
-        raise _corrupt(filename, 20, "extended L2 entries need clusters of at least 16 KiB")
+        raise _corrupt(filename, _at("cluster_bits"), "extended L2 entries need clusters of at least 16 KiB")
 
     backing_file = None
     if backing_file_offset and backing_file_size:  # an empty name means no backing file, as in QEMU
@@ -391,23 +386,43 @@ def _check_tables(header: Header, file_size: int, filename: str | None) -> None:
     cluster_size = header.cluster_size
     l1_bytes = header.l1_size * 8
     if l1_bytes > MAX_L1_BYTES:
-        raise _corrupt(filename, 36, f"L1 table of {header.l1_size} entries exceeds {MAX_L1_BYTES >> 20} MiB")
+        raise _corrupt(
+            filename, _at("l1_size"), f"L1 table of {header.l1_size} entries exceeds {MAX_L1_BYTES >> 20} MiB"
+        )
     if header.l1_size < header.l1_entries_needed():
-        raise _corrupt(filename, 36, f"L1 table of {header.l1_size} entries is too small for a {header.size}-byte disk")
+        raise _corrupt(
+            filename, _at("l1_size"), f"L1 table of {header.l1_size} entries is too small for a {header.size}-byte disk"
+        )
     if header.l1_size:
-        check_table(filename, 40, "L1 table", header.l1_table_offset, l1_bytes, cluster_size, file_size)
+        check_table(
+            filename, _at("l1_table_offset"), "L1 table", header.l1_table_offset, l1_bytes, cluster_size, file_size
+        )
     refcount_bytes = header.refcount_table_clusters * cluster_size
     if refcount_bytes > MAX_REFCOUNT_TABLE_BYTES:
-        raise _corrupt(filename, 56, f"refcount table of {header.refcount_table_clusters} clusters exceeds 8 MiB")
+        raise _corrupt(
+            filename,
+            _at("refcount_table_clusters"),
+            f"refcount table of {header.refcount_table_clusters} clusters exceeds 8 MiB",
+        )
     if not refcount_bytes:
-        raise _corrupt(filename, 56, "the image has no refcount table")
-    check_table(filename, 48, "refcount table", header.refcount_table_offset, refcount_bytes, cluster_size, file_size)
+        raise _corrupt(filename, _at("refcount_table_clusters"), "the image has no refcount table")
+    check_table(
+        filename,
+        _at("refcount_table_offset"),
+        "refcount table",
+        header.refcount_table_offset,
+        refcount_bytes,
+        cluster_size,
+        file_size,
+    )
     if header.nb_snapshots > MAX_SNAPSHOTS:
-        raise _corrupt(filename, 60, f"{header.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}")
+        raise _corrupt(
+            filename, _at("nb_snapshots"), f"{header.nb_snapshots} snapshots exceed the limit of {MAX_SNAPSHOTS}"
+        )
     # Aligned even when there are no snapshots, as QEMU demands.
     check_table(
         filename,
-        64,
+        _at("snapshots_offset"),
         "snapshot table",
         header.snapshots_offset,
         40 if header.nb_snapshots else 0,

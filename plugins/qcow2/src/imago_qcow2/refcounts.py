@@ -1,8 +1,9 @@
 """Refcount structures: the refcount table and refcount blocks of every width (1 to 64 bits).
 
 Reading needs no refcounts; they are parsed on demand (for ``info``-style checks and, with
-writing, for allocation). Blocks live in a :class:`~imago.cache.MetadataCache` so that
-writes can mark them dirty and have them written back in order.
+writing, for allocation). Blocks live in a :class:`~imago.MetadataCache` so that writes can
+mark them dirty and have them written back in order. Allocation (of single clusters, and of
+contiguous clusters for tables) and applying batches of refcount changes live here too.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import sys
 from array import array
 from collections.abc import Awaitable, Callable
 
-from imago import CorruptImageError, ImagoError, MetadataCache, Storage
+from imago import AllocationError, CorruptImageError, MetadataCache, Storage
 
 from .header import Header
 
-__all__ = ["RefcountBlock", "Refcounts"]
+__all__ = ["REFTABLE_OFFSET_MASK", "RefcountBlock", "Refcounts"]
 
 REFTABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFTABLE_RESERVED = 0x1FF
@@ -79,6 +80,7 @@ class Refcounts:
         *,
         move_table: Callable[[int, int], Awaitable[None]] | None = None,
         on_free: Callable[[int], None] | None = None,
+        after_free: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
         self._storage = storage
         self._header = header
@@ -91,8 +93,10 @@ class Refcounts:
         self._block_bits = header.cluster_bits + 3 - header.refcount_order
         # Records a new refcount table in the header: (offset, clusters).
         self._move_table = move_table
-        # Told of every cluster whose refcount drops to zero.
+        # Told of every cluster whose refcount drops to zero (in the cache).
         self._on_free = on_free
+        # Told, once the refcounts are on disk, of the clusters an apply() freed.
+        self._after_free = after_free
         self._free_hint = 0
         self._blocks: MetadataCache[int, RefcountBlock] = MetadataCache(
             max(_BLOCK_CACHE_BYTES // cluster_size, 4), self._load_block, self._write_block, storage.flush
@@ -172,7 +176,9 @@ class Refcounts:
         covered = range(first, first + self.entries_per_block)
         place = next((c for c in covered if c not in avoid), None)
         if place is None:
-            raise ImagoError(f"{self._filename}: no room for a refcount block (allocation too large)")
+            raise AllocationError(
+                self._filename, "a refcount block", "none of the clusters it describes is free (allocation too large)"
+            )
         cluster_size = 1 << self._cluster_bits
         block = RefcountBlock(
             bytearray(cluster_size), offset=place << self._cluster_bits, refcount_order=self._header.refcount_order
@@ -241,7 +247,7 @@ class Refcounts:
         await self._storage.writev([memoryview(raw.tobytes())], new_offset)
         await self._storage.flush()
         if self._move_table is None:
-            raise ImagoError(f"{self._filename}: the refcount table cannot be moved")
+            raise AllocationError(self._filename, "a larger refcount table", "the refcount table cannot be moved")
         old_offset, old_clusters = self._table_offset, -(-len(table) * 8 // cluster_size)
         await self._move_table(new_offset, clusters)
         self._table = new_table
@@ -285,6 +291,34 @@ class Refcounts:
         await self.change(start, count, +1, avoid=range(start, start + count))
         self._free_hint = start + count
         return start << self._cluster_bits, count
+
+    async def allocate_table(self, length: int) -> int:
+        """Contiguous new clusters for a table of *length* bytes (0: no table, offset 0)."""
+        if not length:
+            return 0
+        cluster_bits = self._cluster_bits
+        clusters = -(-length >> cluster_bits)
+        host, got = await self.allocate(clusters)
+        while got < clusters:  # allocations are capped: take the rest right behind
+            more, extra = await self.allocate(clusters - got)
+            if more != host + (got << cluster_bits):
+                raise AllocationError(self._filename, "a table", f"{clusters} contiguous clusters cannot be allocated")
+            got += extra
+        return host
+
+    async def apply(self, changes: dict[int, int]) -> None:
+        """Apply refcount *changes* (cluster: delta) and write them back now.
+
+        Callers make sure that no metadata on disk refers to clusters they decrement. The
+        clusters left unused are then reported to the ``after_free`` hook.
+        """
+        freed: list[int] = []
+        for cluster, delta in sorted(changes.items()):
+            if delta:
+                freed += await self.change(cluster, 1, delta)
+        await self.flush()
+        if freed and self._after_free is not None:
+            await self._after_free(freed)
 
     async def _get_cluster(self, cluster: int) -> int:
         table = await self.table()

@@ -1,216 +1,268 @@
-"""The internal snapshot table."""
+"""Internal snapshots of qcow2 images: create, apply (revert to), delete, and read-only views.
+
+Refcounts count every path from an L1 table (see :mod:`imago_qcow2.references`). COPIED flags
+are cleared when a snapshot starts sharing a cluster, and set again when deleting or leaving a
+snapshot makes it ours alone.
+
+Update order (a crash at any point leaves the image readable as before or after, with at
+worst leaked clusters):
+
+* create: refcount increments, then the active tables without COPIED flags, then the
+  snapshot's copy of the L1 table and the new snapshot table, then the header switches to
+  the new table (one write), and the old table is released last;
+* apply: increments for the snapshot's tree, a new active L1 table, one header write for
+  size, L1 size and L1 offset; the old active tree is released after it;
+* delete: the new snapshot table and header first, the snapshot's tree released after.
+
+Between the increments and the COPIED flags reaching the disk, ``qemu-img check`` would
+report flag mismatches (as it does for QEMU's own snapshot code); they are harmless and
+``qemu-img check -r all`` repairs them.
+
+Snapshots operate on the whole image: like :meth:`~imago.FormatAccess.resize`, they must not
+overlap other requests.
+"""
 
 from __future__ import annotations
 
-import struct
-from typing import Any
+import time
 
 import attrs
 
-from imago import CorruptImageError, Storage
+from imago import (
+    CorruptImageError,
+    FormatDriver,
+    InvalidRequestError,
+    ReadOnlyError,
+    SnapshotNotFoundError,
+)
 
-from .header import MAX_L1_BYTES, MAX_NAME_BYTES, MAX_SNAPSHOTS, Header, check_table
+from .layout import MAX_NAME_BYTES, MAX_SNAPSHOTS
+from .references import References
+from .snapshot_table import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table, snapshot_table_length
+from .state import Qcow2State
+from .tables import encode_l1, table_clusters
 
-__all__ = ["Snapshot", "encode_snapshot", "encode_snapshot_table", "read_snapshot_table", "snapshot_table_length"]
-
-_ENTRY = struct.Struct(">QIHHIIQII")
-# QEMU's caps: extra data per snapshot, and the whole table.
-MAX_EXTRA_DATA = 1024
-MAX_TABLE_BYTES = 64 << 20
-
-
-@attrs.frozen(kw_only=True)
-class Snapshot:
-    """One internal snapshot, as recorded in the snapshot table."""
-
-    id: str
-    name: str
-    l1_table_offset: int
-    l1_size: int
-    date_sec: int
-    date_nsec: int
-    vm_clock_nsec: int
-    vm_state_size: int
-    disk_size: int
-    icount: int | None
-    extra_data: bytes
-    #: Where the entry lies in the file.
-    table_offset: int
-
-    def describe(self) -> dict[str, Any]:
-        """The snapshot as ``qemu-img info --output=json`` lists it, plus its virtual ``disk-size``."""
-        info: dict[str, Any] = {
-            "id": self.id,
-            "name": self.name,
-            "vm-state-size": self.vm_state_size,
-            "disk-size": self.disk_size,
-            "date-sec": self.date_sec,
-            "date-nsec": self.date_nsec,
-            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
-            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
-        }
-        if self.icount is not None:
-            info["icount"] = self.icount
-        return info
+__all__ = ["Snapshots"]
 
 
-class _Reader:
-    """Sequential reads of the snapshot table, in chunks, bounded by the file size."""
+class Snapshots:
+    """The internal snapshots of one image."""
 
-    def __init__(self, storage: Storage, offset: int, filename: str | None) -> None:
-        self._storage = storage
-        self._position = offset
-        self._start = offset
-        self._filename = filename
-        self._buffer = b""
+    def __init__(self, state: Qcow2State, driver: FormatDriver, references: References) -> None:
+        self._state = state
+        self._driver = driver
+        self._references = references
 
-    @property
-    def position(self) -> int:
-        return self._position
+    # --- look-ups --------------------------------------------------------------------------
 
-    async def take(self, length: int, what: str) -> bytes:
-        if self._position - self._start + length > MAX_TABLE_BYTES:
-            raise CorruptImageError(self._filename, self._position, "snapshot table exceeds 64 MiB")
-        if self._position + length > self._storage.size:
-            raise CorruptImageError(self._filename, self._position, f"{what} runs past the end of the file")
-        while len(self._buffer) < length:
-            chunk = bytearray(max(length - len(self._buffer), 65536))
-            chunk_start = self._position + len(self._buffer)
-            await self._storage.readv([memoryview(chunk)], chunk_start)
-            self._buffer += bytes(chunk)
-        data, self._buffer = self._buffer[:length], self._buffer[length:]
-        self._position += length
-        return data
+    def find(self, name_or_id: str, *, id_first: bool = True) -> Snapshot:
+        """The snapshot with this ID, or else the first with this name (*id_first*; else the other way)."""
+        if not isinstance(name_or_id, str):
+            raise InvalidRequestError(f"a snapshot ID or name must be a str, got {type(name_or_id).__name__}")
+        fields = ("id", "name") if id_first else ("name", "id")
+        for field in fields:
+            for snapshot in self._state.snapshots:
+                if getattr(snapshot, field) == name_or_id:
+                    return snapshot
+        raise SnapshotNotFoundError(self._state.filename, name_or_id)
 
+    async def view_state(self, name_or_id: str) -> Qcow2State:
+        """The state of a read-only view of a snapshot: the image's storages and L2 cache, its L1 table."""
+        state = self._state
+        snapshot = self.find(name_or_id)
+        l1, l1_copied = await self._references.snapshot_l1(snapshot)
+        return Qcow2State(
+            storage=state.storage,
+            header=attrs.evolve(state.header, size=snapshot.disk_size),
+            l1=l1,
+            l1_copied=l1_copied,
+            data_storage=state.data_storage,
+            backing=state.backing,
+            snapshots=state.snapshots,
+            tables=state.tables,
+            snapshot=snapshot,
+        )
 
-async def read_snapshot_table(storage: Storage, header: Header, filename: str | None) -> list[Snapshot]:
-    """Parse and validate every snapshot entry."""
-    count = header.nb_snapshots
-    if count == 0:
-        return []
-    if count > MAX_SNAPSHOTS:
-        raise CorruptImageError(filename, 60, f"{count} snapshots exceed the limit of {MAX_SNAPSHOTS}")
-    reader = _Reader(storage, header.snapshots_offset, filename)
-    snapshots: list[Snapshot] = []
-    seen_ids: set[str] = set()
-    for number in range(count):
-        if number:
-            # Entries start 8-byte aligned; QEMU pads before an entry, not after the last one.
-            await reader.take(-(reader.position - header.snapshots_offset) % 8, "snapshot entry padding")
-        start = reader.position
-        (
-            l1_offset,
-            l1_size,
-            id_size,
-            name_size,
-            date_sec,
-            date_nsec,
-            vm_clock_nsec,
-            vm_state_size,
-            extra_size,
-        ) = _ENTRY.unpack(await reader.take(_ENTRY.size, "snapshot entry"))
-        if extra_size > MAX_EXTRA_DATA:
-            raise CorruptImageError(filename, start + 36, f"snapshot extra data of {extra_size} bytes is too large")
-        if id_size > MAX_NAME_BYTES or name_size > MAX_NAME_BYTES:
-            raise CorruptImageError(filename, start + 12, f"snapshot ID or name longer than {MAX_NAME_BYTES} bytes")
-        extra = await reader.take(extra_size, "snapshot extra data")
-        raw_id = await reader.take(id_size, "snapshot ID")
-        raw_name = await reader.take(name_size, "snapshot name")
-        try:
-            snapshot_id = raw_id.decode("utf-8")
-            name = raw_name.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorruptImageError(filename, start, "snapshot ID or name is not valid UTF-8") from None
-        if snapshot_id in seen_ids:
-            raise CorruptImageError(filename, start, f"snapshot ID {snapshot_id!r} appears twice")
-        seen_ids.add(snapshot_id)
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise CorruptImageError(filename, start + 8, f"snapshot {snapshot_id!r} L1 table is too large")
-        vm_state_large = struct.unpack_from(">Q", extra, 0)[0] if extra_size >= 8 else vm_state_size
-        disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_size >= 16 else header.size
-        icount = struct.unpack_from(">Q", extra, 16)[0] if extra_size >= 24 else None
-        if icount == (1 << 64) - 1:
-            icount = None
-        if l1_size < header.l1_entries_needed(disk_size):
-            raise CorruptImageError(filename, start + 8, f"snapshot {snapshot_id!r} L1 table is too small")
-        if l1_size:
-            check_table(
-                filename,
-                start,
-                f"snapshot {snapshot_id!r} L1 table",
-                l1_offset,
-                l1_size * 8,
-                header.cluster_size,
-                storage.size,
-            )
-        snapshots.append(
-            Snapshot(
+    # --- the three operations ----------------------------------------------------------------
+
+    async def create(self, name: str, *, date_ns: int | None = None, vm_clock_nsec: int = 0) -> Snapshot:
+        """Record the current disk as a new snapshot named *name* (``qemu-img snapshot -c``).
+
+        The ID is one more than the largest numeric ID in use, as QEMU picks it. Names need
+        not be unique. *date_ns* is the creation time in nanoseconds since the epoch (default:
+        now). Refused, with nothing changed, when a refcount would overflow (narrow
+        ``refcount_bits``).
+        """
+        state = self._state
+        self._check_support()
+        _check_name(name)
+        if date_ns is None:
+            date_ns = time.time_ns()
+        if not isinstance(date_ns, int) or not 0 <= date_ns < (1 << 32) * 1_000_000_000:
+            raise InvalidRequestError(f"snapshot date {date_ns!r} is not a time from 1970 to 2106 in nanoseconds")
+        if not isinstance(vm_clock_nsec, int) or not 0 <= vm_clock_nsec < 1 << 64:
+            raise InvalidRequestError(f"snapshot VM clock {vm_clock_nsec!r} is not an unsigned 64-bit count")
+        if len(state.snapshots) >= MAX_SNAPSHOTS:
+            raise InvalidRequestError(f"{state.filename}: the image has {MAX_SNAPSHOTS} snapshots, the most allowed")
+        numbers = [int(s.id) for s in state.snapshots if s.id.isascii() and s.id.isdigit()]
+        snapshot_id = str(max(numbers, default=0) + 1)
+        async with state.lock:
+            await state.write_back()
+            changes = await self._references.tree_references(state.l1)
+            await self._check_changes(changes)
+            l1_offset = await state.refcounts.allocate_table(len(state.l1) * 8)
+            await state.refcounts.apply(changes)
+            await self._references.update_copied()
+            await state.write_back()
+            # The snapshot's L1 table: the active one, without COPIED flags (they only hold there).
+            if l1_offset:
+                await state.storage.writev([memoryview(encode_l1(state.l1))], l1_offset)
+            snapshot = Snapshot(
                 id=snapshot_id,
                 name=name,
                 l1_table_offset=l1_offset,
-                l1_size=l1_size,
-                date_sec=date_sec,
-                date_nsec=date_nsec,
+                l1_size=len(state.l1),
+                date_sec=date_ns // 1_000_000_000,
+                date_nsec=date_ns % 1_000_000_000,
                 vm_clock_nsec=vm_clock_nsec,
-                vm_state_size=vm_state_large,
-                disk_size=disk_size,
-                icount=icount,
-                extra_data=extra,
-                table_offset=start,
+                vm_state_size=0,
+                disk_size=state.size,
+                icount=0,  # what qemu-img records outside record/replay
+                extra_data=b"",
+                table_offset=0,
             )
-        )
-    return snapshots
+            await self._write_table([*state.snapshots, snapshot])
+            await state.write_back()
+        self._driver.mappings_changed()
+        return state.snapshots[-1]
+
+    async def apply(self, name_or_id: str) -> None:
+        """Revert the disk to a snapshot (``qemu-img snapshot -a``): its contents and its size.
+
+        The snapshot is looked up by ID first, then by name. The snapshot itself stays.
+        """
+        state = self._state
+        self._check_support()
+        snapshot = self.find(name_or_id)
+        async with state.lock:
+            await state.write_back()
+            l1, _ = await self._references.snapshot_l1(snapshot)
+            changes = await self._references.tree_references(l1)
+            old_l1 = state.l1
+            old_offset, old_entries = state.header.l1_table_offset, len(old_l1)
+            releases = await self._references.tree_releases(old_l1, old_offset, old_entries)
+            await self._check_changes(changes, releases)
+            await state.refcounts.apply(changes)
+            new_offset = await state.refcounts.allocate_table(len(l1) * 8)
+            await state.refcounts.flush()
+            if new_offset:
+                await state.storage.writev([memoryview(encode_l1(l1))], new_offset)
+            await state.storage.flush()
+            # Size, L1 size and L1 offset change in one write (bytes 24 to 48, crypt_method between).
+            await state.update_header(
+                size=snapshot.disk_size,
+                crypt_method=state.header.crypt_method,
+                l1_size=len(l1),
+                l1_table_offset=new_offset,
+            )
+            state.size = snapshot.disk_size
+            state.l1 = l1
+            state.l1_copied = bytearray(len(l1))
+            self._driver.mappings_changed()
+            # Nothing on disk refers to the old active tree any more.
+            await state.refcounts.apply(releases)
+            await self._references.update_copied()
+            await state.write_back()
+        self._driver.mappings_changed()
+
+    async def delete(self, name_or_id: str) -> Snapshot:
+        """Delete a snapshot (``qemu-img snapshot -d``), releasing what only it used.
+
+        The first snapshot with this name is deleted, as ``qemu-img snapshot -d`` picks it;
+        failing that, the one with this ID (which qemu-img does not look at). Returns the
+        deleted snapshot.
+        """
+        state = self._state
+        self._check_support()
+        snapshot = self.find(name_or_id, id_first=False)
+        async with state.lock:
+            await state.write_back()
+            l1, _ = await self._references.snapshot_l1(snapshot)
+            releases = await self._references.tree_releases(l1, snapshot.l1_table_offset, snapshot.l1_size)
+            await self._check_changes(releases)
+            await self._write_table([s for s in state.snapshots if s is not snapshot])
+            await state.refcounts.apply(releases)
+            await self._references.update_copied()
+            await state.write_back()
+        self._driver.mappings_changed()
+        return snapshot
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _check_support(self) -> None:
+        state = self._state
+        if not state.writable:
+            raise ReadOnlyError(state.filename or "qcow2 image")
+        # Data clusters in an external file have no refcounts to share them by (QEMU refuses too).
+        state.placement.require_image_file("internal snapshots of images with an external data file")
+
+    async def _check_changes(self, *stages: dict[int, int]) -> None:
+        """Refuse, before anything changes, refcount changes that would leave the valid range.
+
+        *stages* are applied one after another: each must keep every refcount in range. Too
+        large: the image has more snapshots than its refcount width counts. Negative: the
+        refcounts do not cover the references (a damaged image).
+        """
+        state = self._state
+        limit = (1 << state.header.refcount_bits) - 1
+        cluster_bits = state.cluster_bits
+        total: dict[int, int] = {}
+        for stage in stages:
+            for cluster, delta in stage.items():
+                total[cluster] = total.get(cluster, 0) + delta
+            for cluster in stage:
+                value = await state.refcounts.get(cluster << cluster_bits) + total[cluster]
+                if value > limit:
+                    raise InvalidRequestError(
+                        f"{state.filename}: the cluster at {cluster << cluster_bits:#x} would need refcount {value}, "
+                        f"more than {state.header.refcount_bits}-bit refcounts hold (the image has too many "
+                        "snapshots for its refcount_bits)"
+                    )
+                if value < 0:
+                    raise CorruptImageError(
+                        state.filename,
+                        cluster << cluster_bits,
+                        "the refcounts do not cover the references to this cluster (repair: qemu-img check -r all)",
+                    )
+
+    async def _write_table(self, snapshots: list[Snapshot]) -> None:
+        """Write a new snapshot table, switch the header to it, release the old one."""
+        state = self._state
+        old_offset = state.header.snapshots_offset
+        data, placed = encode_snapshot_table(snapshots)
+        if len(data) > MAX_TABLE_BYTES:
+            raise InvalidRequestError(f"{state.filename}: the snapshot table would exceed 64 MiB")
+        offset = await state.refcounts.allocate_table(len(data))
+        placed = [attrs.evolve(snapshot, table_offset=offset + snapshot.table_offset) for snapshot in placed]
+        await state.refcounts.flush()
+        if data:
+            await state.storage.writev([memoryview(data)], offset)
+        await state.storage.flush()
+        await state.update_header(nb_snapshots=len(placed), snapshots_offset=offset)
+        old_length = snapshot_table_length(state.snapshots, old_offset)
+        state.snapshots = placed
+        releases = {cluster: -1 for cluster in table_clusters(old_offset, old_length, state.cluster_bits)}
+        await state.refcounts.apply(releases)
 
 
-# The extra data this driver writes: vm_state_size_large, disk_size, icount.
-_EXTRA = struct.Struct(">QQQ")
-_NO_ICOUNT = (1 << 64) - 1
-
-
-def _extra_data(snapshot: Snapshot) -> bytes:
-    """The extra data as written: the known fields, then whatever a newer writer added."""
-    icount = _NO_ICOUNT if snapshot.icount is None else snapshot.icount
-    return _EXTRA.pack(snapshot.vm_state_size, snapshot.disk_size, icount) + snapshot.extra_data[_EXTRA.size :]
-
-
-def encode_snapshot(snapshot: Snapshot) -> bytes:
-    """One snapshot table entry (unpadded): header, extra data, ID and name."""
-    raw_id = snapshot.id.encode("utf-8")
-    raw_name = snapshot.name.encode("utf-8")
-    extra = _extra_data(snapshot)
-    entry = _ENTRY.pack(
-        snapshot.l1_table_offset,
-        snapshot.l1_size,
-        len(raw_id),
-        len(raw_name),
-        snapshot.date_sec,
-        snapshot.date_nsec,
-        snapshot.vm_clock_nsec,
-        # The 32-bit field holds the size when it fits (older readers use it), else 0.
-        snapshot.vm_state_size if snapshot.vm_state_size < 1 << 32 else 0,
-        len(extra),
-    )
-    return entry + extra + raw_id + raw_name
-
-
-def encode_snapshot_table(snapshots: list[Snapshot]) -> tuple[bytes, list[Snapshot]]:
-    """The whole snapshot table (entries 8-byte aligned) and the snapshots as now recorded.
-
-    The recorded snapshots' ``table_offset`` is relative to the start of the table.
-    """
-    table = bytearray()
-    placed: list[Snapshot] = []
-    for snapshot in snapshots:
-        table += bytes(-len(table) % 8)
-        placed.append(attrs.evolve(snapshot, table_offset=len(table), extra_data=_extra_data(snapshot)))
-        table += encode_snapshot(snapshot)
-    return bytes(table), placed
-
-
-def snapshot_table_length(snapshots: list[Snapshot], table_offset: int) -> int:
-    """Bytes of the snapshot table as recorded (up to the end of its last entry)."""
-    if not snapshots:
-        return 0
-    last = snapshots[-1]
-    entry = 40 + len(last.extra_data) + len(last.id.encode()) + len(last.name.encode())
-    return last.table_offset + entry - table_offset
+def _check_name(name: object) -> None:
+    if not isinstance(name, str):
+        raise InvalidRequestError(f"a snapshot name must be a str, got {type(name).__name__}")
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"snapshot name {name!r} cannot be encoded as UTF-8") from None
+    if not raw:
+        raise InvalidRequestError("a snapshot name must not be empty")
+    if len(raw) > MAX_NAME_BYTES:
+        raise InvalidRequestError(f"a snapshot name is at most {MAX_NAME_BYTES} bytes of UTF-8, got {len(raw)}")

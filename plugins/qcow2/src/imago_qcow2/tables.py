@@ -1,5 +1,7 @@
 """L1 and L2 tables: entry layout, validation, and contiguous runs.
 
+How each width of L2 entries is interpreted and updated is :mod:`imago_qcow2.l2_entries`.
+
 A standard L2 table is validated once, when loaded, and its entries classified into runs
 (consecutive entries of the same kind, data ones also contiguous in the host file), so a
 mapping request costs a couple of array look-ups. Extended L2 tables (32 subclusters per
@@ -12,13 +14,18 @@ import sys
 from array import array
 from collections.abc import Sequence
 
-from imago import CorruptImageError
+from imago import CorruptImageError, Storage
 
 __all__ = [
     "COMPRESSED",
     "DATA",
     "L1_OFFSET_MASK",
     "L1_RESERVED",
+    "L2_OFFSET_MASK",
+    "OFLAG_COMPRESSED",
+    "OFLAG_COPIED",
+    "OFLAG_ZERO",
+    "ALL_SUBCLUSTERS",
     "SUBCLUSTERS",
     "UNALLOCATED",
     "ZERO",
@@ -28,6 +35,7 @@ __all__ = [
     "encode_l1",
     "entry_clusters",
     "parse_l1",
+    "read_l1",
     "table_clusters",
 ]
 
@@ -45,7 +53,8 @@ L1_RESERVED = 0x7F000000000001FF
 L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L2_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61 of a standard cluster descriptor
 SUBCLUSTERS = 32
-_ALL_SUBCLUSTERS = (1 << SUBCLUSTERS) - 1
+#: The allocation bits of a subcluster bitmap (the zero bits are these shifted by SUBCLUSTERS).
+ALL_SUBCLUSTERS = (1 << SUBCLUSTERS) - 1
 
 CompressedDescriptor = tuple[int, int]
 
@@ -114,6 +123,21 @@ def parse_l1(
         offsets[index] = l2_offset
         copied[index] = 1 if entry & OFLAG_COPIED else 0
     return offsets, copied
+
+
+async def read_l1(
+    storage: Storage, *, table_offset: int, entries: int, cluster_bits: int, filename: str | None
+) -> tuple[array[int], bytearray]:
+    """Read and validate an L1 table of *entries* entries (the active one or a snapshot's).
+
+    Returns its L2 table offsets (0: no table) and COPIED flags.
+    """
+    raw = bytearray(entries * 8)
+    if raw:
+        await storage.readv([memoryview(raw)], table_offset)
+    return parse_l1(
+        raw, table_offset=table_offset, cluster_bits=cluster_bits, file_size=storage.size, filename=filename
+    )
 
 
 def decode_compressed(entry: int, cluster_bits: int) -> CompressedDescriptor:
@@ -254,11 +278,11 @@ class L2Table:
                 continue
             if entry & (L2_RESERVED | OFLAG_ZERO):
                 raise CorruptImageError(filename, where, f"extended L2 entry {index // 2} has reserved bits set")
-            if bitmap & (bitmap >> SUBCLUSTERS) & _ALL_SUBCLUSTERS:
+            if bitmap & (bitmap >> SUBCLUSTERS) & ALL_SUBCLUSTERS:
                 raise CorruptImageError(filename, where + 8, "subcluster is marked both allocated and zero")
             host = entry & L2_OFFSET_MASK
             allocated = host or (external_data and entry & OFLAG_COPIED)
-            if not allocated and bitmap & _ALL_SUBCLUSTERS:
+            if not allocated and bitmap & ALL_SUBCLUSTERS:
                 raise CorruptImageError(filename, where + 8, "unallocated cluster has allocated subclusters")
             if host & cluster_mask:
                 raise CorruptImageError(filename, where, f"L2 entry {index // 2}: data offset {host:#x} is unaligned")

@@ -1,0 +1,116 @@
+"""Allocation for writes: L2 tables made ours, data clusters bound, copy-on-write.
+
+Clusters of our own (COPIED) are written in place. Others (unallocated, zero, compressed,
+shared with a snapshot) get new host clusters, and what the write leaves unwritten in them is
+first filled with what the guest reads there now (copy-on-write, through the backing chain and
+compressed data). An L2 table shared with a snapshot is copied before it is changed. Which
+clusters a write binds, and what it copies, is the L2 entry width's business
+(:mod:`imago_qcow2.l2_entries`); where new host clusters come from is the data placement's
+(:mod:`imago_qcow2.placement`).
+"""
+
+from __future__ import annotations
+
+import struct
+
+from imago import FormatDriver, ShallowRaw, read_through
+
+from .l2_entries import Fill
+from .state import Qcow2State
+from .tables import OFLAG_COPIED, L2Table
+
+__all__ = ["Allocation"]
+
+
+class Allocation:
+    """Prepares writes: :meth:`ensure_data_mapping`, and L2 tables for any metadata change."""
+
+    def __init__(self, state: Qcow2State, driver: FormatDriver) -> None:
+        self._state = state
+        # Copy-on-write reads what the driver's own mappings say; allocation changes them.
+        self._driver = driver
+        # Fixed for the image's life: bound once for the write path.
+        self._in_place = state.entries.in_place
+        self._check_write = state.placement.check_write
+
+    async def writable_table(self, offset: int) -> L2Table:
+        """The L2 table for *offset*, made ours: created, or copied when shared with a snapshot.
+
+        Called with the lock held.
+        """
+        state = self._state
+        l1_index = offset >> state.table_shift
+        current = state.l1[l1_index]
+        if current and state.l1_copied[l1_index]:
+            return await state.tables.get(current)
+        host, _ = await state.refcounts.allocate(1)
+        if current:
+            raw = (await state.tables.get(current)).to_bytes()
+            state.frees.append((current >> state.cluster_bits, 1))
+        else:
+            raw = bytes(state.cluster_size)
+        table = state.new_table(raw, host)
+        state.tables.put(host, table, dirty=True)
+        # The table (and the refcounts allocating it) reach the disk before the L1 entry.
+        await state.tables.flush()
+        state.l1[l1_index] = host
+        state.l1_copied[l1_index] = 1
+        entry = struct.pack(">Q", host | OFLAG_COPIED)
+        await state.storage.writev([memoryview(entry)], state.header.l1_table_offset + 8 * l1_index)
+        return table
+
+    async def ensure_data_mapping(self, offset: int, length: int, overwrite: bool = False) -> tuple[ShallowRaw, int]:
+        """A writable mapping for (a prefix of) the range.
+
+        Clusters of our own are written in place; others are allocated, with copy-on-write of
+        the parts of the first and last cluster that the caller does not write (even with
+        *overwrite*). A damaged image whose L2 entries map guest data onto its metadata is
+        refused.
+        """
+        state = self._state
+        table = await state.table(offset)
+        host, count = (0, 0) if table is None else self._in_place(table, offset, length)
+        if count:
+            mapping = ShallowRaw(state.data_storage, host, True)
+        else:
+            async with state.lock:
+                mapping, count = await self._allocate(offset, length)
+        self._check_write(mapping, count, offset)
+        return mapping, count
+
+    async def _allocate(self, offset: int, length: int) -> tuple[ShallowRaw, int]:
+        state = self._state
+        entries = state.entries
+        table = await self.writable_table(offset)
+        host, count = entries.in_place(table, offset, length)
+        if count:  # allocated meanwhile
+            return ShallowRaw(state.data_storage, host, True), count
+        cluster_bits = state.cluster_bits
+        index = (offset >> cluster_bits) & state.l2_mask
+        table_end = ((offset >> state.table_shift) + 1) << state.table_shift
+        end = min(offset + length, table_end)
+        last = ((end - 1) >> cluster_bits) & state.l2_mask
+        first_guest = offset >> cluster_bits << cluster_bits
+        owned_host, count = entries.write_run(table, index, last)
+        if owned_host is None:
+            host, count = await state.placement.allocate(first_guest, count)
+        else:
+            host = owned_host
+        write_end = min(end, first_guest + (count << cluster_bits))
+        fills, updates = entries.write_updates(table, index, count, host, offset, write_end, owned_host is not None)
+        await self.copy_on_write(fills, host - first_guest)
+        for slot, descriptor, bitmap in updates:
+            if owned_host is None:
+                state.placement.release(entries.descriptor(table, slot))
+            entries.set(table, slot, descriptor, bitmap)
+        state.tables.mark_dirty(table.offset)
+        self._driver.mappings_changed()
+        return ShallowRaw(state.data_storage, host + offset - first_guest, True), write_end - offset
+
+    async def copy_on_write(self, fills: list[Fill], delta: int) -> None:
+        """Copy each guest range, as it reads now, to its new place (host offset = guest offset + *delta*)."""
+        data_storage = self._state.data_storage
+        for start, stop in fills:
+            old = bytearray(stop - start)
+            await read_through(self._driver, [memoryview(old)], start)
+            await data_storage.writev([memoryview(old)], start + delta)
