@@ -17,7 +17,7 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 
 from . import runtime
-from .errors import InvalidOptionError
+from .errors import InvalidOptionError, UnsupportedFeatureError
 
 __all__ = [
     "PreallocateMode",
@@ -166,8 +166,6 @@ class Storage(abc.ABC):
 
         The default says the driver cannot create storages.
         """
-        from .errors import UnsupportedFeatureError
-
         raise UnsupportedFeatureError(f"creating storages with the {cls.name!r} driver")
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
 import random
 from pathlib import Path
 from typing import ClassVar
@@ -240,8 +241,6 @@ class StorageConformance(abc.ABC):
 
     def test_repr_and_resolve_relative_path(self, storage: Storage) -> None:
         assert type(storage).__name__ in repr(storage)
-        import os
-
         assert storage.resolve_relative_path("/abs/name") == "/abs/name"
         resolved = storage.resolve_relative_path("backing.img")
         assert os.path.basename(resolved) == "backing.img"
