@@ -285,7 +285,10 @@ def test_resize_shrink_then_reads_past_end_fail(image: SyncFormatAccess, path: p
     buf = bytearray(512)
     image.read(buf, SIZE - 512)  # primes the cached extent [.., SIZE)
     image.read(buf, 0)
-    image.resize(4096)
+    with pytest.raises(imago.InvalidRequestError, match="shrink=True"):
+        image.resize(4096)
+    assert image.size == SIZE
+    image.resize(4096, shrink=True)
     assert image.size == 4096
     assert path.stat().st_size == 4096
     with pytest.raises(imago.InvalidRequestError):
@@ -305,7 +308,7 @@ def test_resize_shrink_then_reads_past_end_fail(image: SyncFormatAccess, path: p
 
 
 def test_resize_to_zero(image: SyncFormatAccess) -> None:
-    image.resize(0)
+    image.resize(0, shrink=True)
     assert image.size == 0
     image.read(bytearray(), 0)
     with pytest.raises(imago.InvalidRequestError):
@@ -642,7 +645,7 @@ def test_sync_api_inside_running_loop(path: pathlib.Path) -> None:
             image.resize(SIZE + 4096, "full")
             image.read(buf, SIZE)
             assert buf == bytes(10)
-            image.resize(SIZE)
+            image.resize(SIZE, shrink=True)
             with pytest.raises(imago.InvalidRequestError):
                 image.read(buf, SIZE)
             with image.as_file() as file:
@@ -804,7 +807,7 @@ def test_random_workload_matches_model(operations: list[tuple[str, int, Any]]) -
         with SyncFormatAccess(driver) as image:
             for kind, offset, arg in operations:
                 if kind == "resize":
-                    image.resize(offset)
+                    image.resize(offset, shrink=True)
                     del model[offset:]
                     model.extend(bytes(offset - len(model)))
                 elif offset + _request_length(kind, arg) > len(model):
@@ -819,3 +822,18 @@ def test_random_workload_matches_model(operations: list[tuple[str, int, Any]]) -
             image.read(whole, 0)
             assert whole == model
         assert file_path.read_bytes() == model
+
+
+def test_shrinking_needs_an_explicit_request(image: SyncFormatAccess, path: pathlib.Path) -> None:
+    before = path.read_bytes()
+    with pytest.raises(imago.InvalidRequestError, match="shrink=True") as info:
+        image.resize(SIZE - 512)
+    assert str(path) in str(info.value)
+    assert image.size == SIZE
+    assert path.read_bytes() == before  # nothing changed
+    with pytest.raises(imago.InvalidRequestError, match="shrink must be True or False"):
+        image.resize(SIZE - 512, shrink="yes")  # type: ignore[arg-type]
+    image.resize(SIZE, shrink=False)  # the same size is no shrink
+    image.resize(SIZE + 512)  # growing needs nothing
+    image.resize(SIZE - 512, shrink=True)
+    assert image.size == SIZE - 512

@@ -60,7 +60,7 @@ def test_raw_over_null_huge_disk() -> None:
     assert isinstance(mapping, imago.Mapping.Raw)
     assert mapping.offset == 1 << 49
     assert length == 1 << 20
-    image.resize(1 << 20, PreallocateMode.FULL)
+    image.resize(1 << 20, PreallocateMode.FULL, shrink=True)
     assert image.size == 1 << 20
     image.close()
 

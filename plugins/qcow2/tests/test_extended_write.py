@@ -403,7 +403,7 @@ def test_resize(tmp_path: Path, prealloc: str) -> None:
         image.write(data, size - 5000)
         model.write(size - 5000, data)
         for new_size in (3 * MiB + 512, MiB - SUB - 512, 2 * MiB + CS):
-            image.resize(new_size, prealloc)
+            image.resize(new_size, prealloc, shrink=True)
             model.resize(new_size)
             assert_same(read_all(image), bytes(model.data), f"imago after resizing to {new_size}")
         data = noise(rng, 3000)

@@ -533,7 +533,7 @@ def exercise_writes(path: Path) -> None:
         driver.delete_snapshot_sync(snapshot.id)
         disk.resize(size + (1 << 20))
         disk.write(b"\x7c" * 4096, size)
-        disk.resize(size)
+        disk.resize(size, shrink=True)
         _read(disk)
     finally:
         disk.close()

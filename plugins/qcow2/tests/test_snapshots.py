@@ -464,9 +464,9 @@ class _SnapshotWorkload(_WriteWorkload):
         floor = max((len(t.content) for t in self.taken), default=0)
         if new_size < min(floor, self.model.size):
             with pytest.raises(UnsupportedFeatureError, match="snapshots"):
-                self.image.resize(new_size)
+                self.image.resize(new_size, shrink=True)
             return
-        self.image.resize(new_size)
+        self.image.resize(new_size, shrink=True)
         self.model.resize(new_size)
 
     def _judge(self) -> None:

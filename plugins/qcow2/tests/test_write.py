@@ -449,7 +449,7 @@ class _WriteWorkload(RuleBasedStateMachine):
         new_size = (base // 2 + size % base) // 512 * 512
         if self.template.snapshots:
             new_size = max(new_size, base)
-        self.image.resize(new_size)
+        self.image.resize(new_size, shrink=True)
         self.model.resize(new_size)
 
     def teardown(self) -> None:
@@ -839,7 +839,7 @@ def test_shrink_releases_every_cluster_past_the_end(tmp_path: Path, compressed: 
     _qemu.create(path, old_size)
     _qemu.qemu_io(path, f"write {'-c ' if compressed else ''}-P 0x11 {39 * cs} {old_size - 39 * cs}")
     with open_rw(path) as image:
-        image.resize(new_size)
+        image.resize(new_size, shrink=True)
         assert read_all(image) == bytes(39 * cs) + _qemu.fill_bytes(new_size - 39 * cs, 0x11)
     check_clean(path)
     past_the_end = [e for e in _qemu.qcow2_layout(path).entries if e.guest_cluster >= 40]
@@ -951,7 +951,7 @@ def test_resize_grows_and_shrinks(tmp_path: Path, with_backing: bool) -> None:
         image.write(data, size - len(data))  # up to the last byte
         model.write(size - len(data), data)
         for new_size in (3 * MiB + 512, 512 * KiB, 2 * MiB):
-            image.resize(new_size)
+            image.resize(new_size, shrink=True)
             model.resize(new_size)
             assert image.size == new_size
             assert_same(read_all(image), bytes(model.data), f"imago after resizing to {new_size}")
@@ -961,3 +961,44 @@ def test_resize_grows_and_shrinks(tmp_path: Path, with_backing: bool) -> None:
     check_clean(path, cwd=tmp_path)
     assert _qemu.info(path, cwd=tmp_path)["virtual-size"] == 2 * MiB
     assert_same(convert(path, tmp_path, cwd=tmp_path), bytes(model.data), "qemu")
+
+
+@pytest.mark.parametrize("new_size", [12345, 4 * MiB + 1, 2 * MiB - 511])
+def test_resize_refuses_sizes_qemu_cannot_record(tmp_path: Path, new_size: int) -> None:
+    # qemu-img refuses them too ("The new size must be a multiple of 512"), with --shrink or not.
+    path = tmp_path / "odd.qcow2"
+    _qemu.create(path, 4 * MiB)
+    _qemu.qemu_io(path, "write -P 0x5a 0 1M")
+    reference = subprocess.run(
+        ["qemu-img", "resize", "--shrink", "-f", "qcow2", str(tmp_path / "odd.qcow2"), str(new_size)],
+        capture_output=True,
+        text=True,
+    )
+    assert reference.returncode != 0
+    assert "multiple of 512" in reference.stderr
+    before = path.read_bytes()
+    with open_rw(path) as image:
+        with pytest.raises(imago.InvalidRequestError, match="multiple of 512") as info:
+            image.resize(new_size, shrink=True)
+        assert str(path) in str(info.value)
+        assert image.size == 4 * MiB
+    assert path.read_bytes() == before
+    check_clean(path)
+
+
+def test_resize_shrinks_only_when_asked(tmp_path: Path) -> None:
+    path = tmp_path / "shrink.qcow2"
+    _qemu.create(path, 4 * MiB)
+    _qemu.qemu_io(path, "write -P 0x5a 3M 1M")
+    refused = subprocess.run(["qemu-img", "resize", "-f", "qcow2", str(path), "2M"], capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "--shrink" in refused.stderr
+    with open_rw(path) as image:
+        with pytest.raises(imago.InvalidRequestError, match="shrink=True"):
+            image.resize(2 * MiB)
+        assert image.size == 4 * MiB
+        assert read_all(image)[3 * MiB :] == b"\x5a" * MiB  # nothing was lost
+        image.resize(2 * MiB, shrink=True)
+        assert image.size == 2 * MiB
+    check_clean(path)
+    assert _qemu.info(path)["virtual-size"] == 2 * MiB

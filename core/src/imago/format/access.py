@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import runtime
-from ..errors import ClosedError, DriverContractError, InvalidRequestError, ReadOnlyError
+from ..errors import ClosedError, DriverContractError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError
 from ..fileobj import ImageFile
 from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
 from ..storage import PreallocateMode
+from .capabilities import Capability
 from .driver import FormatDriver
 from .extents import Extent, ExtentCache
 from .mapping import (
@@ -380,14 +381,31 @@ class FormatAccess:
             raise ClosedError(f"{self._name()} is closed")
         await self._driver.sync()
 
-    async def resize(self, new_size: int, prealloc: PreallocateMode | str = PreallocateMode.NONE) -> None:
-        """Change the disk size; new space is prepared as *prealloc* says."""
+    async def resize(
+        self, new_size: int, prealloc: PreallocateMode | str = PreallocateMode.NONE, *, shrink: bool = False
+    ) -> None:
+        """Change the disk size; new space is prepared as *prealloc* says.
+
+        Shrinking deletes the data past the new end, so it must be asked for with
+        ``shrink=True`` (``qemu-img resize --shrink``); otherwise a smaller size raises
+        :class:`~imago.InvalidRequestError` and nothing changes. Formats refuse sizes they
+        cannot record exactly (qcow2: not a multiple of 512).
+        """
         _non_negative("new_size", new_size)
         mode = PreallocateMode.parse(prealloc)
+        if not isinstance(shrink, bool):
+            raise InvalidRequestError(f"shrink must be True or False, got {shrink!r}")
         if self._closed:
             raise ClosedError(f"{self._name()} is closed")
         if not self._driver.writable:
             raise ReadOnlyError(self._name())
+        if not self._driver.supports(Capability.RESIZE):
+            raise UnsupportedFeatureError(f"resizing {self._driver.name} images", self.filename)
+        if new_size < self._driver.size and not shrink:
+            raise InvalidRequestError(
+                f"{self._name()}: {new_size} bytes is smaller than the disk ({self._driver.size} bytes); shrinking "
+                "deletes the data past the new end: ask for it with shrink=True (qemu-img resize --shrink)"
+            )
         self._cache = ExtentCache(-1)
         await self._driver.resize(new_size, mode)
         self._driver.mappings_changed()
@@ -560,9 +578,11 @@ class SyncFormatAccess:
         """See :meth:`FormatAccess.sync`."""
         runtime.run_sync(self._access.sync())
 
-    def resize(self, new_size: int, prealloc: PreallocateMode | str = PreallocateMode.NONE) -> None:
-        """See :meth:`FormatAccess.resize`."""
-        runtime.run_sync(self._access.resize(new_size, prealloc))
+    def resize(
+        self, new_size: int, prealloc: PreallocateMode | str = PreallocateMode.NONE, *, shrink: bool = False
+    ) -> None:
+        """See :meth:`FormatAccess.resize` (shrinking needs ``shrink=True``)."""
+        runtime.run_sync(self._access.resize(new_size, prealloc, shrink=shrink))
 
     def close(self) -> None:
         """Flush (if writable) and close the image. Closing twice does nothing."""

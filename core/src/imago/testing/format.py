@@ -220,7 +220,10 @@ class FormatConformance(abc.ABC):
         image.resize(2 * _SIZE, PreallocateMode.NONE)
         assert image.size == 2 * _SIZE
         assert self._read(image, _SIZE - 8192, 8192 + 65536) == data + bytes(65536)
-        image.resize(_SIZE - 4096)
+        with pytest.raises(InvalidRequestError, match="shrink=True"):
+            image.resize(_SIZE - 4096)
+        assert image.size == 2 * _SIZE
+        image.resize(_SIZE - 4096, shrink=True)
         assert image.size == _SIZE - 4096
         with pytest.raises(InvalidRequestError):
             image.read(bytearray(4097), _SIZE - 8192)
@@ -392,7 +395,15 @@ class _Workload(RuleBasedStateMachine):
     @precondition(lambda self: type(self.image.driver).supports(Capability.RESIZE))
     @rule(size=st.integers(min_value=1, max_value=2 * _SIZE))
     def resize(self, size: int) -> None:
-        self.image.resize(size)
+        if size % 512:
+            # Formats that count sectors (qcow2) refuse such sizes, changing nothing; others take them.
+            try:
+                self.image.resize(size, shrink=True)
+            except InvalidRequestError:
+                assert self.image.size == self.model.size
+                return
+        else:
+            self.image.resize(size, shrink=True)
         self.model.resize(size)
 
     @invariant()

@@ -43,6 +43,9 @@ class Resizer:
         larger backing file makes the new area read as zero, not as the backing file.
         """
         state = self._state
+        if new_size % 512:
+            # QEMU counts qcow2 disks in sectors: it refuses such a size too.
+            raise InvalidRequestError(f"{state.filename}: the new size ({new_size} bytes) must be a multiple of 512")
         cluster_bits = state.cluster_bits
         old_size = state.size
         if new_size < old_size:
