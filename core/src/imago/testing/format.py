@@ -9,7 +9,7 @@ import random
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -67,10 +67,6 @@ class FormatConformance(abc.ABC):
         buf = bytearray(length)
         image.read(buf, offset)
         return bytes(buf)
-
-    @staticmethod
-    def _supports(image: SyncFormatAccess, capability: Capability[Any]) -> bool:
-        return type(image.driver).supports(capability)
 
     def _check(self, image: SyncFormatAccess, model: DiskModel) -> None:
         assert image.size == model.size
@@ -207,7 +203,7 @@ class FormatConformance(abc.ABC):
 
     def test_resize(self, image: SyncFormatAccess) -> None:
         data = random_bytes(random.Random(17), 8192)
-        if not self._supports(image, Capability.RESIZE):
+        if not image.driver.supports(Capability.RESIZE):
             image.write(data, 0)
             with pytest.raises(UnsupportedFeatureError):
                 image.resize(2 * _SIZE)
@@ -392,7 +388,7 @@ class _Workload(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.image = SyncFormatAccess(self.conformance.reopen_image(self.image.driver, writable=True))
 
-    @precondition(lambda self: type(self.image.driver).supports(Capability.RESIZE))
+    @precondition(lambda self: self.image.driver.supports(Capability.RESIZE))
     @rule(size=st.integers(min_value=1, max_value=2 * _SIZE))
     def resize(self, size: int) -> None:
         if size % 512:
