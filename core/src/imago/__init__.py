@@ -50,6 +50,7 @@ from .format.capabilities import (
     SupportsResize,
     SupportsSnapshots,
 )
+from .format.check import CheckFinding, CheckResult, FindingKind, RepairMode
 from .format.driver import FormatDriver
 from .format.gates import (
     DenyImplicitOpenGate,
@@ -97,6 +98,8 @@ __all__ = [
     "AnnotatedStorage",
     "BackingChainError",
     "Capability",
+    "CheckFinding",
+    "CheckResult",
     "CliRegistrar",
     "ClosedError",
     "CorruptImageError",
@@ -105,6 +108,7 @@ __all__ = [
     "DriverContractError",
     "DriverNotFoundError",
     "DuplicateDriverError",
+    "FindingKind",
     "FormatAccess",
     "FormatCreateBuilder",
     "FormatDriver",
@@ -132,6 +136,7 @@ __all__ = [
     "PreallocateMode",
     "RangeLock",
     "ReadOnlyError",
+    "RepairMode",
     "SandboxImplicitOpenGate",
     "ShallowEof",
     "ShallowIndirect",

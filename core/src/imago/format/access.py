@@ -20,6 +20,7 @@ from ..fileobj import ImageFile
 from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
 from ..storage import PreallocateMode
 from .capabilities import Capability
+from .check import CheckResult, RepairMode
 from .driver import FormatDriver
 from .extents import Extent, ExtentCache
 from .mapping import (
@@ -410,6 +411,33 @@ class FormatAccess:
         await self._driver.resize(new_size, mode)
         self._driver.mappings_changed()
 
+    async def check(self, fix: RepairMode | str | None = None) -> CheckResult:
+        """Check the image's metadata, as ``qemu-img check`` does; with *fix*, repair it.
+
+        *fix* is ``None`` (only check), ``"leaks"`` or ``"all"`` (:class:`~imago.RepairMode`,
+        ``qemu-img check -r``); repairing needs an image opened for writing. Formats without
+        a check raise :class:`~imago.UnsupportedFeatureError` (``qemu-img check`` exits with
+        63 for them). The result reports corruptions, leaks and what was fixed
+        (:class:`~imago.CheckResult`); damage is reported, not raised.
+        """
+        try:
+            mode = RepairMode.parse(fix)
+        except ValueError as error:
+            raise InvalidRequestError(f"{self._name()}: {error}") from None
+        if self._closed:
+            raise ClosedError(f"{self._name()} is closed")
+        checker = Capability.CHECK.of(self._driver)
+        if checker is None:
+            raise UnsupportedFeatureError(f"checking {self._driver.name} images", self.filename)
+        if mode is not None and not self._driver.writable:
+            raise ReadOnlyError(f"{self._name()} (repairing needs an image opened for writing)")
+        self._cache = ExtentCache(-1)
+        try:
+            return await checker.check(mode)
+        finally:
+            if mode is not None:
+                self._driver.mappings_changed()
+
     async def close(self) -> None:
         """Flush (if writable) and release the image. Closing twice does nothing."""
         if self._closed:
@@ -583,6 +611,10 @@ class SyncFormatAccess:
     ) -> None:
         """See :meth:`FormatAccess.resize` (shrinking needs ``shrink=True``)."""
         runtime.run_sync(self._access.resize(new_size, prealloc, shrink=shrink))
+
+    def check(self, fix: RepairMode | str | None = None) -> CheckResult:
+        """See :meth:`FormatAccess.check` (``fix``: ``None``, ``"leaks"`` or ``"all"``)."""
+        return runtime.run_sync(self._access.check(fix))
 
     def close(self) -> None:
         """Flush (if writable) and close the image. Closing twice does nothing."""

@@ -17,6 +17,7 @@ import attrs
 
 if TYPE_CHECKING:
     from ..storage import PreallocateMode
+    from .check import CheckResult, RepairMode
     from .driver import FormatDriver
 
 __all__ = [
@@ -89,10 +90,15 @@ class SupportsResize(Protocol):
 
 
 class SupportsCheck(Protocol):
-    """Consistency checks (``qemu-img check``): the result type is the driver's."""
+    """Consistency checks and repairs (``qemu-img check [-r leaks|all]``)."""
 
-    async def check(self) -> Any:
-        """Check the image's metadata; report what is wrong."""
+    async def check(self, fix: RepairMode | None = None) -> CheckResult:
+        """Check the image's metadata and report what is wrong; with *fix*, repair it first.
+
+        With *fix*, the driver repairs what the mode allows, then checks again and returns
+        the second check's counts with the fixed counts and the repair pass's findings
+        (:attr:`CheckResult.repaired`), as ``qemu-img check -r`` does.
+        """
 
 
 @attrs.frozen

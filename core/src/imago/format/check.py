@@ -1,0 +1,141 @@
+"""Consistency checks: what ``qemu-img check`` reports, as values.
+
+A driver claiming :attr:`Capability.CHECK` implements ``check(fix)`` and returns a
+:class:`CheckResult`; :meth:`FormatAccess.check` is the generic entry point. The result carries
+qemu-img's counts under its field names (:meth:`CheckResult.to_json`) and every finding with
+where it is (:class:`CheckFinding`), so that tools and tests compare imago's check with
+``qemu-img check`` field by field.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import attrs
+
+__all__ = ["CheckFinding", "CheckResult", "FindingKind", "RepairMode"]
+
+
+class RepairMode(enum.Enum):
+    """What a check may repair: ``qemu-img check -r leaks`` or ``-r all``."""
+
+    #: Free clusters whose refcount is higher than their references.
+    LEAKS = "leaks"
+    #: Leaks, refcounts lower than the references, wrong COPIED flags; rebuild the refcount
+    #: structure when it is itself damaged.
+    ALL = "all"
+
+    @classmethod
+    def parse(cls, value: RepairMode | str | None) -> RepairMode | None:
+        """*value* as a mode (``None``: check only); raises ``ValueError`` for unknown names."""
+        if value is None or isinstance(value, RepairMode):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(f"repair mode must be 'leaks' or 'all', got {value!r}") from None
+
+
+class FindingKind(enum.Enum):
+    """The class of a finding; decides which count it adds to."""
+
+    #: A refcount higher than the references (``Leaked cluster N ...``): counts as a leak.
+    LEAK = "leak"
+    #: Anything that may lose or corrupt data (refcount too low, COPIED wrong, references past
+    #: the end of the file, unaligned or overlapping structures, ...): counts as a corruption.
+    CORRUPTION = "corruption"
+    #: Something the check could not inspect (a read error, a table it could not load).
+    CHECK_ERROR = "check-error"
+
+
+@attrs.frozen(kw_only=True)
+class CheckFinding:
+    """One thing a check found wrong, and where."""
+
+    kind: FindingKind
+    #: The line ``qemu-img check`` prints for it (``Leaked cluster 5 refcount=2 reference=1``).
+    message: str
+    #: The host cluster index it is about, if it is about one.
+    cluster: int | None = None
+    #: The host (file) offset it is about, if any.
+    offset: int | None = None
+    #: The stored refcount, when the finding compares refcounts.
+    refcount: int | None = None
+    #: The references counted, when the finding compares refcounts.
+    references: int | None = None
+    #: Whether a repair fixed it.
+    fixed: bool = False
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@attrs.frozen(kw_only=True)
+class CheckResult:
+    """The outcome of a check (and repair) of one image, as ``qemu-img check`` reports it.
+
+    With a repair, the counts are those of the check run after the repair (as qemu-img's
+    "Double checking the fixed image now..."), ``corruptions_fixed``/``leaks_fixed`` what the
+    repair fixed and :attr:`repaired` the findings the repair pass saw.
+    """
+
+    filename: str | None
+    format: str
+    corruptions: int = 0
+    leaks: int = 0
+    check_errors: int = 0
+    corruptions_fixed: int = 0
+    leaks_fixed: int = 0
+    #: First byte after the last cluster in use (qemu-img's ``image-end-offset``).
+    image_end_offset: int | None = None
+    total_clusters: int | None = None
+    allocated_clusters: int | None = None
+    fragmented_clusters: int | None = None
+    compressed_clusters: int | None = None
+    #: What the (last) check found, in the order found.
+    findings: tuple[CheckFinding, ...] = ()
+    #: What the repair pass found (and fixed, where ``fixed``); empty without a repair.
+    repaired: tuple[CheckFinding, ...] = ()
+
+    @property
+    def clean(self) -> bool:
+        """No corruptions, leaks or check errors."""
+        return not (self.corruptions or self.leaks or self.check_errors)
+
+    @property
+    def exit_status(self) -> int:
+        """``qemu-img check``'s exit status: 0 clean, 1 not completed, 2 corruptions, 3 leaks."""
+        if self.check_errors:
+            return 1
+        if self.corruptions:
+            return 2
+        if self.leaks:
+            return 3
+        return 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The result under ``qemu-img check --output=json``'s field names and order.
+
+        As qemu-img does, optional counts that are zero (or unknown) are left out.
+        """
+        out: dict[str, Any] = {}
+        optional = (
+            ("image-end-offset", self.image_end_offset),
+            ("total-clusters", self.total_clusters),
+            ("check-errors", self.check_errors),
+            ("leaks", self.leaks),
+            ("leaks-fixed", self.leaks_fixed),
+            ("corruptions", self.corruptions),
+            ("corruptions-fixed", self.corruptions_fixed),
+            ("allocated-clusters", self.allocated_clusters),
+            ("fragmented-clusters", self.fragmented_clusters),
+            ("compressed-clusters", self.compressed_clusters),
+        )
+        for key, value in optional:
+            if value or key == "check-errors":
+                out[key] = value or 0
+            if key == "check-errors":
+                out["filename"] = self.filename
+                out["format"] = self.format
+        return out
