@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pathlib
+import subprocess
 
 import pytest
 
@@ -252,24 +253,51 @@ def test_open_writable_on_read_only_file(disk: pathlib.Path, monkeypatch: pytest
         assert not image.writable
 
 
+def _overlay(directory: pathlib.Path, backing: str, name: str = "top.qcow2") -> pathlib.Path:
+    """A qcow2 image in *directory* whose header names the raw *backing* file."""
+    top = directory / name
+    imago.create(top, "qcow2", 16384, backing_file=backing, backing_format="raw", unsafe=True)
+    return top
+
+
 def test_default_gate_is_sandbox_of_image_directory(disk: pathlib.Path, tmp_path: pathlib.Path) -> None:
-    seen: list[SandboxImplicitOpenGate] = []
+    seen: list[tuple[SandboxImplicitOpenGate, str | None]] = []
     real_open_storage = SandboxImplicitOpenGate.open_storage
 
     async def spy(self: SandboxImplicitOpenGate, options: StorageOpenOptions) -> imago.Storage:
-        seen.append(self)
+        seen.append((self, options.filename))
         return await real_open_storage(self, options)
 
+    top = _overlay(tmp_path, "disk.img")
     mp = pytest.MonkeyPatch()
     mp.setattr(SandboxImplicitOpenGate, "open_storage", spy)
     try:
         imago.open(disk, "raw").close()
-        imago.open(disk).close()  # probing opens through the gate too
+        imago.open(disk).close()
+        # The files the caller names are opened without the gate (probing included) ...
+        assert seen == []
+        with imago.open(top, "qcow2") as image:
+            assert image.driver.backing is not None
+        with imago.open(top) as image:
+            assert image.format_name == "qcow2"
     finally:
         mp.undo()
-    assert len(seen) == 3
-    for gate in seen:
+    # ... the backing file the image names goes through the sandbox of the image's directory.
+    assert [name for _, name in seen] == [str(disk), str(disk)]
+    for gate, _ in seen:
         assert gate.directories == (os.path.realpath(tmp_path),)
+
+
+def test_default_gate_refuses_backing_outside_image_directory(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "base.img").write_bytes(bytes(16384))
+    images = tmp_path / "images"
+    images.mkdir()
+    top = _overlay(images, "../base.img")
+    with pytest.raises(imago.ImplicitOpenDeniedError) as info:
+        imago.open(top, "qcow2")
+    assert "base.img" in str(info.value)
+    with imago.open(top, "qcow2", gate=SandboxImplicitOpenGate([tmp_path])) as image:
+        assert image.driver.backing is not None
 
 
 def test_default_gate_follows_symlinked_image(disk: pathlib.Path, tmp_path: pathlib.Path) -> None:
@@ -290,21 +318,31 @@ def test_open_relative_path(disk: pathlib.Path, monkeypatch: pytest.MonkeyPatch)
         assert image.format_name == "raw"
 
 
-def test_open_with_deny_gate(disk: pathlib.Path) -> None:
-    with pytest.raises(imago.ImplicitOpenDeniedError) as info:
-        imago.open(disk, "raw", gate=DenyImplicitOpenGate())
-    assert str(disk) in str(info.value)
-    with pytest.raises(imago.ImplicitOpenDeniedError):
-        imago.open(disk, gate=DenyImplicitOpenGate())
+def test_open_with_deny_gate(disk: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    # The image the caller names is opened; only the files it names are refused.
+    with imago.open(disk, "raw", gate=DenyImplicitOpenGate()) as image:
+        assert image.size == 16384
+    with imago.open(disk, gate=DenyImplicitOpenGate(), write=True) as image:
+        image.write(b"deny", 0)
+    assert disk.read_bytes()[:4] == b"deny"
+    top = _overlay(tmp_path, "disk.img")
+    for format in ("qcow2", None):
+        with pytest.raises(imago.ImplicitOpenDeniedError) as info:
+            imago.open(top, format, gate=DenyImplicitOpenGate())
+        assert info.value.filename == str(disk)
 
 
 def test_open_with_sandbox_elsewhere(disk: pathlib.Path, tmp_path: pathlib.Path) -> None:
     other = tmp_path / "other"
     other.mkdir()
-    with pytest.raises(imago.ImplicitOpenDeniedError):
-        imago.open(disk, "raw", gate=SandboxImplicitOpenGate([other]))
-    with pytest.raises(imago.ImplicitOpenDeniedError):
-        imago.open(disk, gate=SandboxImplicitOpenGate([other]))
+    with imago.open(disk, "raw", gate=SandboxImplicitOpenGate([other])) as image:
+        assert image.size == 16384
+    with imago.open(disk, gate=SandboxImplicitOpenGate([other])) as image:
+        assert image.format_name == "raw"
+    top = _overlay(tmp_path, "disk.img")
+    with pytest.raises(imago.ImplicitOpenDeniedError) as info:
+        imago.open(top, "qcow2", gate=SandboxImplicitOpenGate([other]))
+    assert "outside the allowed directories" in str(info.value)
 
 
 def test_open_with_permissive_gate(disk: pathlib.Path) -> None:
@@ -312,20 +350,53 @@ def test_open_with_permissive_gate(disk: pathlib.Path) -> None:
         assert image.size == 16384
 
 
-def test_open_protocol_name_refused(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(imago.ImplicitOpenDeniedError):
+def test_open_protocol_like_name_is_a_file_name(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name the caller gives is handed to the storage driver as it is: the file driver opens
+    # the file of that name, and interprets no protocol.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError):
         imago.open('json:{"driver": "null-co"}', "raw", gate=PermissiveImplicitOpenGate())
-    with pytest.raises(imago.ImplicitOpenDeniedError):
-        imago.open("nbd://localhost/x", gate=PermissiveImplicitOpenGate())
+    with pytest.raises(FileNotFoundError):
+        imago.open("nbd://localhost/x")
+    pathlib.Path("nbd:x").write_bytes(bytes(512))
+    with imago.open("nbd:x", "raw") as image:
+        assert image.size == 512
+        assert image.filename == str(tmp_path / "nbd:x")
+
+
+def test_open_protocol_name_of_a_backing_file_refused(tmp_path: pathlib.Path) -> None:
+    # Names recorded in an image stay local file names, whatever the gate.
+    (tmp_path / "nbd:x").write_bytes(bytes(512))
+    top = tmp_path / "top.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "nbd:x", "-F", "raw", str(top), "512"], check=True
+    )
+    with pytest.raises(imago.ImplicitOpenDeniedError) as info:
+        imago.open(top, "qcow2", gate=PermissiveImplicitOpenGate())
+    assert "nbd:x" in str(info.value)
+
+
+def test_open_bad_file_names(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(imago.InvalidOptionError) as info:
+        imago.open(str(tmp_path / "a\0b"), "raw")
+    assert info.value.option == "filename"
+    with pytest.raises(imago.InvalidOptionError) as info:
+        imago.open(b"disk.img", "raw")  # type: ignore[arg-type]
+    assert info.value.option == "filename"
+    with pytest.raises(imago.InvalidOptionError) as info:
+        imago.open("", "raw")
+    assert info.value.option == "filename"
 
 
 def test_open_storage_driver_null(tmp_path: pathlib.Path) -> None:
     with imago.open("anything", "raw", gate=PermissiveImplicitOpenGate(), storage_driver_name="null") as image:
         assert isinstance(image.driver.storage, Null)
         assert image.size == 0
-    # The default sandbox only opens local files.
-    with pytest.raises(imago.ImplicitOpenDeniedError):
-        imago.open(tmp_path / "x", "raw", storage_driver_name="null")
+    # The storage the caller asks for is used whatever the gate (the sandbox gate opens only
+    # local files, for implicit opens).
+    for gate in (None, DenyImplicitOpenGate(), SandboxImplicitOpenGate([tmp_path])):
+        with imago.open(tmp_path / "x", "raw", gate=gate, storage_driver_name="null") as image:
+            assert isinstance(image.driver.storage, Null)
 
 
 def test_open_unknown_storage_driver(disk: pathlib.Path) -> None:
@@ -336,9 +407,11 @@ def test_open_unknown_storage_driver(disk: pathlib.Path) -> None:
 
 
 def test_open_directory_refused(tmp_path: pathlib.Path) -> None:
-    with pytest.raises(imago.ImplicitOpenDeniedError):
+    # As qemu-img refuses it; the OS's error passes through, naming the directory.
+    with pytest.raises(IsADirectoryError) as info:
         imago.open(tmp_path, "raw")
-    with pytest.raises(imago.ImplicitOpenDeniedError):
+    assert info.value.filename == str(tmp_path)
+    with pytest.raises(IsADirectoryError):
         imago.open(tmp_path)
 
 

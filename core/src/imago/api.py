@@ -8,8 +8,10 @@ from typing import Any
 from . import runtime
 from .errors import InvalidOptionError, UnsupportedFeatureError
 from .format.access import FormatAccess, SyncFormatAccess
+from .format.builder import FormatCreateBuilder
 from .format.driver import FormatDriver
 from .format.gates import ImplicitOpenGate, SandboxImplicitOpenGate
+from .format.overlay import check_backing
 from .plugin.manager import format_driver, format_drivers, storage_driver
 from .storage import Storage, StorageCreateOptions, StorageOpenOptions
 
@@ -34,6 +36,22 @@ def probe_sync(storage: Storage) -> type[FormatDriver]:
     return runtime.run_sync(probe(storage))
 
 
+def _explicit_file_name(filename: str | os.PathLike[str], storage_driver_name: str) -> str:
+    """The name of a file the caller names explicitly, to be opened whatever and wherever it is.
+
+    Local files are opened by their real path, so that the default gate's sandbox lies around
+    the file that is opened.
+    """
+    name = os.fspath(filename)
+    if not isinstance(name, str):
+        raise InvalidOptionError("filename", f"must be a str or os.PathLike[str] path, got {filename!r}")
+    if "\0" in name:
+        raise InvalidOptionError("filename", f"{name!r} contains a NUL byte")
+    if storage_driver_name == "file" and name:
+        return os.path.realpath(name)
+    return name
+
+
 def _default_gate(filename: str) -> ImplicitOpenGate:
     return SandboxImplicitOpenGate([os.path.dirname(os.path.realpath(filename)) or "."])
 
@@ -46,20 +64,31 @@ async def open_async(
     gate: ImplicitOpenGate | None = None,
     direct: bool = False,
     no_flush: bool = False,
+    force_share: bool = False,
+    for_check: bool = False,
     storage_driver_name: str = "file",
 ) -> FormatAccess:
     """Open the image file *filename*; the asynchronous form of :func:`open` (same parameters).
 
     Returns a :class:`FormatAccess`, whose methods are coroutines.
     """
-    name = os.fspath(filename)
+    name = _explicit_file_name(filename, storage_driver_name)
     if gate is None:
         gate = _default_gate(name)
     options = StorageOpenOptions(
-        filename=name, writable=write, direct=direct, no_flush=no_flush, driver=storage_driver_name
+        filename=name,
+        writable=write,
+        direct=direct,
+        no_flush=no_flush,
+        force_share=force_share,
+        driver=storage_driver_name,
     )
     if format is None:
-        probe_storage = await gate.open_storage(StorageOpenOptions(filename=name, driver=storage_driver_name))
+        # The probe reads the header and closes again: it takes no lock that could stop a writer,
+        # so a lock conflict is reported by the real open below, for the locks it needs.
+        probe_storage = await storage_driver(storage_driver_name).open(
+            StorageOpenOptions(filename=name, force_share=True, driver=storage_driver_name)
+        )
         try:
             driver = await probe(probe_storage)
         finally:
@@ -68,7 +97,15 @@ async def open_async(
         if not isinstance(format, str):
             raise InvalidOptionError("format", f"must be a format name, got {format!r}")
         driver = format_driver(format)
-    image = await driver.builder_path(name).write(write).storage_options(options).open(gate)
+    # The file the caller names is opened as asked, not through the gate: only the files the
+    # image names (backing file, data file) are implicit opens.
+    storage = await storage_driver(storage_driver_name).open(options)
+    try:
+        builder = driver.builder(storage).write(write).for_check(for_check).storage_options(options)
+        image = await builder.open(gate)
+    except BaseException:
+        await storage.close()
+        raise
     return FormatAccess(image)
 
 
@@ -80,6 +117,8 @@ def open(
     gate: ImplicitOpenGate | None = None,
     direct: bool = False,
     no_flush: bool = False,
+    force_share: bool = False,
+    for_check: bool = False,
     storage_driver_name: str = "file",
 ) -> SyncFormatAccess:
     """Open the image file *filename* and return a :class:`SyncFormatAccess` (blocking calls).
@@ -91,18 +130,32 @@ def open(
             format's header into a raw disk (see :func:`probe`). Name the format when you know it.
         write: open for writing (default: read-only).
         gate: the :class:`ImplicitOpenGate` deciding which files the image may make us open
-            (its backing file, an external data file, the image file itself). The default is a
+            (its backing file, an external data file). The default is a
             :class:`SandboxImplicitOpenGate` over the image's own directory; pass
             :class:`DenyImplicitOpenGate` to refuse every such file, or
             :class:`PermissiveImplicitOpenGate` for trusted images whose files live elsewhere.
+            *filename* itself is the caller's explicit choice: it is opened whatever its type
+            (a regular file, a block device) and wherever it is, without asking the gate.
         direct: bypass the host page cache (``O_DIRECT``), for every file opened.
         no_flush: ignore flushes (``qemu-img convert``'s default ``cache=unsafe``): faster, but a
             host crash may lose or corrupt what was written; ``sync()`` still makes it durable.
+        force_share: open read-only without taking any lock that would stop a writer (``qemu-img
+            -U``), for every file opened (backing and data files too). Another process may be
+            changing the image, so what is read may be inconsistent. Refused with ``write=True``
+            (:class:`InvalidOptionError`).
+        for_check: open the image to check or repair it (``disk.check(fix)``), as ``qemu-img
+            check`` does: damaged images that are otherwise refused (qcow2: marked corrupt) are
+            opened, a dirty image is not repaired on opening, and writes other than a repair are
+            refused until a repair succeeded.
         storage_driver_name: the storage driver opening the files (default ``"file"``).
 
     The result is a context manager: leaving it (or ``close()``) flushes and closes the image,
-    its backing chain and its files. Errors: :class:`DriverNotFoundError` for an unknown
+    its backing chain and its files. An image dropped without closing is flushed and closed
+    when it is garbage-collected (or at interpreter exit), with a :class:`ResourceWarning`.
+    Errors: :class:`DriverNotFoundError` for an unknown
     format, :class:`ImplicitOpenDeniedError` when the gate refuses a file,
+    :class:`ImageLockedError` when another process (QEMU, or imago) holds the image in a way
+    that forbids this open (images are locked as QEMU locks them, until closed),
     :class:`CorruptImageError` / :class:`UnsupportedFeatureError` for bad or unsupported
     images; OS errors (``FileNotFoundError``, ...) pass through unchanged.
 
@@ -120,42 +173,93 @@ def open(
                 gate=gate,
                 direct=direct,
                 no_flush=no_flush,
+                force_share=force_share,
+                for_check=for_check,
                 storage_driver_name=storage_driver_name,
             )
         )
     )
 
 
-async def create_async(filename: str | os.PathLike[str], format: str, size: int, **options: Any) -> None:
+def _create_builder(
+    driver: type[FormatDriver], storage: Storage, size: int | None, options: dict[str, Any]
+) -> FormatCreateBuilder[Any]:
+    builder = driver.create_builder(storage)
+    if size is not None:
+        builder.size(size)
+    for key, value in options.items():
+        builder.set_option(key, value)
+    return builder
+
+
+async def create_async(
+    filename: str | os.PathLike[str],
+    format: str,
+    size: int | None = None,
+    *,
+    unsafe: bool = False,
+    gate: ImplicitOpenGate | None = None,
+    **options: Any,
+) -> None:
     """Create an image file; the asynchronous form of :func:`create` (same parameters)."""
     driver = format_driver(format)
     storage_cls = storage_driver("file")
-    # Validate every option before touching the file, so bad input loses no data.
-    probe_builder = driver.create_builder(_NO_STORAGE).size(size)
-    for key, value in options.items():
-        probe_builder.set_option(key, value)
+    name = os.fspath(filename)
+    if not isinstance(unsafe, bool):
+        raise InvalidOptionError("unsafe", f"must be True or False, got {unsafe!r}")
+    if gate is None:
+        gate = _default_gate(name)
+    elif not isinstance(gate, ImplicitOpenGate):
+        raise InvalidOptionError("gate", f"expected an ImplicitOpenGate, got {type(gate).__name__}")
+    # Validate every option, and the backing file, before touching the file: bad input loses no data.
+    probe_builder = _create_builder(driver, _NO_STORAGE, size, options)
     probe_builder.validate()
-    storage = await storage_cls.create(StorageCreateOptions(filename=os.fspath(filename), overwrite=True))
+    backing_size = await check_backing(name, probe_builder, gate, unsafe=unsafe)
+    if size is None:
+        if backing_size is None:
+            because = (
+                "unsafe=True does not open the backing file to take it from"
+                if probe_builder.backing_file_name is not None
+                else "there is no backing file to take it from"
+            )
+            raise InvalidOptionError("size", f"the disk size is needed: {because}")
+        size = backing_size
+        _create_builder(driver, _NO_STORAGE, size, options).validate()
+    storage = await storage_cls.create(StorageCreateOptions(filename=name, overwrite=True))
     try:
-        builder = driver.create_builder(storage).size(size)
-        for key, value in options.items():
-            builder.set_option(key, value)
+        builder = _create_builder(driver, storage, size, options)
         await builder.create()
         await storage.flush()
     finally:
         await storage.close()
 
 
-def create(filename: str | os.PathLike[str], format: str, size: int, **options: Any) -> None:
+def create(
+    filename: str | os.PathLike[str],
+    format: str,
+    size: int | None = None,
+    *,
+    unsafe: bool = False,
+    gate: ImplicitOpenGate | None = None,
+    **options: Any,
+) -> None:
     """Create the image file *filename* of *format*, *size* bytes large, as ``qemu-img create`` does.
 
-    An existing file is replaced, but only after every option was checked: bad options raise
-    :class:`InvalidOptionError` (naming the option) and leave the file untouched.
+    An existing file is replaced, but only after every option (and the backing file) was
+    checked: bad options raise :class:`InvalidOptionError` (naming the option) and leave the
+    file untouched.
 
     Args:
         filename: the file to create.
         format: the format driver's name (``"raw"``, ``"qcow2"``, ...).
-        size: the virtual disk size in bytes.
+        size: the virtual disk size in bytes; ``None`` takes the backing file's size (an
+            :class:`InvalidOptionError` naming ``size`` when there is no backing file to take
+            it from).
+        unsafe: do not open the backing file (``qemu-img create -u``): it need not exist yet,
+            and *size* must be given.
+        gate: the :class:`ImplicitOpenGate` the backing file is opened through (default: a
+            :class:`SandboxImplicitOpenGate` over the new image's directory, as for
+            :func:`open`).
         **options: the format's creation options by name, as the driver's create builder
             methods take them, or by ``qemu-img``'s names: ``preallocate`` /
             ``preallocation`` (``"off"``, ``"metadata"``, ``"falloc"``, ``"full"``) for every
@@ -164,14 +268,19 @@ def create(filename: str | os.PathLike[str], format: str, size: int, **options: 
             ``backing_format``, ``data_file``, ``data_file_raw``. The builder's
             ``option_names`` lists them (``Qcow2.create_builder_class.option_names``).
 
-    Names recorded in the image (a backing file) are not opened. For a storage you opened
-    yourself, use the driver's builder: ``Qcow2.create_builder(storage).size(n)...create_sync()``.
+    A backing file is checked as ``qemu-img create`` checks it: found relative to the new
+    image's directory, it must exist and open as ``backing_format`` (it is opened read-only,
+    with its own backing chain, and closed again); otherwise :class:`InvalidOptionError` names
+    ``backing_file``. A backing file outside the gate's rules raises
+    :class:`ImplicitOpenDeniedError`. For a storage you opened yourself, use the driver's
+    builder (which opens nothing): ``Qcow2.create_builder(storage).size(n)...create_sync()``.
 
     Example::
 
         imago.create("disk.qcow2", "qcow2", 1 << 30, cluster_size=65536, lazy_refcounts=True)
+        imago.create("overlay.qcow2", "qcow2", backing_file="disk.qcow2", backing_format="qcow2")
     """
-    runtime.run_sync(create_async(filename, format, size, **options))
+    runtime.run_sync(create_async(filename, format, size, unsafe=unsafe, gate=gate, **options))
 
 
 class _NoStorage(Storage):

@@ -7,6 +7,7 @@ Subclasses also derive from the builtin exception that fits, so callers that cat
 
 from __future__ import annotations
 
+import errno
 import os
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "DriverContractError",
     "DriverNotFoundError",
     "DuplicateDriverError",
+    "ImageLockedError",
     "ImagoError",
     "ImplicitOpenDeniedError",
     "InvalidBufferError",
@@ -210,6 +212,33 @@ class UnsupportedFileTypeError(ImagoError, OSError):
         self.filename = filename
         self.kind = kind
         self.expected = expected
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ImageLockedError(ImagoError, OSError):
+    """Another process (QEMU, or imago elsewhere) holds a lock on ``filename`` that this open conflicts with.
+
+    ``lock`` names the permission as QEMU does (``"write"``, ``"consistent read"``, ``"resize"``);
+    ``shared`` is true when the other process holds that permission and this open would not
+    share it (QEMU's ``Failed to get shared "write" lock``), false when this open needs the
+    permission and the other process does not share it (``Failed to get "write" lock``).
+    ``errno`` is ``EAGAIN``, as the lock call reports.
+    """
+
+    def __init__(self, filename: str, lock: str, *, shared: bool = False) -> None:
+        kind = "shared " if shared else ""
+        message = (
+            f'{filename}: Failed to get {kind}"{lock}" lock; is another process using the image? '
+            "To read it while it may change, open it read-only with force_share=True (-U)"
+        )
+        ImagoError.__init__(self, message)
+        self.errno = errno.EAGAIN
+        self.strerror = message
+        self.filename = filename
+        self.lock = lock
+        self.shared = shared
 
     def __str__(self) -> str:
         return str(self.args[0])

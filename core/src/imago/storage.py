@@ -110,10 +110,23 @@ class StorageOpenOptions:
     #: ``qemu-img convert`` writes by default, but a host crash may lose or corrupt what was
     #: written. :meth:`Storage.sync` still makes everything durable.
     no_flush: bool = attrs.field(default=False, validator=_bool)
+    #: Read without taking any lock that would stop a writer (QEMU's ``force-share``,
+    #: ``qemu-img -U``): the image may change underneath, so what is read may be inconsistent.
+    #: Only for read-only opens; refused together with :attr:`writable`.
+    force_share: bool = attrs.field(default=False, validator=_bool)
+    #: Let other processes write to (but not resize) the file while this open holds it: how
+    #: QEMU locks an external data file, whose bytes carry no metadata of the image.
+    share_write: bool = attrs.field(default=False, validator=_bool)
     #: Which storage driver to use when opening through the registry.
     driver: str = attrs.field(default="file", validator=_non_empty)
     #: Driver-specific options (for example ``{"size": ...}`` for ``null``).
     driver_options: MappingType[str, Any] = attrs.field(factory=dict)
+
+    def __attrs_post_init__(self) -> None:
+        if self.force_share and self.writable:
+            raise InvalidOptionError(
+                "force_share", "only read-only opens can share the image with writers; it cannot be used with writable"
+            )
 
 
 @attrs.frozen(kw_only=True)

@@ -23,10 +23,13 @@ def storages() -> Iterator[list[File]]:
 
 @pytest.fixture
 def open_file(storages: list[File]) -> Callable[..., File]:
-    """``open_file(path, writable=False, direct=False)``: ``File.open_sync``, closed after the test."""
+    """``open_file(path, writable=..., direct=..., force_share=...)``: ``File.open_sync``, closed after the test."""
 
-    def open_(path: str | os.PathLike[str], *, writable: bool = False, direct: bool = False) -> File:
-        storage = File.open_sync(StorageOpenOptions(filename=path, writable=writable, direct=direct))
+    def open_(
+        path: str | os.PathLike[str], *, writable: bool = False, direct: bool = False, force_share: bool = False
+    ) -> File:
+        options = StorageOpenOptions(filename=path, writable=writable, direct=direct, force_share=force_share)
+        storage = File.open_sync(options)
         storages.append(storage)
         return storage
 

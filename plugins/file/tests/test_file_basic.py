@@ -204,7 +204,8 @@ def test_repr(make_image, open_file):
     path = make_image(b"x")
     assert str(path) in repr(open_file(path))
     assert "ro" in repr(open_file(path))
-    assert "rw" in repr(open_file(path, writable=True))
+    # Another file: a writer cannot open what this process still holds read-only (image locks).
+    assert "rw" in repr(open_file(make_image(b"x", "rw.bin"), writable=True))
 
 
 # --- closing ----------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ class TestFileConformance(StorageConformance):
         return File.create_sync(StorageCreateOptions(filename=directory / "storage.img", size=size, overwrite=True))
 
     def reopen_read_only(self, storage: Storage) -> Storage:
-        return File.open_sync(StorageOpenOptions(filename=storage.filename))
+        return File.open_sync(StorageOpenOptions(filename=storage.filename, force_share=True))
 
 
 class TestDirectFileConformance(StorageConformance):
@@ -20,4 +20,4 @@ class TestDirectFileConformance(StorageConformance):
         return File.open_sync(StorageOpenOptions(filename=path, writable=True, direct=True))
 
     def reopen_read_only(self, storage: Storage) -> Storage:
-        return File.open_sync(StorageOpenOptions(filename=storage.filename, direct=True))
+        return File.open_sync(StorageOpenOptions(filename=storage.filename, direct=True, force_share=True))

@@ -130,7 +130,7 @@ def test_sparse_files_fall_back_to_4096(tmp_path, open_file, without_statx):
 
 def test_file_descriptor_is_direct(direct, open_file, image):
     assert fcntl.fcntl(direct.fileno(), fcntl.F_GETFL) & os.O_DIRECT
-    buffered = open_file(image)
+    buffered = open_file(image, force_share=True)  # *direct* holds the image for writing
     assert not fcntl.fcntl(buffered.fileno(), fcntl.F_GETFL) & os.O_DIRECT
     assert "direct" in repr(direct)
 

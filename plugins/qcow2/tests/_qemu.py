@@ -21,6 +21,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import imago
+from imago import CheckResult, PermissiveImplicitOpenGate
+
 StrPath = str | os.PathLike[str]
 
 MiB = 1 << 20
@@ -126,9 +129,58 @@ def info(image: StrPath, *, fmt: str = "qcow2", cwd: StrPath | None = None) -> d
     return result
 
 
-def check(image: StrPath, *, cwd: StrPath | None = None) -> None:
-    """``qemu-img check``: fails on leaks or corruption."""
-    qemu_img("check", "-f", "qcow2", image, cwd=cwd)
+def check(image: StrPath, *, cwd: StrPath | None = None) -> dict[str, Any]:
+    """``qemu-img check``: fails on leaks or corruption; imago's own check must say the same.
+
+    Returns qemu-img's JSON report.
+    """
+    proc = subprocess.run(
+        [_tool("qemu-img"), "check", "-f", "qcow2", "--output=json", os.fspath(image)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        check=False,
+        timeout=120,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"qemu-img check {image} failed with exit status {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+        )
+    report: dict[str, Any] = json.loads(proc.stdout)
+    assert_imago_check_agrees(image, report, proc.returncode, proc.stderr, cwd=cwd)
+    return report
+
+
+def imago_check(image: StrPath, *, cwd: StrPath | None = None) -> CheckResult:
+    """imago's own check of *image* (a relative name is relative to *cwd*), opened read-only.
+
+    ``force_share``: the caller may still hold the image open (flushed) for writing.
+    """
+    path = Path(cwd or ".", image)
+    with imago.open(path, "qcow2", gate=PermissiveImplicitOpenGate(), force_share=True) as disk:
+        return disk.check()
+
+
+def assert_imago_check_agrees(
+    image: StrPath, report: dict[str, Any], status: int, stderr: str = "", *, cwd: StrPath | None = None
+) -> CheckResult:
+    """imago's check of *image* equals what ``qemu-img check`` said of it: the second oracle.
+
+    *report*, *status* and *stderr* are qemu-img's JSON report, exit status and findings (one
+    per line on stderr). Everything must be equal but the file name (which each tool spells
+    its own way).
+    """
+    ours = imago_check(image, cwd=cwd)
+    got = (ours.exit_status, _unnamed(ours.to_json()), {m for f in ours.findings for m in f.message.splitlines()})
+    expected = (status, _unnamed(report), set(stderr.splitlines()))
+    assert got == expected, (
+        f"imago's check of {image} (status, JSON, findings) differs from qemu-img's:\n{got}\n{expected}"
+    )
+    return ours
+
+
+def _unnamed(report: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in report.items() if key != "filename"}
 
 
 def qemu_map(image: StrPath, *, fmt: str = "qcow2", cwd: StrPath | None = None) -> list[dict[str, Any]]:

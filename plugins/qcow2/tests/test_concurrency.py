@@ -110,8 +110,11 @@ def sha256(path: Path) -> str:
 
 
 def check_clean(path: Path) -> None:
-    """``qemu-img check``: no corruption, no leaked clusters (a clean close frees everything)."""
-    _qemu.qemu_img("check", "-f", "qcow2", path.name, cwd=path.parent)
+    """``qemu-img check``: no corruption, no leaked clusters (a clean close frees everything).
+
+    imago's own check must say the same.
+    """
+    _qemu.check(path.name, cwd=path.parent)
 
 
 # --- the starting image -----------------------------------------------------------------------

@@ -319,6 +319,8 @@ def check_clean(image: Path) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(proc.stdout)
     for key in ("check-errors", "corruptions", "leaks", "corruptions-fixed", "leaks-fixed"):
         assert result.get(key, 0) == 0, f"qemu-img check {image}: {key} = {result[key]}\n{proc.stdout}"
+    # The second oracle: imago's own check says the same.
+    _qemu.assert_imago_check_agrees(image, result, proc.returncode, proc.stderr)
     return result
 
 

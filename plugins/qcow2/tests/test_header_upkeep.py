@@ -88,8 +88,8 @@ def test_writing_clears_unknown_autoclear_bits_keeps_extensions(tmp_path: Path, 
 def test_a_refused_open_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "disk.qcow2"
     prepare(path)
-    set_incompatible_bit(path, 0)  # dirty: refused for writing
+    set_incompatible_bit(path, 1)  # corrupt: refused for writing
     digest = sha256(path)
-    with pytest.raises(ImagoError, match="dirty"):
+    with pytest.raises(ImagoError, match="corrupt"):
         Qcow2.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
     assert sha256(path) == digest

@@ -14,9 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from imago import ImagoError, PermissiveImplicitOpenGate
-from imago_qcow2 import Qcow2
-
 from . import _qemu
 from ._qemu import MiB
 from .test_crash import is_dirty
@@ -39,7 +36,8 @@ def test_dirty_only_while_refcounts_lag(tmp_path: Path, lazy: bool) -> None:
         assert is_dirty(path) == lazy
         image.flush()
         assert not is_dirty(path)
-        check_clean(path)
+        # qemu-img cannot open what imago holds for writing (image locks): check a copy of the file.
+        check_clean(shutil.copy(path, tmp_path / "flushed.qcow2"))
         assert image.driver.info()["format-specific"]["data"]["dirty"] is False
         image.write(b"\x33" * 1000, 2 * MiB)
         assert is_dirty(path) == lazy
@@ -58,12 +56,11 @@ def test_a_dirty_copy_is_repaired_without_losing_flushed_data(tmp_path: Path) ->
     with open_rw(path) as image:
         image.write(b"\x44" * 4096, MiB)
         image.flush()
-        flushed = convert(path, tmp_path)
+        flushed = convert(shutil.copy(path, tmp_path / "flushed.qcow2"), tmp_path)  # imago holds *path* locked
         image.write(b"\x55" * 4096, 3 * MiB + 512)
         assert is_dirty(path)
         shutil.copy(path, copy)  # the files as a crash would leave them
-    with pytest.raises(ImagoError, match="dirty"):
-        Qcow2.builder_path(copy).write(True).open_sync(PermissiveImplicitOpenGate())
+    # (Opening it for writing would repair it first, as QEMU does: see test_check.py.)
     # Read-only access still works, and sees what was flushed.
     with open_ro(copy) as image:
         assert image.driver.info()["format-specific"]["data"]["dirty"] is True

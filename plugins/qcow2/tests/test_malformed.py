@@ -325,11 +325,18 @@ def test_corrupt_bit_refuses_write_open(img: Path) -> None:
     assert corpus.get_u64(img, corpus.OFF_INCOMPATIBLE_FEATURES) & corpus.INCOMPAT_CORRUPT
 
 
-def test_corrupt_bit_refuses_write_open_even_with_allow_corrupt(img: Path) -> None:
+def test_corrupt_bit_refuses_writes_even_with_allow_corrupt(img: Path) -> None:
     corpus.set_incompatible(img, corpus.INCOMPAT_CORRUPT)
     before = img.read_bytes()
-    with pytest.raises((ReadOnlyError, CorruptImageError)):
-        open_image(img, write=True, allow_corrupt=True)
+    with pytest.raises(CorruptImageError):
+        open_image(img, write=True)
+    # allow_corrupt opens it for a repair only (as qemu-img check -r does): writes are refused.
+    disk = open_image(img, write=True, allow_corrupt=True)
+    try:
+        with pytest.raises((ReadOnlyError, CorruptImageError)):
+            disk.write(b"\x33" * 512, 0)
+    finally:
+        disk.close()
     assert img.read_bytes() == before
 
 

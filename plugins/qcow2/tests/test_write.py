@@ -115,6 +115,8 @@ def check_clean(path: str | os.PathLike[str], *, cwd: str | os.PathLike[str] | N
     assert proc.returncode == 0, (
         f"qemu-img check {path}: exit status {proc.returncode}, {problems}\n{proc.stdout}{proc.stderr}"
     )
+    # The second oracle: imago's own check says the same.
+    _qemu.assert_imago_check_agrees(path, result, proc.returncode, proc.stderr, cwd=cwd)
     return result
 
 
@@ -861,18 +863,20 @@ def make_small(path: Path, options: dict[str, object] | None = None) -> bytes:
     return _qemu.fill_bytes(64 * KiB, 0x11) + bytes(MiB - 64 * KiB)
 
 
-def test_dirty_image_is_refused_for_writing(tmp_path: Path) -> None:
+def test_dirty_image_is_repaired_when_opened_for_writing(tmp_path: Path) -> None:
     path = tmp_path / "dirty.qcow2"
     content = make_small(path)
     set_incompatible_bit(path, 0)
     digest = sha256(path)
-    with pytest.raises(imago.ImagoError):
-        open_rw(path)
-    with pytest.raises(imago.ImagoError):
-        imago.open(path, format="qcow2", write=True)
-    assert sha256(path) == digest, "a refused open changed the image"
-    with open_ro(path) as image:  # reading needs no refcounts
+    with open_ro(path) as image:  # reading needs no refcounts, and changes nothing
         assert read_all(image) == content
+    assert sha256(path) == digest, "a read-only open changed the image"
+    with imago.open(path, format="qcow2", write=True) as image:  # repaired first, as QEMU does
+        assert image.driver.info()["format-specific"]["data"]["dirty"] is False
+        image.write(b"\x22" * 512, 0)
+    check_clean(path)
+    with open_ro(path) as image:
+        assert read_all(image) == b"\x22" * 512 + content[512:]
 
 
 def test_corrupt_image_is_refused_for_writing(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from ..errors import ClosedError, DriverContractError, InvalidRequestError, Read
 from ..fileobj import ImageFile
 from ..io_buffers import IoVector, byte_view, byte_views, iovec_length, slice_iovec, zero_fill
 from ..storage import PreallocateMode
+from . import unclosed
 from .capabilities import Capability
 from .check import CheckResult, RepairMode
 from .driver import FormatDriver
@@ -55,6 +56,10 @@ class FormatAccess:
     need an image opened for writing. Closing (:meth:`close`) flushes and releases the
     driver, its storages and its backing layers.
 
+    The access owns its driver: an image dropped without :meth:`close` (garbage collected, or
+    still open at interpreter exit) is flushed and closed then, with a :class:`ResourceWarning`
+    naming its file (when several accesses wrap one driver, with the last of them).
+
     Many reads and writes may be in flight at once. Destructive operations (the
     ``discard_*`` methods, :meth:`resize`, :meth:`close`) may invalidate mappings that other
     requests already hold: the caller must give them exclusive use of the affected range
@@ -64,11 +69,23 @@ class FormatAccess:
     """
 
     def __init__(self, driver: FormatDriver) -> None:
+        self._setup(driver)
+        self._finalizer = unclosed.track(self, driver)
+
+    def _setup(self, driver: FormatDriver) -> None:
         if not isinstance(driver, FormatDriver):
             raise InvalidRequestError(f"FormatAccess needs a FormatDriver, got {type(driver).__name__}")
         self._driver = driver
         self._cache = ExtentCache(driver.mapping_epoch)
         self._closed = False
+
+    @classmethod
+    def _engine(cls, driver: FormatDriver) -> FormatAccess:
+        """A short-lived access for the engine's own use: it never owns (nor closes) *driver*."""
+        engine = cls.__new__(cls)
+        engine._setup(driver)
+        engine._finalizer = None
+        return engine
 
     # --- facts ------------------------------------------------------------------------------
 
@@ -439,16 +456,21 @@ class FormatAccess:
                 self._driver.mappings_changed()
 
     async def close(self) -> None:
-        """Flush (if writable) and release the image. Closing twice does nothing."""
+        """Flush (if writable) and release the image. Closing twice does nothing.
+
+        Closing one of several accesses over a driver closes the driver; closing the others
+        afterwards does nothing.
+        """
         if self._closed:
             return
         self._cache = ExtentCache(-1)
-        try:
-            if self._driver.writable:
-                await self._driver.flush()
-        finally:
-            self._closed = True
-            await self._driver.close()
+        self._closed = True
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        # Marked before the flush: a failed close is reported here, not retried when dropped.
+        if unclosed.mark_closed(self._driver):
+            return
+        await unclosed.release(self._driver)
 
     # --- adapters -------------------------------------------------------------------------------
 
@@ -481,14 +503,16 @@ async def read_through(driver: FormatDriver, bufs: Sequence[memoryview], offset:
     the disk read as zero.
     """
     length = iovec_length(bufs)
-    await FormatAccess(driver)._read_as_backing(list(bufs), offset, length)
+    await FormatAccess._engine(driver)._read_as_backing(list(bufs), offset, length)
 
 
 class SyncFormatAccess:
     """Synchronous I/O on an image: the methods of :class:`FormatAccess`, blocking.
 
     Takes an opened format driver or a :class:`FormatAccess`. A context manager: leaving
-    it (or :meth:`close`) flushes and closes the image.
+    it (or :meth:`close`) flushes and closes the image. One dropped without closing is
+    flushed and closed when it is garbage-collected or at interpreter exit, with a
+    :class:`ResourceWarning` (see :class:`FormatAccess`).
     """
 
     def __init__(self, image: FormatDriver | FormatAccess) -> None:

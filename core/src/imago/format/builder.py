@@ -33,6 +33,7 @@ class FormatDriverBuilder(Generic[D]):
     passed to :meth:`open`). Options are methods returning the builder, so they chain:
 
     * :meth:`write` -- open for writing (default: read-only);
+    * :meth:`for_check` -- open a damaged image to check or repair it (``qemu-img check``);
     * :meth:`storage_options` (also :meth:`storage_open_options`) -- how files are opened by
       path: storage driver, ``direct``, ``no_flush``, driver options;
     * :meth:`below` -- for drivers opening backing files: the image above, for loop detection.
@@ -56,6 +57,7 @@ class FormatDriverBuilder(Generic[D]):
         self._storage = storage
         self._path = None if path is None else os.fspath(path)
         self._writable = False
+        self._for_check = False
         self._storage_options = StorageOpenOptions()
         self._chain: tuple[str, ...] = ()
 
@@ -66,6 +68,18 @@ class FormatDriverBuilder(Generic[D]):
         if not isinstance(writable, bool):
             raise InvalidOptionError("write", f"must be True or False, got {writable!r}")
         self._writable = writable
+        return self
+
+    def for_check(self, check: bool = True) -> Self:
+        """Open the image to check or repair it, as ``qemu-img check`` opens images.
+
+        Damaged images that a normal open refuses (qcow2: marked corrupt) are opened; opened for
+        writing, nothing but a repair may write to them until it succeeded, and nothing is
+        repaired implicitly (a dirty image is left as it is, for the check to report).
+        """
+        if not isinstance(check, bool):
+            raise InvalidOptionError("for_check", f"must be True or False, got {check!r}")
+        self._for_check = check
         return self
 
     def storage_options(self, options: StorageOpenOptions) -> Self:
@@ -116,6 +130,11 @@ class FormatDriverBuilder(Generic[D]):
     def writable(self) -> bool:
         """Whether the image is to be opened for writing."""
         return self._writable
+
+    @property
+    def checking(self) -> bool:
+        """Whether the image is opened to be checked or repaired (:meth:`for_check`)."""
+        return self._for_check
 
     @property
     def path(self) -> str | None:
@@ -254,6 +273,21 @@ class FormatCreateBuilder(Generic[D]):
     def preallocation(self) -> PreallocateMode:
         """The requested preallocation mode."""
         return self._preallocate
+
+    @property
+    def backing_file_name(self) -> str | None:
+        """The backing file name the new image will record (``None``: no backing file).
+
+        Formats with backing files override it: ``imago.create`` then checks the backing file
+        as ``qemu-img create`` does (it exists and opens as :attr:`backing_format_name`) and
+        takes the disk size from it when none is given.
+        """
+        return None
+
+    @property
+    def backing_format_name(self) -> str | None:
+        """The backing file's format the new image will record, if any."""
+        return None
 
     async def create(self) -> None:
         """Check the options, then write the new image to the storage (emptying it first)."""

@@ -97,16 +97,19 @@ class CheckResult:
     findings: tuple[CheckFinding, ...] = ()
     #: What the repair pass found (and fixed, where ``fixed``); empty without a repair.
     repaired: tuple[CheckFinding, ...] = ()
+    #: Why the check stopped before it completed (qemu-img's ``Check failed: <reason>``), or
+    #: ``None``; the counts are then those gathered before it stopped.
+    failure: str | None = None
 
     @property
     def clean(self) -> bool:
-        """No corruptions, leaks or check errors."""
-        return not (self.corruptions or self.leaks or self.check_errors)
+        """The check completed and found no corruptions, leaks or check errors."""
+        return self.failure is None and not (self.corruptions or self.leaks or self.check_errors)
 
     @property
     def exit_status(self) -> int:
         """``qemu-img check``'s exit status: 0 clean, 1 not completed, 2 corruptions, 3 leaks."""
-        if self.check_errors:
+        if self.check_errors or self.failure is not None:
             return 1
         if self.corruptions:
             return 2
@@ -117,25 +120,26 @@ class CheckResult:
     def to_json(self) -> dict[str, Any]:
         """The result under ``qemu-img check --output=json``'s field names and order.
 
-        As qemu-img does, optional counts that are zero (or unknown) are left out.
+        As qemu-img does, ``filename``, ``format`` and ``check-errors`` are always there and the
+        other counts only when not zero (or unknown).
         """
-        out: dict[str, Any] = {}
-        optional = (
+        # qemu-img prints a QDict, whose keys come out in hash-bucket order, not in the order
+        # the fields were set: this is that order for these twelve names (QEMU 7.2).
+        fields = (
             ("image-end-offset", self.image_end_offset),
+            ("compressed-clusters", self.compressed_clusters),
             ("total-clusters", self.total_clusters),
+            ("corruptions", self.corruptions),
+            ("corruptions-fixed", self.corruptions_fixed),
             ("check-errors", self.check_errors),
             ("leaks", self.leaks),
             ("leaks-fixed", self.leaks_fixed),
-            ("corruptions", self.corruptions),
-            ("corruptions-fixed", self.corruptions_fixed),
             ("allocated-clusters", self.allocated_clusters),
+            ("filename", self.filename),
+            ("format", self.format),
             ("fragmented-clusters", self.fragmented_clusters),
-            ("compressed-clusters", self.compressed_clusters),
         )
-        for key, value in optional:
-            if value or key == "check-errors":
-                out[key] = value or 0
-            if key == "check-errors":
-                out["filename"] = self.filename
-                out["format"] = self.format
-        return out
+        always = ("check-errors", "filename", "format")
+        return {
+            key: (value or 0) if key == "check-errors" else value for key, value in fields if value or key in always
+        }

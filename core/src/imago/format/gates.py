@@ -2,9 +2,12 @@
 
 Images name other files (a qcow2 backing file, an external data file). Opening those, and
 opening an image by path through ``builder_path``, is an *implicit* open: it goes through the
-gate passed to ``open()``. Every gate enforces that such names are local file names (never
-``json:`` or ``protocol:`` strings); chains of images are checked for loops and depth by the
-builders (:data:`~imago.format.builder.MAX_CHAIN_DEPTH`).
+gate passed to ``open()``. The file a caller names to :func:`imago.open` is an explicit open:
+it is opened as asked, whatever its type and wherever it is, without the gate.
+
+Every gate enforces that such names are local file names (never ``json:`` or ``protocol:``
+strings); chains of images are checked for loops and depth by the builders
+(:data:`~imago.format.builder.MAX_CHAIN_DEPTH`).
 """
 
 from __future__ import annotations

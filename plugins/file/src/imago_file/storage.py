@@ -6,6 +6,9 @@ place; under a loop a non-blocking attempt (``RWF_NOWAIT``) serves what the page
 holds, and the rest moves to imago's I/O threads. With ``direct=True`` the file is opened
 ``O_DIRECT``; requests that miss the alignment are served through aligned bounce buffers
 (read-modify-write for writes, serialised against overlapping writes).
+
+Opening takes QEMU's image locks (see :mod:`imago_file.locking`), so imago and QEMU processes
+sharing a host exclude each other as QEMU processes do; closing releases them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from imago import (
 )
 from imago.io_buffers import aligned_buffer, iovec_length, is_aligned, slice_iovec, zero_fill
 
-from . import syscalls
+from . import locking, syscalls
 
 __all__ = ["File"]
 
@@ -78,21 +81,36 @@ class File(Storage):
         self._req_align = 1
         self._locks = RangeLock()
         self._no_flush = False
+        # The process that took the image locks: only it releases them (a forked child shares
+        # the open file description, and unlocking there would drop the parent's locks).
+        self._lock_owner: int | None = None
         if direct:
-            self._mem_align, self._req_align = self._probe_alignment()
+            try:
+                self._mem_align, self._req_align = self._probe_alignment()
+            except BaseException:
+                self._fd = -1  # the opener closes the descriptor; __del__ must not close it again
+                raise
 
     # --- construction -------------------------------------------------------------------------
 
     @classmethod
     async def open(cls, options: StorageOpenOptions) -> File:
-        """Open ``options.filename`` (read-only unless ``writable``; ``O_DIRECT`` if ``direct``)."""
+        """Open ``options.filename`` (read-only unless ``writable``; ``O_DIRECT`` if ``direct``).
+
+        Takes QEMU's image locks (fewer with ``force_share``); :class:`~imago.ImageLockedError`
+        if another process's locks forbid this open.
+        """
         return await runtime.run_blocking(cls._open_blocking, options, 0)
 
     @classmethod
     async def create(cls, options: StorageCreateOptions) -> File:
-        """Create the file (``overwrite`` replaces an existing one), sized and preallocated as asked."""
-        flags = os.O_CREAT | (os.O_TRUNC if options.overwrite else os.O_EXCL)
-        storage = await runtime.run_blocking(cls._open_blocking, options.open_options(), flags)
+        """Create the file (``overwrite`` replaces an existing one), sized and preallocated as asked.
+
+        An existing file is emptied only once its locks are ours: an image another process
+        holds is left untouched (:class:`~imago.ImageLockedError`).
+        """
+        flags = os.O_CREAT | (0 if options.overwrite else os.O_EXCL)
+        storage = await runtime.run_blocking(cls._open_blocking, options.open_options(), flags, options.overwrite)
         try:
             if storage._block_device:
                 raise UnsupportedFeatureError("creating a block device", options.filename)
@@ -104,7 +122,7 @@ class File(Storage):
         return storage
 
     @classmethod
-    def _open_blocking(cls, options: StorageOpenOptions, extra_flags: int) -> File:
+    def _open_blocking(cls, options: StorageOpenOptions, extra_flags: int, truncate: bool = False) -> File:
         filename = options.filename
         if not filename:
             raise InvalidOptionError("filename", "the file driver needs a file name")
@@ -122,13 +140,24 @@ class File(Storage):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filename)
             else:
                 raise UnsupportedFileTypeError(filename, _file_kind(st.st_mode), "a regular file or block device")
+            locking.lock_image(
+                fd,
+                filename,
+                writable=options.writable,
+                force_share=options.force_share,
+                share_write=options.share_write,
+            )
+            if truncate and not block_device:
+                os.ftruncate(fd, 0)
+                size = 0
             storage = cls(
                 fd, filename, writable=options.writable, direct=options.direct, block_device=block_device, size=size
             )
             storage._no_flush = options.no_flush
+            storage._lock_owner = os.getpid()
             return storage
         except BaseException:
-            os.close(fd)
+            os.close(fd)  # closing the last descriptor of the open file description drops its locks
             raise
 
     def _probe_alignment(self) -> tuple[int, int]:
@@ -502,16 +531,24 @@ class File(Storage):
             pos += step
 
     async def close(self) -> None:
-        """Close the file descriptor; closing twice does nothing."""
+        """Release the image locks and close the file descriptor; closing twice does nothing."""
+        self._release()
+
+    def _release(self) -> None:
         fd, self._fd = self._fd, -1
-        if fd >= 0:
+        if fd < 0:
+            return
+        try:
+            # Unlocking explicitly frees the image even while a forked child still holds a copy
+            # of the descriptor; in such a child only the copy is closed, the parent keeps its locks.
+            if self._lock_owner == os.getpid():
+                locking.unlock_image(fd)
+        finally:
             os.close(fd)
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            self._fd = -1
-            os.close(fd)
+        if getattr(self, "_fd", -1) >= 0:
+            self._release()
 
     def __repr__(self) -> str:
         mode = "rw" if self._writable else "ro"

@@ -7,17 +7,20 @@ compressed data). An L2 table shared with a snapshot is copied before it is chan
 clusters a write binds, and what it copies, is the L2 entry width's business
 (:mod:`imago_qcow2.l2_entries`); where new host clusters come from is the data placement's
 (:mod:`imago_qcow2.placement`).
+
+No write lands on metadata, whatever the tables claim (:mod:`imago_qcow2.overlap`): guest data
+mapped onto a metadata cluster, an L2 table in a cluster holding other metadata, and an entry
+whose release would free metadata each mark the image corrupt before anything changes.
 """
 
 from __future__ import annotations
 
-import struct
-
 from imago import FormatDriver, ShallowRaw, read_through
 
 from .l2_entries import Fill
+from .overlap import Metadata
 from .state import Qcow2State
-from .tables import OFLAG_COPIED, L2Table
+from .tables import L2Table
 
 __all__ = ["Allocation"]
 
@@ -31,7 +34,8 @@ class Allocation:
         self._driver = driver
         # Fixed for the image's life: bound once for the write path.
         self._in_place = state.entries.in_place
-        self._check_write = state.placement.check_write
+        self._metadata_under = state.placement.metadata_under
+        self._guard = state.guard
 
     async def writable_table(self, offset: int) -> L2Table:
         """The L2 table for *offset*, made ours: created, or copied when shared with a snapshot.
@@ -41,9 +45,13 @@ class Allocation:
         state = self._state
         l1_index = offset >> state.table_shift
         current = state.l1[l1_index]
-        if current and state.l1_copied[l1_index]:
-            return await state.tables.get(current)
+        if current:
+            # An "L2 table" in the refcount table's cluster, say, is neither changed nor freed.
+            await self._guard.check_l2_table(current, l1_index, state.header.l1_table_offset)
+            if state.l1_copied[l1_index]:
+                return await state.tables.get(current)
         host, _ = await state.refcounts.allocate(1)
+        self._guard.placed(Metadata.ACTIVE_L2, (host >> state.cluster_bits,))
         if current:
             raw = (await state.tables.get(current)).to_bytes()
             state.frees.append((current >> state.cluster_bits, 1))
@@ -55,8 +63,9 @@ class Allocation:
         await state.tables.flush()
         state.l1[l1_index] = host
         state.l1_copied[l1_index] = 1
-        entry = struct.pack(">Q", host | OFLAG_COPIED)
-        await state.storage.writev([memoryview(entry)], state.header.l1_table_offset + 8 * l1_index)
+        await state.write_l1_entries(l1_index, l1_index + 1)
+        if current and current not in state.l1:
+            self._guard.retired(Metadata.ACTIVE_L2, (current >> state.cluster_bits,))
         return table
 
     async def ensure_data_mapping(self, offset: int, length: int, overwrite: bool = False) -> tuple[ShallowRaw, int]:
@@ -65,33 +74,50 @@ class Allocation:
         Clusters of our own are written in place; others are allocated, with copy-on-write of
         the parts of the first and last cluster that the caller does not write (even with
         *overwrite*). A damaged image whose L2 entries map guest data onto its metadata is
-        refused.
+        marked corrupt and the write refused; so is every write once the image is marked corrupt.
         """
         state = self._state
+        guard = self._guard
+        if guard.unsettled:
+            await guard.settle()
         table = await state.table(offset)
         host, count = (0, 0) if table is None else self._in_place(table, offset, length)
         if count:
             mapping = ShallowRaw(state.data_storage, host, True)
         else:
             async with state.lock:
-                mapping, count = await self._allocate(offset, length)
-        self._check_write(mapping, count, offset)
+                mapping, count = await self._allocate(offset, length, table)
+        overlap = self._metadata_under(mapping.offset, count)
+        if overlap is not None:
+            await guard.refuse_data_write(mapping.offset, offset, overlap)
         return mapping, count
 
-    async def _allocate(self, offset: int, length: int) -> tuple[ShallowRaw, int]:
+    async def _allocate(self, offset: int, length: int, seen: L2Table | None) -> tuple[ShallowRaw, int]:
+        """Allocate for (a prefix of) the range; *seen*: its L2 table as looked up before the lock was taken."""
         state = self._state
         entries = state.entries
-        table = await self.writable_table(offset)
-        host, count = entries.in_place(table, offset, length)
-        if count:  # allocated meanwhile
-            return ShallowRaw(state.data_storage, host, True), count
         cluster_bits = state.cluster_bits
         index = (offset >> cluster_bits) & state.l2_mask
         table_end = ((offset >> state.table_shift) + 1) << state.table_shift
         end = min(offset + length, table_end)
         last = ((end - 1) >> cluster_bits) & state.l2_mask
         first_guest = offset >> cluster_bits << cluster_bits
-        owned_host, count = entries.write_run(table, index, last)
+        # Decided on the table as it is, before it is made ours (a copy has the same entries):
+        # nothing is written when the entries the write replaces cannot be released.
+        # (The table seen before the lock, if it is still the cached one of this L1 entry.)
+        l2_offset = state.l1[offset >> state.table_shift]
+        current = seen if seen is not None and state.tables.peek(l2_offset) is seen else await state.table(offset)
+        if current is not None:
+            host, count = entries.in_place(current, offset, length)
+            if count:  # allocated meanwhile
+                return ShallowRaw(state.data_storage, host, True), count
+            owned_host, count = entries.write_run(current, index, last)
+            if owned_host is None:
+                # The entries replaced are released: none may use metadata (it would be freed).
+                await self._guard.check_entries(current, index, index + count, first_guest)
+        table = await self.writable_table(offset)
+        if current is None:
+            owned_host, count = entries.write_run(table, index, last)
         if owned_host is None:
             host, count = await state.placement.allocate(first_guest, count)
         else:

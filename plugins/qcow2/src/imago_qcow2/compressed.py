@@ -3,7 +3,8 @@
 Reads gather the compressed data of every cluster a request touches (adjacent data in one
 read), then decompress on all cores; partly read clusters are kept, decompressed, for the next
 small read. Writes compress on all cores, then pack the data tightly into host clusters, as
-QEMU does. The codec itself is :mod:`imago_qcow2.compression`.
+QEMU does: never into a cluster holding metadata, and never releasing an entry that uses one
+(:mod:`imago_qcow2.overlap`). The codec itself is :mod:`imago_qcow2.compression`.
 """
 
 from __future__ import annotations
@@ -140,6 +141,9 @@ class CompressedClusters:
                 chunk = memoryview(bytes(chunk) + bytes(cluster_size - chunk.nbytes))
             clusters.append(chunk)
         compression = state.header.compression_type
+        guard = state.guard
+        if guard.unsettled:
+            await guard.settle()
         packed = await runtime.run_parallel(lambda chunk: compress_cluster(chunk, compression), clusters)
         entries = state.entries
         for index, (chunk, blob) in enumerate(zip(clusters, packed, strict=True)):
@@ -149,10 +153,17 @@ class CompressedClusters:
                 await FormatAccess(self._driver).write(chunk[: min(cluster_size, state.size - guest)], guest)
                 continue
             async with state.lock:
+                slot = (guest >> cluster_bits) & state.l2_mask
+                current = await state.table(guest)
+                if current is not None:
+                    # The entry replaced is released: it must not use metadata.
+                    await guard.check_entries(current, slot, slot + 1, guest)
                 host = await self._place(len(blob))
+                overlap = guard.data_overlap(host, len(blob))
+                if overlap is not None:
+                    await guard.refuse_data_write(host, guest, overlap)
                 await state.storage.writev([memoryview(blob)], host)
                 table = await self._allocation.writable_table(guest)
-                slot = (guest >> cluster_bits) & state.l2_mask
                 offset_bits = 62 - (cluster_bits - 8)
                 sectors = (host % 512 + len(blob) + 511) // 512 - 1
                 descriptor = OFLAG_COMPRESSED | sectors << offset_bits | host
@@ -181,6 +192,7 @@ class CompressedClusters:
             fits = within + length <= 1 << cluster_bits
             if not fits and not await refcounts.get((current + 1) << cluster_bits):
                 # The next cluster is free: the data straddles into it.
+                await state.guard.check_free(current + 1, 1)
                 await refcounts.change(current + 1, 1, +1, avoid=range(current + 1, current + 2))
                 fits = True
             if fits:

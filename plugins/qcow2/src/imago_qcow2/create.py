@@ -227,6 +227,16 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
         if l1_entries(self.virtual_size, self._cluster_bits, self._extended_l2) * 8 > MAX_L1_BYTES:
             raise InvalidOptionError("size", f"{self.virtual_size} bytes is too large for this cluster size")
 
+    @property
+    def backing_file_name(self) -> str | None:
+        """The backing file name to record, if any."""
+        return self._backing_file
+
+    @property
+    def backing_format_name(self) -> str | None:
+        """The backing file's format to record, if any."""
+        return self._backing_format
+
     # --- writing ---------------------------------------------------------------------------------
 
     async def write_image(self) -> None:

@@ -14,6 +14,8 @@ from typing import Any, Self
 
 from imago import (
     Capability,
+    CheckResult,
+    CorruptImageError,
     FormatAccess,
     FormatCreateBuilder,
     FormatDriver,
@@ -21,12 +23,15 @@ from imago import (
     ImplicitOpenGate,
     InvalidOptionError,
     PreallocateMode,
+    ReadOnlyError,
+    RepairMode,
     ShallowMapping,
     Storage,
     runtime,
 )
 
 from .allocation import Allocation
+from .check import check_image, reload_state
 from .compressed import CompressedClusters
 from .create import Qcow2CreateBuilder
 from .header import Header
@@ -74,7 +79,11 @@ class Qcow2Builder(FormatDriverBuilder["Qcow2"]):
         return self
 
     def allow_corrupt(self, allow: bool = True) -> Self:
-        """Allow a read-only open of an image whose corrupt bit is set."""
+        """Allow opening an image whose corrupt bit is set: read-only, or for writing a repair only.
+
+        Opened for writing, every write but a repair (``check`` with a fix, as ``qemu-img
+        check -r`` opens such images) is refused until the repair cleared the bit.
+        """
         self._allow_corrupt = bool(allow)
         return self
 
@@ -119,7 +128,7 @@ class Qcow2(FormatDriver):
     name = "qcow2"
     builder_class = Qcow2Builder
     create_builder_class = Qcow2CreateBuilder
-    capabilities = frozenset({Capability.RESIZE, Capability.SNAPSHOTS, Capability.COMPRESSED_WRITES})
+    capabilities = frozenset({Capability.RESIZE, Capability.SNAPSHOTS, Capability.COMPRESSED_WRITES, Capability.CHECK})
 
     def __init__(self, state: Qcow2State) -> None:
         self._state = state
@@ -132,6 +141,34 @@ class Qcow2(FormatDriver):
         self._compressed = CompressedClusters(state, self, self._allocation)
         self._resizer = Resizer(state, self, self._allocation, self._zeroing)
         self._snapshots = Snapshots(state, self, References(state))
+        #: Why writes are refused until a repair (damaged metadata found when opening), if they are.
+        self._damage: CorruptImageError | None = None
+        #: Why snapshots cannot be read (a snapshot table entry naming an unusable L1 table).
+        self._snapshot_damage: CorruptImageError | None = None
+
+    def refuse_writes(self, damage: CorruptImageError | None) -> None:
+        """Refuse every write but a repair (:meth:`check` with a fix) with *damage*; ``None``: allow them.
+
+        An image opened for writing whose metadata only a repair can make safe to write (as
+        ``qemu-img check -r all`` would) stays open for that repair.
+        """
+        self._damage = damage
+        if damage is None:
+            self.ensure_data_mapping = self._allocation.ensure_data_mapping  # type: ignore[method-assign]
+        else:
+            self.ensure_data_mapping = self._refused_data_mapping  # type: ignore[method-assign]
+
+    def refuse_snapshot_views(self, damage: CorruptImageError | None) -> None:
+        """Refuse to read internal snapshots with *damage* (a damaged snapshot table); ``None``: allow it."""
+        self._snapshot_damage = damage
+
+    def _require_intact(self) -> None:
+        if self._damage is not None:
+            raise self._damage
+
+    async def _refused_data_mapping(self, offset: int, length: int, overwrite: bool) -> tuple[ShallowMapping, int]:
+        self._require_intact()
+        return await self._allocation.ensure_data_mapping(offset, length, overwrite)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -262,18 +299,22 @@ class Qcow2(FormatDriver):
 
     async def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """Zero flag on whole clusters, keeping allocations (version 3; version 2 writes zeroes)."""
+        self._require_intact()
         return await self._zeroing.ensure_zero_mapping(offset, length)
 
     async def discard_to_zero(self, offset: int, length: int) -> tuple[int, int]:
         """Zero flag on whole clusters, releasing their space."""
+        self._require_intact()
         return await self._zeroing.discard_to_zero(offset, length)
 
     async def discard_to_any(self, offset: int, length: int) -> tuple[int, int]:
         """Unallocate whole clusters (they read from the backing image, or as zero)."""
+        self._require_intact()
         return await self._zeroing.discard_to_any(offset, length)
 
     async def discard_to_backing(self, offset: int, length: int) -> tuple[int, int]:
         """Unallocate the range so it reads from the backing image again (whole clusters only)."""
+        self._require_intact()
         return await self._zeroing.discard_to_backing(offset, length)
 
     async def readv_special(self, bufs: Sequence[memoryview], offset: int) -> None:
@@ -286,6 +327,7 @@ class Qcow2(FormatDriver):
         *offset* must be cluster-aligned and the data whole clusters (a shorter last cluster is
         allowed at the end of the disk). A cluster that does not shrink is written as is.
         """
+        self._require_intact()
         await self._compressed.write_compressed(data, offset)
 
     async def resize(self, new_size: int, prealloc: PreallocateMode = PreallocateMode.NONE) -> None:
@@ -294,13 +336,16 @@ class Qcow2(FormatDriver):
         Shrinking below the disk size an internal snapshot records is refused. Growing over a
         larger backing file makes the new area read as zero, not as the backing file.
         """
+        self._require_intact()
         await self._resizer.resize(new_size, prealloc)
 
     # --- snapshots -----------------------------------------------------------------------------
 
     @property
     def snapshots(self) -> list[Snapshot]:
-        """The internal snapshots."""
+        """The internal snapshots (a damaged snapshot table raises its :class:`CorruptImageError`)."""
+        if self._snapshot_damage is not None:
+            raise self._snapshot_damage
         return list(self._state.snapshots)
 
     def find_snapshot(self, name_or_id: str) -> Snapshot:
@@ -312,6 +357,8 @@ class Qcow2(FormatDriver):
 
         The view shares this image's storages: close it before closing the image.
         """
+        if self._snapshot_damage is not None:
+            raise self._snapshot_damage
         return Qcow2(await self._snapshots.view_state(name_or_id))
 
     def read_snapshot_sync(self, name_or_id: str) -> Qcow2:
@@ -332,6 +379,7 @@ class Qcow2(FormatDriver):
         now). Refused, with nothing changed, when a refcount would overflow (narrow
         ``refcount_bits``).
         """
+        self._require_intact()
         return await self._snapshots.create(name, date_ns=date_ns, vm_clock_nsec=vm_clock_nsec)
 
     async def apply_snapshot(self, name_or_id: str) -> None:
@@ -339,6 +387,7 @@ class Qcow2(FormatDriver):
 
         The snapshot is looked up by ID first, then by name. The snapshot itself stays.
         """
+        self._require_intact()
         await self._snapshots.apply(name_or_id)
 
     async def delete_snapshot(self, name_or_id: str) -> Snapshot:
@@ -348,6 +397,7 @@ class Qcow2(FormatDriver):
         failing that, the one with this ID (which qemu-img does not look at). Returns the
         deleted snapshot.
         """
+        self._require_intact()
         return await self._snapshots.delete(name_or_id)
 
     def create_snapshot_sync(self, name: str, *, date_ns: int | None = None, vm_clock_nsec: int = 0) -> Snapshot:
@@ -361,6 +411,35 @@ class Qcow2(FormatDriver):
     def delete_snapshot_sync(self, name_or_id: str) -> Snapshot:
         """Synchronous :meth:`delete_snapshot`."""
         return runtime.run_sync(self.delete_snapshot(name_or_id))
+
+    # --- check and repair ---------------------------------------------------------------------
+
+    async def check(self, fix: RepairMode | None = None) -> CheckResult:
+        """Check the image as ``qemu-img check`` does; with *fix*, repair it first (``-r leaks|all``).
+
+        Every structure using clusters is counted in memory and compared with the stored
+        refcounts; COPIED flags, alignment and placement are verified. A repair fixes what the
+        mode allows (``ALL``: rebuilding the refcount structure when it is itself damaged),
+        then the image is checked again and the open image reloaded from the disk. The
+        findings carry qemu-img's lines (``Leaked cluster 5 refcount=2 reference=1``, ...).
+        """
+        state = self._state
+        if fix is not None and not state.writable:
+            raise ReadOnlyError(f"{state.filename or 'qcow2 image'} (repairing needs an image opened for writing)")
+        result = await check_image(state, fix)
+        if fix is not None:
+            # The repair changed the metadata behind the open image's back: read it again.
+            async with state.lock:
+                try:
+                    await reload_state(state)
+                except CorruptImageError as damage:
+                    state.tables.clear()
+                    self.refuse_writes(damage)
+                else:
+                    self.refuse_writes(None)
+                    self.refuse_snapshot_views(None)
+            self.mappings_changed()
+        return result
 
     # --- life cycle ---------------------------------------------------------------------------
 

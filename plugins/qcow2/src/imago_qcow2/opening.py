@@ -2,14 +2,15 @@
 
 The backing file and the external data file the header names are implicit opens: they go
 through the gate, unless the builder gives them (or ``None``). Opening for writing refuses
-what this driver cannot write safely (a dirty or corrupt image, metadata in clusters counted
-free), and declares the autoclear features it does not maintain invalid, as the
-specification asks of any writer.
+an image marked corrupt, repairs a dirty one first (as QEMU does: ``check -r all``), leaves
+one whose metadata lies in clusters counted free open for a repair only, and declares the
+autoclear features it does not maintain invalid, as the specification asks of any writer.
 """
 
 from __future__ import annotations
 
 import enum
+from array import array
 from typing import TYPE_CHECKING
 
 import attrs
@@ -22,6 +23,7 @@ from imago import (
     InvalidOptionError,
     MissingStorageError,
     ReadOnlyError,
+    RepairMode,
     Storage,
     StorageOpenOptions,
     check_local_file_name,
@@ -29,6 +31,7 @@ from imago import (
     probe,
 )
 
+from .check import check_pass, reload_state
 from .header import Header, header_cluster_size, parse_header
 from .layout import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -40,7 +43,7 @@ from .layout import (
 from .references import References
 from .snapshot_table import read_snapshot_table
 from .state import Qcow2State
-from .tables import read_l1
+from .tables import parse_l1
 
 if TYPE_CHECKING:
     from .driver import Qcow2, Qcow2Builder
@@ -95,12 +98,22 @@ async def _open(
     filename = storage.filename
     header = await _read_header(storage)
     features_at = field_offset("incompatible_features")
+    corrupt_damage: CorruptImageError | None = None
+    allows_corrupt = builder.allows_corrupt or builder.checking
     if header.incompatible_features & INCOMPAT_CORRUPT:
-        if builder.writable:
+        if builder.writable and not allows_corrupt:
             raise CorruptImageError(
-                filename, features_at, "the image is marked corrupt; it cannot be opened for writing"
+                filename,
+                features_at,
+                "the image is marked corrupt; it cannot be opened for writing (allow_corrupt(True) opens it "
+                "for a repair only)",
             )
-        if not builder.allows_corrupt:
+        if builder.writable:
+            # As qemu-img check -r opens it: a repair may clear the bit, nothing else is written.
+            corrupt_damage = CorruptImageError(
+                filename, features_at, "the image is marked corrupt; repair it (check with a fix) first"
+            )
+        elif not allows_corrupt:
             raise CorruptImageError(
                 filename,
                 features_at,
@@ -112,14 +125,14 @@ async def _open(
     if builder.writable:
         header = attrs.evolve(header, autoclear_features=found_autoclear & AUTOCLEAR_DATA_FILE_RAW)
 
-    l1, l1_copied = await read_l1(
-        storage,
-        table_offset=header.l1_table_offset,
-        entries=header.l1_size,
-        cluster_bits=header.cluster_bits,
-        filename=filename,
-    )
-    snapshots = await read_snapshot_table(storage, header, filename)
+    l1, l1_copied, l1_damage = await _read_active_l1(storage, header)
+    snapshot_damage: CorruptImageError | None = None
+    try:
+        snapshots = await read_snapshot_table(storage, header, filename)
+    except CorruptImageError as unusable:
+        # A snapshot's L1 table is unusable: open for checking and repair only, as QEMU does.
+        snapshots = await read_snapshot_table(storage, header, filename, check_l1=False)
+        snapshot_damage = unusable
 
     data_storage = storage
     given_data_file = builder.given_data_file
@@ -146,9 +159,29 @@ async def _open(
         writable=builder.writable,
         discard_freed=builder.discards_freed,
     )
+    state.l1_damage = l1_damage
     image = driver_class(state)
+    if snapshot_damage is not None:
+        image.refuse_snapshot_views(snapshot_damage)
     if builder.writable:
-        await References(state).scan_metadata()
+        found = corrupt_damage or next(iter(l1_damage.values()), snapshot_damage)
+        if found is None and header.incompatible_features & INCOMPAT_DIRTY:
+            if builder.checking:
+                # qemu-img check opens it as it is: the check reports what the crash left.
+                found = CorruptImageError(
+                    filename, features_at, "the image is dirty; repair it (check with a fix) first"
+                )
+            else:
+                found = await _repair_dirty(state)
+        if found is not None:
+            image.refuse_writes(found)
+            return image
+        try:
+            await References(state).scan_metadata()
+        except CorruptImageError as damage:
+            # Open, but only for a repair: writes would trust refcounts that are wrong.
+            image.refuse_writes(damage)
+            return image
         if header.autoclear_features != found_autoclear:
             # Only now that the image is accepted: features this driver does not maintain
             # are declared invalid, as the specification asks of any writer.
@@ -161,8 +194,63 @@ def _check_writable(storage: Storage, header: Header) -> None:
     filename = storage.filename
     if not storage.writable:
         raise ReadOnlyError(filename or "qcow2 image file")
-    if header.incompatible_features & INCOMPAT_DIRTY:
-        raise DirtyImageError(filename, "repair it (qemu-img check -r all)")
+
+
+async def _read_active_l1(
+    storage: Storage, header: Header
+) -> tuple[array[int], bytearray, dict[int, CorruptImageError]]:
+    """The active L1 table, and its damaged entries (QEMU opens such images too).
+
+    A damaged entry stays unusable (reading through it raises its error) but the image can
+    be checked and repaired.
+    """
+    raw = bytearray(header.l1_size * 8)
+    if raw:
+        await storage.readv([memoryview(raw)], header.l1_table_offset)
+    damage: dict[int, CorruptImageError] = {}
+    while True:
+        try:
+            l1, l1_copied = parse_l1(
+                raw,
+                table_offset=header.l1_table_offset,
+                cluster_bits=header.cluster_bits,
+                file_size=storage.size,
+                filename=storage.filename,
+            )
+        except CorruptImageError as error:
+            index = ((error.offset or 0) - header.l1_table_offset) // 8
+            if not 0 <= index < header.l1_size or index in damage:
+                raise
+            damage[index] = error
+            raw[8 * index : 8 * index + 8] = bytes(8)
+            continue
+        for index in damage:
+            l1[index] = index << 1 | 1  # (see Qcow2State.l1_damage)
+        return l1, l1_copied, damage
+
+
+async def _repair_dirty(state: Qcow2State) -> CorruptImageError | None:
+    """A dirty image (lazy refcounts, left by a crash) is repaired before it is written to.
+
+    As QEMU does when opening it: a check with ``-r all``, which rebuilds what the refcounts
+    lack and clears the dirty bit.
+    """
+    repair = await check_pass(state, RepairMode.ALL)
+    counts = repair.counts
+    if repair.failed is not None or counts.check_errors:
+        raise DirtyImageError(state.filename, "the automatic repair failed; repair it with qemu-img check -r all")
+    if counts.corruptions:
+        # (still dirty on disk, as QEMU leaves it)
+        return CorruptImageError(
+            state.filename,
+            None,
+            f"the automatic repair of the dirty image left {counts.corruptions} corruptions; check it (qemu-img check)",
+        )
+    try:
+        await reload_state(state)
+    except CorruptImageError as damage:
+        return damage  # (what no repair fixes: the image is open for checking only)
+    return None
 
 
 async def _open_data_file(builder: Qcow2Builder, gate: ImplicitOpenGate, storage: Storage, header: Header) -> Storage:
@@ -180,8 +268,9 @@ async def _open_data_file(builder: Qcow2Builder, gate: ImplicitOpenGate, storage
             "the image needs an external data file but does not name one",
         )
     name = storage.resolve_relative_path(check_local_file_name(header.data_file))
-    # The image file's storage options (direct, no_flush, driver) apply to its data file too.
-    options = attrs.evolve(builder.given_storage_options, filename=name, writable=builder.writable)
+    # The image file's storage options (direct, no_flush, driver) apply to its data file too;
+    # QEMU lets others write to a data file (not resize it), so imago locks it the same way.
+    options = attrs.evolve(builder.given_storage_options, filename=name, writable=builder.writable, share_write=True)
     return await gate.open_storage(options)
 
 
@@ -195,10 +284,13 @@ async def _open_backing(
         # The recorded format is used as it is: never probed.
         driver = format_driver(header.backing_format)
     else:
-        probe_storage = await gate.open_storage(StorageOpenOptions(filename=name))
+        # Only the header is read: no lock that could stop a writer (the real open takes them).
+        probe_storage = await gate.open_storage(StorageOpenOptions(filename=name, force_share=True))
         try:
             driver = await probe(probe_storage)
         finally:
             await probe_storage.close()
     child = driver.builder_path(name).below(builder)
+    # Backing files are opened read-only, locked as such unless the image is read with force_share.
+    child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
     return FormatAccess(await gate.open_format(child))

@@ -12,13 +12,14 @@ from __future__ import annotations
 import abc
 from typing import TYPE_CHECKING
 
-from imago import CorruptImageError, ShallowRaw, Storage, UnsupportedFeatureError
+from imago import Storage, UnsupportedFeatureError
 
 from .l2_entries import ZeroMode
 from .layout import NO_LIMIT
 from .tables import OFLAG_COMPRESSED, entry_clusters
 
 if TYPE_CHECKING:
+    from .overlap import Metadata
     from .state import Qcow2State
 
 __all__ = ["DataPlacement", "ExternalDataFile", "ImageFileData"]
@@ -53,8 +54,11 @@ class DataPlacement(abc.ABC):
         """Where data clusters must end (L2 tables are checked against it when loaded)."""
 
     @abc.abstractmethod
-    def check_write(self, mapping: ShallowRaw, length: int, offset: int) -> None:
-        """Refuse a write mapping (guest *offset*) that would overwrite the image's metadata."""
+    def metadata_under(self, host: int, length: int) -> tuple[int, Metadata] | None:
+        """Where a data write to ``[host, host + length)`` would overwrite metadata: the first such cluster, and what.
+
+        ``None``: nowhere.
+        """
 
     @abc.abstractmethod
     async def zeroed(self, start: int, length: int, mode: ZeroMode) -> None:
@@ -88,19 +92,9 @@ class ImageFileData(DataPlacement):
         """The end of the image file."""
         return self._state.storage.size
 
-    def check_write(self, mapping: ShallowRaw, length: int, offset: int) -> None:
-        """A damaged image whose L2 entries map guest data onto its metadata is refused."""
-        state = self._state
-        if not state.metadata:
-            return
-        cluster_bits = state.cluster_bits
-        clusters = range(mapping.offset >> cluster_bits, ((mapping.offset + length - 1) >> cluster_bits) + 1)
-        if not state.metadata.isdisjoint(clusters):
-            raise CorruptImageError(
-                state.filename,
-                mapping.offset,
-                f"guest offset {offset:#x} is mapped onto the image's metadata; refusing to write there",
-            )
+    def metadata_under(self, host: int, length: int) -> tuple[int, Metadata] | None:
+        """Data and metadata share the image file: the overlap checks' answer."""
+        return self._state.guard.data_overlap(host, length)
 
     async def zeroed(self, start: int, length: int, mode: ZeroMode) -> None:
         """Nothing to do: zeroed entries read as zero by themselves."""
@@ -131,8 +125,9 @@ class ExternalDataFile(DataPlacement):
         """None: a sparse data file may end before clusters mapped into it; it reads zero there."""
         return NO_LIMIT
 
-    def check_write(self, mapping: ShallowRaw, length: int, offset: int) -> None:
-        """Nothing to check: no metadata lies in the data file."""
+    def metadata_under(self, host: int, length: int) -> tuple[int, Metadata] | None:
+        """None: no metadata lies in the data file."""
+        return None
 
     async def zeroed(self, start: int, length: int, mode: ZeroMode) -> None:
         """Keep the data file reading as the image does (a raw data file must)."""

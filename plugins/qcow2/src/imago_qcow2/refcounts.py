@@ -4,6 +4,10 @@ Reading needs no refcounts; they are parsed on demand (for ``info``-style checks
 writing, for allocation). Blocks live in a :class:`~imago.MetadataCache` so that writes can
 mark them dirty and have them written back in order. Allocation (of single clusters, and of
 contiguous clusters for tables) and applying batches of refcount changes live here too.
+
+With a :class:`~imago_qcow2.overlap.MetadataGuard`, every refcount block and table write is
+checked against the other metadata first, clusters are handed out only when they hold no
+metadata, and no metadata cluster's refcount drops to zero.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from imago import AllocationError, CorruptImageError, MetadataCache, Storage
 
 from .header import Header
+from .overlap import Metadata, MetadataGuard
 
 __all__ = ["REFTABLE_OFFSET_MASK", "RefcountBlock", "Refcounts"]
 
@@ -79,7 +84,7 @@ class Refcounts:
         header: Header,
         *,
         move_table: Callable[[int, int], Awaitable[None]] | None = None,
-        on_free: Callable[[int], None] | None = None,
+        guard: MetadataGuard | None = None,
         after_free: Callable[[list[int]], Awaitable[None]] | None = None,
     ) -> None:
         self._storage = storage
@@ -93,8 +98,8 @@ class Refcounts:
         self._block_bits = header.cluster_bits + 3 - header.refcount_order
         # Records a new refcount table in the header: (offset, clusters).
         self._move_table = move_table
-        # Told of every cluster whose refcount drops to zero (in the cache).
-        self._on_free = on_free
+        # Overlap checks: metadata writes, clusters handed out, refcounts dropping to zero.
+        self._guard = guard
         # Told, once the refcounts are on disk, of the clusters an apply() freed.
         self._after_free = after_free
         self._free_hint = 0
@@ -139,7 +144,13 @@ class Refcounts:
             self._table = entries
         return self._table
 
+    async def block_offsets(self) -> list[int]:
+        """Where the refcount blocks lie (the refcount table's non-empty entries)."""
+        return [entry & REFTABLE_OFFSET_MASK for entry in await self.table() if entry]
+
     async def _write_block(self, offset: int, block: RefcountBlock) -> None:
+        if self._guard is not None:
+            await self._guard.check_write(Metadata.REFCOUNT_BLOCK, offset, len(block.data))
         await self._storage.writev([memoryview(block.data)], offset)
 
     async def _load_block(self, offset: int) -> RefcountBlock:
@@ -184,11 +195,19 @@ class Refcounts:
             bytearray(cluster_size), offset=place << self._cluster_bits, refcount_order=self._header.refcount_order
         )
         block.set(place - first, 1)  # it describes itself
+        guard = self._guard
+        entry_offset = self._table_offset + 8 * index
+        if guard is not None:
+            # No block counts the clusters there: metadata there would be handed out.
+            await guard.check_free(place, 1)
+            guard.placed(Metadata.REFCOUNT_BLOCK, (place,))
+            await guard.check_write(Metadata.REFCOUNT_BLOCK, block.offset, cluster_size)
+            await guard.check_write(Metadata.REFCOUNT_TABLE, entry_offset, 8)
         # The block reaches the disk before the table entry that points to it.
         await self._storage.writev([memoryview(block.data)], block.offset)
         await self._storage.flush()
         table[index] = block.offset
-        await self._storage.writev([memoryview(struct.pack(">Q", block.offset))], self._table_offset + 8 * index)
+        await self._storage.writev([memoryview(struct.pack(">Q", block.offset))], entry_offset)
         self._blocks.put(block.offset, block)
 
     async def _grow_table(self, entries: int, avoid: range) -> None:
@@ -226,6 +245,12 @@ class Refcounts:
             if max(blocks, default=0) < len(new_table):
                 break
             clusters *= 2  # the table must also index the blocks placed after it
+        guard = self._guard
+        if guard is not None:
+            # The new table and blocks lie past the end of everything in use, contiguously.
+            await guard.check_free(end, position - end)
+            guard.placed(Metadata.REFCOUNT_TABLE, range(end, end + clusters))
+            guard.placed(Metadata.REFCOUNT_BLOCK, (block.offset >> self._cluster_bits for block in blocks.values()))
         for index, block in blocks.items():
             new_table[index] = block.offset
         for cluster in used:
@@ -239,11 +264,15 @@ class Refcounts:
                 self._blocks.mark_dirty(existing.offset)
         await self._blocks.flush()
         for block in blocks.values():
+            if guard is not None:
+                await guard.check_write(Metadata.REFCOUNT_BLOCK, block.offset, cluster_size)
             await self._storage.writev([memoryview(block.data)], block.offset)
         raw = array("Q", new_table)
         if sys.byteorder == "little":
             raw.byteswap()
         new_offset = end << self._cluster_bits
+        if guard is not None:
+            await guard.check_write(Metadata.REFCOUNT_TABLE, new_offset, clusters * cluster_size)
         await self._storage.writev([memoryview(raw.tobytes())], new_offset)
         await self._storage.flush()
         if self._move_table is None:
@@ -254,6 +283,11 @@ class Refcounts:
         self._table_offset = new_offset
         for block in blocks.values():
             self._blocks.put(block.offset, block)
+        if guard is not None:
+            guard.retired(
+                Metadata.REFCOUNT_TABLE,
+                range(old_offset >> self._cluster_bits, (old_offset >> self._cluster_bits) + old_clusters),
+            )
         await self.change(old_offset >> self._cluster_bits, old_clusters, -1)
 
     async def change(self, cluster: int, count: int, delta: int, avoid: range = range(0)) -> list[int]:
@@ -268,13 +302,13 @@ class Refcounts:
             value = block.get(index) + delta
             if not 0 <= value <= block.max_refcount:
                 raise CorruptImageError(self._filename, current << self._cluster_bits, f"refcount would become {value}")
+            if value == 0 and self._guard is not None:
+                await self._guard.freeing(current)  # (refused, before anything changes, for metadata)
             block.set(index, value)
             self._blocks.mark_dirty(block.offset)
             if value == 0:
                 freed.append(current)
                 self._free_hint = min(self._free_hint, current)
-                if self._on_free is not None:
-                    self._on_free(current)
         return freed
 
     async def allocate(self, count: int) -> tuple[int, int]:
@@ -288,6 +322,8 @@ class Refcounts:
             else:
                 start += run + 1
                 run = 0
+        if self._guard is not None:
+            await self._guard.check_free(start, count)
         await self.change(start, count, +1, avoid=range(start, start + count))
         self._free_hint = start + count
         return start << self._cluster_bits, count
@@ -331,3 +367,11 @@ class Refcounts:
     async def flush(self) -> None:
         """Write dirty refcount blocks back (followed by a storage flush)."""
         await self._blocks.flush()
+
+    def reload(self, header: Header) -> None:
+        """Forget every cached table and block: a repair rewrote the structure *header* names."""
+        self._header = header
+        self._table = None
+        self._table_offset = header.refcount_table_offset
+        self._free_hint = 0
+        self._blocks.clear()

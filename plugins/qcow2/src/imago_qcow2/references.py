@@ -3,8 +3,10 @@
 Refcounts count every path from an L1 table, as QEMU counts them (and ``qemu-img check``
 verifies): a data cluster reached from the active L1 table and from a snapshot's has
 refcount 2, even through one shared L2 table. COPIED flags (refcount exactly 1) are kept in
-the active tables only. Snapshot operations use the walk to change refcounts; opening for
-writing uses it to find the clusters metadata occupies.
+the active tables only. Snapshot operations use the walk to change refcounts (after checking
+that the tree uses no metadata cluster as data, or as an L2 table unless it is one: changing
+such refcounts would free metadata); opening for writing uses it to find the clusters metadata
+occupies.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Sequence
 
 from imago import CorruptImageError
 
-from .refcounts import REFTABLE_OFFSET_MASK
-from .snapshot_table import Snapshot, snapshot_table_length
+from .overlap import describe
+from .snapshot_table import Snapshot
 from .state import Qcow2State
-from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_l1, entry_clusters, read_l1, table_clusters
+from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, entry_clusters, read_l1, table_clusters
 
 __all__ = ["References"]
 
@@ -39,25 +41,38 @@ class References:
             filename=state.filename,
         )
 
-    async def tree_references(self, l1: Sequence[int]) -> dict[int, int]:
-        """How many references each host cluster gets through *l1* (its L2 tables included)."""
+    async def tree_references(self, l1: Sequence[int], l1_offset: int | None = None) -> dict[int, int]:
+        """How many references each host cluster gets through *l1* (its L2 tables included).
+
+        *l1_offset*: where the L1 table lies, for errors. A tree that uses metadata as data,
+        or as an L2 table where it is no L2 table, marks the image corrupt.
+        """
         state = self._state
+        guard = state.guard
         cluster_bits = state.cluster_bits
         counts: dict[int, int] = {}
-        for l2_offset in l1:
+        data: dict[int, int] = {}
+        for index, l2_offset in enumerate(l1):
             if not l2_offset:
                 continue
+            await guard.check_l2_table(l2_offset, index, l1_offset)
             counts[l2_offset >> cluster_bits] = counts.get(l2_offset >> cluster_bits, 0) + 1
             table = await state.tables.get(l2_offset)
             # (Snapshots keep all data in the image file: every descriptor counts.)
             for descriptor in state.entries.descriptors(table):
                 for cluster in entry_clusters(descriptor, cluster_bits):
-                    counts[cluster] = counts.get(cluster, 0) + 1
+                    data[cluster] = data.get(cluster, 0) + 1
+        # Checked once per cluster, not per entry: changing these refcounts must not free metadata.
+        await guard.check_data_clusters(
+            data, "the L1 table" if l1_offset is None else f"the L1 table at {l1_offset:#x}"
+        )
+        for cluster, count in data.items():
+            counts[cluster] = counts.get(cluster, 0) + count
         return counts
 
     async def tree_releases(self, l1: Sequence[int], l1_offset: int, l1_entries: int) -> dict[int, int]:
         """The refcount decrements that dropping the tree under *l1* (and *l1* itself) makes."""
-        releases = {cluster: -count for cluster, count in (await self.tree_references(l1)).items()}
+        releases = {cluster: -count for cluster, count in (await self.tree_references(l1, l1_offset)).items()}
         for cluster in table_clusters(l1_offset, l1_entries * 8, self._state.cluster_bits):
             releases[cluster] = releases.get(cluster, 0) - 1
         return releases
@@ -94,41 +109,23 @@ class References:
         if l1_changed:
             # The tables (and refcounts) first: the L1 entries then vouch for them.
             await state.tables.flush()
-            raw = encode_l1(state.l1, state.l1_copied)
-            await state.storage.writev([memoryview(raw)], state.header.l1_table_offset)
+            await state.write_l1_entries(0, len(state.l1))
 
     async def scan_metadata(self) -> None:
         """Before the first write: every cluster metadata occupies must be counted as in use.
 
-        Otherwise allocation could hand metadata out as free space. The clusters are kept in
-        :attr:`Qcow2State.metadata`, so that damaged L2 entries mapping data onto them are
-        refused too.
+        Otherwise allocation could hand metadata out as free space. The clusters found are
+        the guard's map from now on (:mod:`imago_qcow2.overlap`): no write, free or allocation
+        may touch them.
         """
         state = self._state
         cluster_bits = state.cluster_bits
-        header = state.header
-        clusters: set[int] = {0}
-        clusters.update(table_clusters(header.l1_table_offset, header.l1_size * 8, cluster_bits))
-        clusters.update(
-            table_clusters(header.refcount_table_offset, header.refcount_table_clusters << cluster_bits, cluster_bits)
-        )
-        clusters.update(
-            (entry & REFTABLE_OFFSET_MASK) >> cluster_bits for entry in await state.refcounts.table() if entry
-        )
-        clusters.update(offset >> cluster_bits for offset in state.l1 if offset)
-        if state.snapshots:
-            length = snapshot_table_length(state.snapshots, header.snapshots_offset)
-            clusters.update(table_clusters(header.snapshots_offset, length, cluster_bits))
-            for snapshot in state.snapshots:
-                clusters.update(table_clusters(snapshot.l1_table_offset, snapshot.l1_size * 8, cluster_bits))
-                l1, _ = await self.snapshot_l1(snapshot)
-                clusters.update(offset >> cluster_bits for offset in l1 if offset)
-        for cluster in sorted(clusters):
+        metadata = await state.guard.start()
+        for cluster in metadata:
             if not await state.refcounts.get(cluster << cluster_bits):
                 raise CorruptImageError(
                     state.filename,
                     cluster << cluster_bits,
-                    "metadata lies in a cluster whose refcount is 0; repair the image "
-                    "(qemu-img check -r all) before writing to it",
+                    f"the {describe(metadata.kinds(cluster))} lies in a cluster whose refcount is 0; repair the "
+                    "image (qemu-img check -r all) before writing to it",
                 )
-        state.metadata.update(clusters)  # (the set the refcounts report frees to)

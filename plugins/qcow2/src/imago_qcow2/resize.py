@@ -2,7 +2,8 @@
 
 Growing moves the L1 table to a larger place when it cannot map the new size: the new table
 is written and flushed before the header points to it, and the old one is released after.
-The size is recorded last. Shrinking releases the clusters past the new end first.
+The size is recorded last. Shrinking releases the clusters past the new end first, and
+records the smaller size only once that is on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from imago import FormatAccess, FormatDriver, InvalidRequestError, PreallocateMo
 from .allocation import Allocation
 from .l2_entries import ZeroMode
 from .layout import MAX_L1_BYTES
+from .overlap import Metadata
 from .state import Qcow2State
 from .tables import OFLAG_COPIED, encode_l1, table_clusters
 from .zeroing import Zeroing
@@ -58,6 +60,9 @@ class Resizer:
             first_gone = -(-new_size >> cluster_bits) << cluster_bits
             if first_gone < old_size:
                 await self._zeroing.zero(first_gone, old_size - first_gone, ZeroMode.UNMAP)
+                # The released L2 entries reach the disk before the smaller size does: else a
+                # crash could leave them behind, and growing again would bring the old data back.
+                await state.flush()
             await self._set_size(new_size)
             return
         if new_size == old_size:
@@ -89,7 +94,7 @@ class Resizer:
         raw += bytes(-(-entries * 8 >> state.cluster_bits << state.cluster_bits) - len(raw))
         await state.refcounts.flush()
         await state.tables.flush()
-        await state.storage.writev([memoryview(raw)], host)
+        await state.write_metadata(Metadata.ACTIVE_L1, host, raw)
         await state.storage.flush()
         old_offset, old_entries = state.header.l1_table_offset, len(state.l1)
         await state.update_header(l1_size=entries, l1_table_offset=host)

@@ -91,8 +91,10 @@ class _Reader:
         return data
 
 
-async def read_snapshot_table(storage: Storage, header: Header, filename: str | None) -> list[Snapshot]:
-    """Parse and validate every snapshot entry."""
+async def read_snapshot_table(
+    storage: Storage, header: Header, filename: str | None, *, check_l1: bool = True
+) -> list[Snapshot]:
+    """Parse and validate every snapshot entry (with *check_l1* False, not where its L1 table is)."""
     count = header.nb_snapshots
     if count == 0:
         return []
@@ -134,16 +136,16 @@ async def read_snapshot_table(storage: Storage, header: Header, filename: str | 
         if snapshot_id in seen_ids:
             raise CorruptImageError(filename, start, f"snapshot ID {snapshot_id!r} appears twice")
         seen_ids.add(snapshot_id)
-        if l1_size * 8 > MAX_L1_BYTES:
+        if check_l1 and l1_size * 8 > MAX_L1_BYTES:
             raise CorruptImageError(filename, start + 8, f"snapshot {snapshot_id!r} L1 table is too large")
         vm_state_large = struct.unpack_from(">Q", extra, 0)[0] if extra_size >= 8 else vm_state_size
         disk_size = struct.unpack_from(">Q", extra, 8)[0] if extra_size >= 16 else header.size
         icount = struct.unpack_from(">Q", extra, 16)[0] if extra_size >= 24 else None
         if icount == (1 << 64) - 1:
             icount = None
-        if l1_size < header.l1_entries_needed(disk_size):
+        if check_l1 and l1_size < header.l1_entries_needed(disk_size):
             raise CorruptImageError(filename, start + 8, f"snapshot {snapshot_id!r} L1 table is too small")
-        if l1_size:
+        if check_l1 and l1_size:
             check_table(
                 filename,
                 start,

@@ -4,19 +4,23 @@ Refcounts count every path from an L1 table (see :mod:`imago_qcow2.references`).
 are cleared when a snapshot starts sharing a cluster, and set again when deleting or leaving a
 snapshot makes it ours alone.
 
-Update order (a crash at any point leaves the image readable as before or after, with at
-worst leaked clusters):
+Update order: a crash at any point leaves the image as before or as after, with at worst
+leaked clusters, and no COPIED flag that ``qemu-img check`` would call an error. A cluster's
+refcount and its COPIED flag cannot change one after the other (in between, the flag is wrong
+whichever goes first), so:
 
-* create: refcount increments, then the active tables without COPIED flags, then the
-  snapshot's copy of the L1 table and the new snapshot table, then the header switches to
-  the new table (one write), and the old table is released last;
-* apply: increments for the snapshot's tree, a new active L1 table, one header write for
-  size, L1 size and L1 offset; the old active tree is released after it;
-* delete: the new snapshot table and header first, the snapshot's tree released after.
-
-Between the increments and the COPIED flags reaching the disk, ``qemu-img check`` would
-report flag mismatches (as it does for QEMU's own snapshot code); they are harmless and
-``qemu-img check -r all`` repairs them.
+* create and delete use a switchover (:mod:`imago_qcow2.switchover`): new refcount blocks and
+  table, a new active L1 table over copies of the L2 tables whose flags change, and the new
+  snapshot table are written to free clusters, and one header write switches to all of them.
+  Creating, the snapshot keeps the current L1 and L2 tables; the active image continues on
+  the copies (QEMU shares the L2 tables instead, and copies them on the next write). What
+  drops to zero (the deleted snapshot's clusters, the old tables) is released after the
+  switch;
+* apply needs none: the snapshot's L2 tables lose their COPIED flags while still inactive,
+  the refcounts of its tree are increased (leaks until the switch), a new active L1 table
+  is written, one header write switches size, L1 size and L1 offset, and the old active
+  tree is released after it. Every cluster the new active tree uses is shared with the
+  snapshot, so no flag needs setting.
 
 Snapshots operate on the whole image: like :meth:`~imago.FormatAccess.resize`, they must not
 overlap other requests.
@@ -25,6 +29,7 @@ overlap other requests.
 from __future__ import annotations
 
 import time
+from array import array
 
 import attrs
 
@@ -37,10 +42,12 @@ from imago import (
 )
 
 from .layout import MAX_NAME_BYTES, MAX_SNAPSHOTS
+from .overlap import Metadata
 from .references import References
-from .snapshot_table import MAX_TABLE_BYTES, Snapshot, encode_snapshot_table, snapshot_table_length
+from .snapshot_table import Snapshot
 from .state import Qcow2State
-from .tables import encode_l1, table_clusters
+from .switchover import ActiveL1, Switchover
+from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, encode_l1, table_clusters
 
 __all__ = ["Snapshots"]
 
@@ -110,17 +117,18 @@ class Snapshots:
             await state.write_back()
             changes = await self._references.tree_references(state.l1)
             await self._check_changes(changes)
-            l1_offset = await state.refcounts.allocate_table(len(state.l1) * 8)
-            await state.refcounts.apply(changes)
-            await self._references.update_copied()
-            await state.write_back()
-            # The snapshot's L1 table: the active one, without COPIED flags (they only hold there).
-            if l1_offset:
-                await state.storage.writev([memoryview(encode_l1(state.l1))], l1_offset)
+            # The snapshot keeps the current L1 table where it is, and the L2 tables; the
+            # active image gets a new L1 table, and copies of the L2 tables whose COPIED flags
+            # its entries lose (the snapshot now shares them).
+            l1 = await self._new_l1(state.l1, changes)
+            l1 = attrs.evolve(l1, offset=await state.refcounts.allocate_table(len(state.l1) * 8))
+            for index, l2_offset in enumerate(state.l1):
+                if l2_offset and l1.entries[index] != l2_offset:
+                    changes[l2_offset >> state.cluster_bits] -= 1  # the snapshot's alone, as before
             snapshot = Snapshot(
                 id=snapshot_id,
                 name=name,
-                l1_table_offset=l1_offset,
+                l1_table_offset=state.header.l1_table_offset if state.l1 else 0,
                 l1_size=len(state.l1),
                 date_sec=date_ns // 1_000_000_000,
                 date_nsec=date_ns % 1_000_000_000,
@@ -131,7 +139,11 @@ class Snapshots:
                 extra_data=b"",
                 table_offset=0,
             )
-            await self._write_table([*state.snapshots, snapshot])
+            await Switchover(state).switch(
+                changes={cluster: delta for cluster, delta in changes.items() if delta},
+                snapshots=[*state.snapshots, snapshot],
+                l1=l1,
+            )
             await state.write_back()
         self._driver.mappings_changed()
         return state.snapshots[-1]
@@ -152,11 +164,14 @@ class Snapshots:
             old_offset, old_entries = state.header.l1_table_offset, len(old_l1)
             releases = await self._references.tree_releases(old_l1, old_offset, old_entries)
             await self._check_changes(changes, releases)
+            # Every cluster of the snapshot's tree ends up shared with the snapshot: no COPIED
+            # flag may remain in its tables when they become active.
+            await self._clear_copied(l1)
             await state.refcounts.apply(changes)
             new_offset = await state.refcounts.allocate_table(len(l1) * 8)
             await state.refcounts.flush()
             if new_offset:
-                await state.storage.writev([memoryview(encode_l1(l1))], new_offset)
+                await state.write_metadata(Metadata.ACTIVE_L1, new_offset, encode_l1(l1))
             await state.storage.flush()
             # Size, L1 size and L1 offset change in one write (bytes 24 to 48, crypt_method between).
             await state.update_header(
@@ -188,11 +203,38 @@ class Snapshots:
         async with state.lock:
             await state.write_back()
             l1, _ = await self._references.snapshot_l1(snapshot)
-            releases = await self._references.tree_releases(l1, snapshot.l1_table_offset, snapshot.l1_size)
-            await self._check_changes(releases)
-            await self._write_table([s for s in state.snapshots if s is not snapshot])
-            await state.refcounts.apply(releases)
-            await self._references.update_copied()
+            changes = await self._references.tree_releases(l1, snapshot.l1_table_offset, snapshot.l1_size)
+            await self._check_changes(changes)
+            # Clusters the active image now holds alone get their COPIED flags: in copies of
+            # the L2 tables concerned, under a new active L1 table, switched to with the
+            # refcounts.
+            new_l1 = await self._new_l1(state.l1, changes)
+            if new_l1.copies or new_l1.copied != state.l1_copied:
+                new_l1 = attrs.evolve(new_l1, offset=await state.refcounts.allocate_table(len(state.l1) * 8))
+                for index, l2_offset in enumerate(state.l1):
+                    if l2_offset and new_l1.entries[index] != l2_offset:
+                        changes[l2_offset >> state.cluster_bits] = changes.get(l2_offset >> state.cluster_bits, 0) - 1
+                for cluster in table_clusters(state.header.l1_table_offset, len(state.l1) * 8, state.cluster_bits):
+                    changes[cluster] = changes.get(cluster, 0) - 1
+                active: ActiveL1 | None = new_l1
+            else:
+                active = None
+            # What drops to zero is released after the switch (a leak until then).
+            keep: dict[int, int] = {}
+            releases: dict[int, int] = {}
+            for cluster, delta in changes.items():
+                if not delta:
+                    continue
+                if await state.refcounts.get(cluster << state.cluster_bits) + delta:
+                    keep[cluster] = delta
+                else:
+                    releases[cluster] = delta
+            await Switchover(state).switch(
+                changes=keep,
+                snapshots=[s for s in state.snapshots if s is not snapshot],
+                l1=active,
+                releases=releases,
+            )
             await state.write_back()
         self._driver.mappings_changed()
         return snapshot
@@ -235,24 +277,66 @@ class Snapshots:
                         "the refcounts do not cover the references to this cluster (repair: qemu-img check -r all)",
                     )
 
-    async def _write_table(self, snapshots: list[Snapshot]) -> None:
-        """Write a new snapshot table, switch the header to it, release the old one."""
+    async def _new_l1(self, l1: array[int], changes: dict[int, int]) -> ActiveL1:
+        """A new active L1 table for the refcounts after *changes* (its place still to allocate).
+
+        Its COPIED flags hold for those refcounts; L2 tables whose entries' flags would change
+        are copied (to new clusters, with the flags set right) instead of changed in place:
+        the copies go to the L2 cache, dirty, to be written before the switch.
+        """
         state = self._state
-        old_offset = state.header.snapshots_offset
-        data, placed = encode_snapshot_table(snapshots)
-        if len(data) > MAX_TABLE_BYTES:
-            raise InvalidRequestError(f"{state.filename}: the snapshot table would exceed 64 MiB")
-        offset = await state.refcounts.allocate_table(len(data))
-        placed = [attrs.evolve(snapshot, table_offset=offset + snapshot.table_offset) for snapshot in placed]
-        await state.refcounts.flush()
-        if data:
-            await state.storage.writev([memoryview(data)], offset)
-        await state.storage.flush()
-        await state.update_header(nb_snapshots=len(placed), snapshots_offset=offset)
-        old_length = snapshot_table_length(state.snapshots, old_offset)
-        state.snapshots = placed
-        releases = {cluster: -1 for cluster in table_clusters(old_offset, old_length, state.cluster_bits)}
-        await state.refcounts.apply(releases)
+        refcounts = state.refcounts
+        entries = state.entries
+        cluster_bits = state.cluster_bits
+
+        async def refcount_after(host: int) -> int:
+            return await refcounts.get(host) + changes.get(host >> cluster_bits, 0)
+
+        new_entries = array("Q", l1)
+        copied = bytearray(len(l1))
+        copies = 0
+        for index, l2_offset in enumerate(l1):
+            if not l2_offset:
+                continue
+            table = await state.tables.get(l2_offset)
+            descriptors = entries.descriptors(table)
+            wanted: dict[int, int] = {}
+            for slot, entry in enumerate(descriptors):
+                host = entry & L2_OFFSET_MASK
+                if not host or entry & OFLAG_COMPRESSED:
+                    continue
+                flag = OFLAG_COPIED if await refcount_after(host) == 1 else 0
+                if entry & OFLAG_COPIED != flag:
+                    wanted[slot] = entry & ~OFLAG_COPIED | flag
+            if not wanted:
+                copied[index] = await refcount_after(l2_offset) == 1
+                continue
+            offset = await refcounts.allocate_table(state.cluster_size)
+            copy = state.new_table(table.to_bytes(), offset)
+            for slot, entry in wanted.items():
+                entries.set(copy, slot, entry)
+            state.tables.put(offset, copy, dirty=True)
+            copies += 1
+            new_entries[index] = offset
+            copied[index] = True  # a new table, ours alone
+        return ActiveL1(0, new_entries, copied, copies)
+
+    async def _clear_copied(self, l1: array[int]) -> None:
+        """Clear the COPIED flags in the L2 tables under *l1* (an inactive L1 table) and write them."""
+        state = self._state
+        entries = state.entries
+        for l2_offset in l1:
+            if not l2_offset:
+                continue
+            table = await state.tables.get(l2_offset)
+            changed = False
+            for slot, entry in enumerate(entries.descriptors(table)):
+                if entry & OFLAG_COPIED:
+                    entries.set(table, slot, entry & ~OFLAG_COPIED)
+                    changed = True
+            if changed:
+                state.tables.mark_dirty(l2_offset)
+        await state.tables.flush()
 
 
 def _check_name(name: object) -> None:

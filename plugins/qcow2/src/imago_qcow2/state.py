@@ -16,6 +16,9 @@ Update order (what reaches the disk first):
 
 A crash at any point leaves at worst leaked clusters.
 
+Every metadata write is checked first against the other metadata (:mod:`imago_qcow2.overlap`):
+an overlap marks the image corrupt and stops all further writes through it.
+
 With lazy refcounts (compatible feature bit 0) the first rule is relaxed: L2 tables may reach
 the disk before the refcounts they rely on, and the image is marked dirty on disk before the
 first such write. :meth:`Qcow2State.flush` writes the refcounts and marks it clean again. A
@@ -32,20 +35,32 @@ from typing import Any
 
 import attrs
 
-from imago import FormatAccess, MetadataCache, Storage
+from imago import CorruptImageError, FormatAccess, MetadataCache, Storage
 
 from .header import Header
 from .l2_entries import ExtendedL2, L2Entries, StandardL2
 from .layout import COMPAT_LAZY_REFCOUNTS, INCOMPAT_DIRTY, NO_LIMIT, write_header_fields
+from .overlap import L2_TABLES, Metadata, MetadataGuard, MetadataMap
 from .placement import DataPlacement, ExternalDataFile, ImageFileData
 from .refcounts import Refcounts
 from .snapshot_table import Snapshot
-from .tables import L2Table
+from .tables import L2Table, encode_l1
 
 __all__ = ["Qcow2State"]
 
 # Raw L2 table bytes kept in memory at most (the classified form takes about 2.5 times that).
 _L2_CACHE_BYTES = 16 << 20
+# Header fields that name tables: when they change, the metadata map is rebuilt.
+_TABLE_FIELDS = frozenset(
+    {
+        "l1_table_offset",
+        "l1_size",
+        "refcount_table_offset",
+        "refcount_table_clusters",
+        "snapshots_offset",
+        "nb_snapshots",
+    }
+)
 
 
 class Qcow2State:
@@ -97,9 +112,17 @@ class Qcow2State:
         #: Host clusters ``(first, count)`` to release once the metadata no longer pointing to
         #: them is on disk.
         self.frees: list[tuple[int, int]] = []
-        #: Host clusters that held metadata when the image was opened for writing (until they
-        #: are freed): data is never written there.
-        self.metadata: set[int] = set()
+        #: The overlap checks: which clusters hold metadata (from opening for writing on), and
+        #: whether the image was marked corrupt.
+        self.guard = MetadataGuard(self)
+        #: The image file's size when opened for writing: L2 tables unchanged since then map
+        #: nothing past it.
+        self.open_size = storage.size
+        #: L2 tables written since the image was opened (by offset).
+        self.rewritten_tables: set[int] = set()
+        #: Damaged active L1 entries by index (kept so that the image can be checked and repaired):
+        #: their L1 slot holds ``index << 1 | 1``, and reading through it raises the error.
+        self.l1_damage: dict[int, CorruptImageError] = {}
         #: Where the next compressed cluster goes (0: start a new host cluster).
         self.compress_cursor = 0
         #: Decompressed clusters by descriptor, least recently used first.
@@ -108,7 +131,7 @@ class Qcow2State:
             storage,
             header,
             move_table=self._move_refcount_table,
-            on_free=self.metadata.discard,
+            guard=self.guard if writable else None,
             after_free=self._forget_freed,
         )
         # Lazy refcounts: refcount blocks may lag behind the L2 tables while the image is
@@ -130,6 +153,11 @@ class Qcow2State:
         self.tables = tables
 
     @property
+    def metadata(self) -> MetadataMap:
+        """The clusters holding metadata, and what (empty unless opened for writing): the guard's map."""
+        return self.guard.map
+
+    @property
     def owns_storages(self) -> bool:
         """Whether closing closes the storages and backing chain (not for snapshot views)."""
         return self.snapshot is None
@@ -142,9 +170,26 @@ class Qcow2State:
 
     async def update_header(self, **values: int) -> None:
         """Write header fields (adjacent ones in one write), wait until they are on disk, keep them."""
+        await self.guard.check_write(Metadata.HEADER, 0, self.header.header_length)
         await write_header_fields(self.storage, values)
         fields: dict[str, Any] = dict(values)
         self.header = attrs.evolve(self.header, **fields)
+        if not _TABLE_FIELDS.isdisjoint(values):
+            self.guard.tables_switched()
+
+    async def write_metadata(self, kind: Metadata, offset: int, data: bytes | bytearray) -> None:
+        """Write metadata of *kind* (a table, or entries of one) at *offset*, once the guard let it.
+
+        A write overlapping other metadata marks the image corrupt instead (see
+        :meth:`~imago_qcow2.overlap.MetadataGuard.check_write`).
+        """
+        await self.guard.check_write(kind, offset, len(data))
+        await self.storage.writev([memoryview(data)], offset)
+
+    async def write_l1_entries(self, first: int, stop: int) -> None:
+        """Write active L1 entries ``[first, stop)`` (with their COPIED flags) in place."""
+        raw = encode_l1(self.l1[first:stop], self.l1_copied[first:stop])
+        await self.write_metadata(Metadata.ACTIVE_L1, self.header.l1_table_offset + 8 * first, raw)
 
     async def table(self, offset: int) -> L2Table | None:
         """The L2 table covering guest *offset*, if it exists."""
@@ -158,15 +203,32 @@ class Qcow2State:
 
     # --- the L2 table cache ---------------------------------------------------------------------
 
+    async def read_table(self, offset: int) -> L2Table:
+        """The L2 table at *offset*, read and validated as the cache loads it (and not cached)."""
+        return await self._load_l2(offset)
+
     async def _load_l2(self, offset: int) -> L2Table:
+        if offset & 1:
+            raise self.l1_damage[offset >> 1]
         raw = bytearray(self.cluster_size)
         await self.storage.readv([memoryview(raw)], offset)
-        return self.entries.table(raw, offset, image_size=self.storage.size, data_size=self.placement.data_limit())
+        image_size = self.storage.size
+        data_size = self.placement.data_limit()
+        if self.writable and offset not in self.rewritten_tables:
+            # Unchanged since opening: what it maps past the file's end then is not its own,
+            # even where the file has grown since (those clusters were handed out meanwhile).
+            # (Read-only, another process may be writing the image: the file's size now.)
+            image_size = self.open_size
+            if self.data_storage is self.storage:
+                data_size = self.open_size
+        return self.entries.table(raw, offset, image_size=image_size, data_size=data_size)
 
     async def _write_l2(self, offset: int, table: L2Table) -> None:
+        await self.guard.check_write(L2_TABLES, offset, self.cluster_size, "L2 table")
         if self.lazy and not self.dirty_on_disk and self.refcounts.blocks.dirty:
             # Refcounts this table relies on are still only in memory.
             await self.set_dirty(True)
+        self.rewritten_tables.add(offset)
         await self.storage.writev([memoryview(table.to_bytes())], offset)
         if not table.runs_valid:
             table.recompute_runs()
@@ -182,7 +244,10 @@ class Qcow2State:
         await self.update_header(refcount_table_offset=offset, refcount_table_clusters=clusters)
 
     async def _forget_freed(self, freed: list[int]) -> None:
-        """Freed clusters may be reused: nothing cached from them may be used again."""
+        """Freed clusters may be reused: nothing cached from them may be used again.
+
+        (None of them holds metadata: the guard refused that before the refcounts changed.)
+        """
         # No compressed data is packed into them, and no L2 table or decompressed cluster read
         # from them is kept.
         self.compress_cursor = 0
@@ -196,7 +261,11 @@ class Qcow2State:
     # --- flushing ---------------------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Write metadata back in crash-safe order, release freed clusters, flush the storages."""
+        """Write metadata back in crash-safe order, release freed clusters, flush the storages.
+
+        Once the image was marked corrupt, no metadata is written any more (as QEMU stops
+        using such an image): flushing then flushes the storages only.
+        """
         if not self.writable:
             return
         async with self.lock:
@@ -204,6 +273,10 @@ class Qcow2State:
 
     async def write_back(self) -> None:
         """:meth:`flush` with the lock held."""
+        if self.guard.corrupt is not None:
+            for storage in self.storages():
+                await storage.flush()
+            return
         await self.refcounts.flush()
         await self.tables.flush()
         if self.frees:

@@ -148,6 +148,16 @@ def decode_compressed(entry: int, cluster_bits: int) -> CompressedDescriptor:
     return host, (sectors + 1) * 512 - (host & 511)
 
 
+def _compressed_past(entry: int, cluster_bits: int, image_size: int) -> bool:
+    """Whether compressed data starts past the end of the file, or reaches a cluster past it.
+
+    Its last sector may end past the last byte of the file, never in a cluster after it: a
+    cluster there is not the data's (it may have been handed out since).
+    """
+    host, length = decode_compressed(entry, cluster_bits)
+    return host >= image_size or (host + length - 1) >> cluster_bits << cluster_bits >= image_size
+
+
 class L2Table:
     """One L2 table, validated and classified.
 
@@ -219,12 +229,12 @@ class L2Table:
                     raise CorruptImageError(
                         filename, self.offset + 8 * index, "compressed cluster in an image with an external data file"
                     )
-                host, _ = decode_compressed(entry, cluster_bits)
-                if host >= image_size:
+                if _compressed_past(entry, cluster_bits, image_size):
                     raise CorruptImageError(
                         filename,
                         self.offset + 8 * index,
-                        f"compressed cluster data at {host:#x} lies past the end of the file",
+                        f"compressed cluster data at {decode_compressed(entry, cluster_bits)[0]:#x} runs past the "
+                        "end of the file",
                     )
                 kinds[index] = COMPRESSED
                 hosts[index] = entry
@@ -268,10 +278,12 @@ class L2Table:
                     raise CorruptImageError(
                         filename, where, "compressed cluster in an image with an external data file"
                     )
-                host, _ = decode_compressed(entry, cluster_bits)
-                if host >= image_size:
+                if _compressed_past(entry, cluster_bits, image_size):
                     raise CorruptImageError(
-                        filename, where, f"compressed cluster data at {host:#x} lies past the end of the file"
+                        filename,
+                        where,
+                        f"compressed cluster data at {decode_compressed(entry, cluster_bits)[0]:#x} runs past the "
+                        "end of the file",
                     )
                 if bitmap:
                     raise CorruptImageError(filename, where + 8, "compressed cluster has a subcluster bitmap")

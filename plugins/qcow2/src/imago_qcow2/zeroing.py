@@ -4,7 +4,8 @@ Whole clusters (whole subclusters, with extended L2 entries) are changed in thei
 the zero flag, keeping an allocation of our own (write_zeroes) or releasing it
 (discard_to_zero), or unallocated (discard_to_any, discard_to_backing). What is left over at the
 ends is for the engine to write. Released clusters are freed at the next flush, after the
-entries no longer pointing to them are on disk.
+entries no longer pointing to them are on disk. Entries that use metadata clusters are never
+released (:mod:`imago_qcow2.overlap`): the image is marked corrupt instead.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class Zeroing:
             return offset, 0
         if mode is not ZeroMode.UNMAP and not zero_flag:
             mode = ZeroMode.UNMAP  # version 2 without a backing file: unallocated reads as zero
+        guard = state.guard
+        if guard.unsettled:
+            await guard.settle()
         async with state.lock:
             first_cluster = start & ~cluster_mask
             partly = start != first_cluster or end < first_cluster + cluster_size
@@ -88,6 +92,12 @@ class Zeroing:
                 if not state.l1[position >> state.table_shift] and (mode is ZeroMode.UNMAP or state.backing is None):
                     position = table_end  # unallocated already reads as asked
                     continue
+                current = await state.table(position)
+                if current is not None:
+                    # Checked before the table is copied or changed: a release must not free metadata.
+                    first_slot = (position >> state.cluster_bits) & state.l2_mask
+                    stop_slot = (((table_end - 1) >> state.cluster_bits) & state.l2_mask) + 1
+                    await guard.check_entries(current, first_slot, stop_slot, position & ~cluster_mask)
                 table = await self._allocation.writable_table(position)
                 state.entries.zero_entries(table, position, table_end, mode, release)
                 state.tables.mark_dirty(table.offset)

@@ -1,0 +1,192 @@
+"""``imago check``: ``qemu-img check`` for every format whose driver claims :attr:`Capability.CHECK`.
+
+Built on the public API only (``imago.open`` then ``check(fix)``). Output, exit statuses and
+messages are qemu-img 7.2's: the findings go to stderr one line each (where QEMU's drivers print
+them), the summary to stdout, as human text or as qemu-img's JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+
+from ..api import open as open_image
+from ..errors import ImagoError
+from ..format.capabilities import Capability
+from ..format.check import CheckFinding, CheckResult, RepairMode
+
+__all__ = ["EXIT_NOT_SUPPORTED", "configure_check", "format_human", "format_json", "run_check"]
+
+#: ``qemu-img check``'s exit status for a format without a check (raw, ...).
+EXIT_NOT_SUPPORTED = 63
+
+
+def configure_check(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``imago check``, qemu-img's (``-f``, ``--output``, ``-r``, ``-U``, ``-q``)."""
+    parser.add_argument("-f", "--format", dest="format", metavar="FMT", help="the image format (default: probe it)")
+    parser.add_argument(
+        "--output", default="human", metavar="human|json", help="output format: human (default) or json"
+    )
+    parser.add_argument(
+        "-r",
+        "--repair",
+        dest="repair",
+        metavar="leaks|all",
+        help="repair leaked clusters only, or all kinds of errors (opens the image for writing)",
+    )
+    parser.add_argument(
+        "-U",
+        "--force-share",
+        dest="force_share",
+        action="store_true",
+        help="open the image read-only without locks that would stop a writer (not with -r)",
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="print nothing on stdout (findings and errors still)"
+    )
+    parser.add_argument("filename", metavar="FILE", help="the image file")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Check (and with ``-r`` repair) one image; returns qemu-img's exit status.
+
+    0 clean, 1 check not completed (or a bad option, or the image could not be opened),
+    2 corruptions, 3 leaks only, 63 the format has no check. Errors are one line on stderr.
+    """
+    filename: str = args.filename
+    if args.output not in ("human", "json"):
+        return _fail("--output must be used with human or json as argument.")
+    try:
+        mode = RepairMode.parse(args.repair)
+    except ValueError:
+        return _fail(f"Unknown option value for -r (expecting 'leaks' or 'all'): {args.repair}")
+    try:
+        # -r opens for writing; with -U too, imago.open refuses it, as qemu-img does.
+        disk = open_image(filename, args.format, write=mode is not None, force_share=args.force_share, for_check=True)
+    except (ImagoError, OSError) as error:
+        return _fail(f"Could not open '{filename}': {_describe(error)}")
+    with disk:
+        if not disk.driver.supports(Capability.CHECK):
+            return _fail("This image format does not support checks", EXIT_NOT_SUPPORTED)
+        try:
+            result = disk.check(mode)
+        except (ImagoError, OSError) as error:
+            return _fail(f"Check failed: {_describe(error)}")
+    result = attrs.evolve(result, filename=filename)  # qemu-img reports the name as given
+    if result.failure is not None:
+        # The check stopped: qemu-img prints what it found before, the reason, and no counts.
+        _print_lines([*result.repaired, *result.findings] if _repaired(result) else result.findings)
+        return _fail(f"Check failed: {result.failure}")
+    _print_lines([*result.repaired, *result.findings] if _repaired(result) else result.findings)
+    if not args.quiet:
+        sys.stdout.write(format_json(result) if args.output == "json" else format_human(result))
+        sys.stdout.flush()
+    if result.check_errors:
+        return _fail("Check failed")
+    return result.exit_status
+
+
+def _fail(message: str, status: int = 1) -> int:
+    print(f"imago: {message}", file=sys.stderr)
+    return status
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, OSError) and not isinstance(error, ImagoError) and error.strerror:
+        return error.strerror
+    return str(error)
+
+
+def _print_lines(findings: Sequence[CheckFinding]) -> None:
+    """The lines QEMU's driver prints while checking (stderr): the repair pass, then the check."""
+    if findings:
+        sys.stderr.write("".join(f"{finding.message}\n" for finding in findings))
+        sys.stderr.flush()
+
+
+def _repaired(result: CheckResult) -> bool:
+    return bool(result.corruptions_fixed or result.leaks_fixed)
+
+
+def format_human(result: CheckResult) -> str:
+    """``qemu-img check``'s human summary of *result* (what it prints on stdout)."""
+    out: list[str] = []
+    if _repaired(result):
+        out.append(
+            "The following inconsistencies were found and repaired:\n\n"
+            f"    {result.leaks_fixed} leaked clusters\n"
+            f"    {result.corruptions_fixed} corruptions\n\n"
+            "Double checking the fixed image now...\n"
+        )
+    if result.clean:
+        out.append("No errors were found on the image.\n")
+    else:
+        if result.corruptions:
+            out.append(
+                f"\n{result.corruptions} errors were found on the image.\n"
+                "Data may be corrupted, or further writes to the image may corrupt it.\n"
+            )
+        if result.leaks:
+            out.append(
+                f"\n{result.leaks} leaked clusters were found on the image.\n"
+                "This means waste of disk space, but no harm to data.\n"
+            )
+        if result.check_errors:
+            out.append(f"\n{result.check_errors} internal errors have occurred during the check.\n")
+    total = result.total_clusters or 0
+    allocated = result.allocated_clusters or 0
+    if total and allocated:
+        fragmented = result.fragmented_clusters or 0
+        compressed = result.compressed_clusters or 0
+        out.append(
+            f"{allocated}/{total} = {allocated * 100.0 / total:.2f}% allocated, "
+            f"{fragmented * 100.0 / allocated:.2f}% fragmented, "
+            f"{compressed * 100.0 / allocated:.2f}% compressed clusters\n"
+        )
+    if result.image_end_offset:
+        out.append(f"Image end offset: {result.image_end_offset}\n")
+    return "".join(out)
+
+
+def format_json(result: CheckResult) -> str:
+    """``qemu-img check --output=json``'s text for *result*, byte for byte (QEMU's JSON writer)."""
+    fields = result.to_json()
+    body = ",\n".join(f"    {_json_string(key)}: {_json_value(value)}" for key, value in fields.items())
+    return f"{{\n{body}\n}}\n"
+
+
+def _json_value(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    if isinstance(value, int):
+        return str(value)
+    return _json_string(str(value))
+
+
+_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _json_string(text: str) -> str:
+    r"""A JSON string as QEMU writes one: ASCII only, upper-case hex escapes (``\u00FC``).
+
+    Bytes of the name that are not UTF-8 (``surrogateescape``) become U+FFFD, as in QEMU.
+    """
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    out = ['"']
+    for char in text:
+        point = ord(char)
+        if char in _JSON_ESCAPES:
+            out.append(_JSON_ESCAPES[char])
+        elif point > 0xFFFF:
+            point -= 0x10000
+            out.append(f"\\u{0xD800 + (point >> 10):04X}\\u{0xDC00 + (point & 0x3FF):04X}")
+        elif point < 0x20 or point >= 0x7F:
+            out.append(f"\\u{point:04X}")
+        else:
+            out.append(char)
+    out.append('"')
+    return "".join(out)
