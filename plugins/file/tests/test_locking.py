@@ -32,7 +32,21 @@ def _tool(name: str) -> str:
 
 
 def locked_bytes(path: Path) -> dict[int, int]:
-    """Which protocol bytes of *path* are locked, and by how many locks (from ``/proc/locks``)."""
+    """Which protocol bytes of *path* are locked, and by how many locks (from ``/proc/locks``).
+
+    ``/proc/locks`` is produced in chunks: while other processes take and drop locks, one read
+    may show a lock twice or miss one. It is read until two reads agree.
+    """
+    previous = _read_locked_bytes(path)
+    for _ in range(50):
+        current = _read_locked_bytes(path)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
+def _read_locked_bytes(path: Path) -> dict[int, int]:
     st = os.stat(path)
     # Block device nodes are locked on their own inode, like any file.
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
