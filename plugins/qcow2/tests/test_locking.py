@@ -25,7 +25,21 @@ _PROTOCOL_BYTES = range(100, 300)
 
 
 def locked_bytes(path: Path) -> dict[int, int]:
-    """Which protocol bytes of *path* are locked, and by how many locks (from ``/proc/locks``)."""
+    """Which protocol bytes of *path* are locked, and by how many locks (from ``/proc/locks``).
+
+    ``/proc/locks`` is produced in chunks and may repeat or miss a lock while other processes
+    lock: it is read until two reads agree.
+    """
+    previous = _read_locked_bytes(path)
+    for _ in range(50):
+        current = _read_locked_bytes(path)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
+def _read_locked_bytes(path: Path) -> dict[int, int]:
     st = os.stat(path)
     device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
     counts: dict[int, int] = {}
