@@ -331,8 +331,26 @@ class _Pass:
         file_size = self.storage.size
         next_contiguous = 0
         res = self.res
+        # The common entry (standard width, data in the image file, aligned, inside the file, no
+        # flag but COPIED, counter not full) is counted inline: a 10 GiB preallocated image has
+        # 163840 of them. Anything else takes the general path below, as QEMU's check does.
+        fast = not extended and not self.data_file
+        slow_bits = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_STD_RESERVED | cluster_mask
+        counts = self.counts
         for position in range(0, len(words), step):
             entry = words[position]
+            if fast and entry and not entry & slow_bits:
+                host = entry & L2E_OFFSET_MASK
+                cluster = host >> cluster_bits
+                values = counts.values
+                if 0 < host < file_size and cluster < len(values) and values[cluster] < counts.maximum:
+                    values[cluster] += 1
+                    if frag:
+                        res.allocated_clusters += 1
+                        if next_contiguous and host != next_contiguous:
+                            res.fragmented_clusters += 1
+                        next_contiguous = host + cluster_size
+                    continue
             bitmap = words[position + 1] if extended else 0
             if not entry and not bitmap:
                 continue
@@ -719,22 +737,35 @@ class _Pass:
             words = await self.l2_entries(l2_offset, "ERROR: Could not read L2 table")
             step = 2 if self.extended else 1
             dirty = 0
+            # The refcount block of the last data cluster looked up: consecutive entries mostly
+            # share one (nothing here changes refcounts).
+            block_bits = disk.block_bits
+            block_mask = (1 << block_bits) - 1
+            data_file = self.data_file
+            last_block, last_values = -1, None
             for position in range(0, len(words), step):
                 entry = words[position]
                 if not entry:
                     continue
-                kind = self.cluster_type(entry)
-                if kind not in (_NORMAL, _ZERO_ALLOC):
-                    continue
-                if self.data_file:
+                if data_file:
+                    if self.cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
+                        continue
                     refcount = 1
                 else:
-                    try:
-                        refcount = await disk.get((entry & L2E_OFFSET_MASK) >> cluster_bits)
-                    except (RefcountBlockError, OSError) as error:
-                        if isinstance(error, RefcountBlockError):
-                            await self.signal(error.problem)
+                    # (cluster_type is _NORMAL or _ZERO_ALLOC exactly for these, in the image file)
+                    if entry & OFLAG_COMPRESSED or not entry & L2E_OFFSET_MASK:
                         continue
+                    cluster = (entry & L2E_OFFSET_MASK) >> cluster_bits
+                    if cluster >> block_bits != last_block:
+                        try:
+                            last_values = await disk.block(cluster >> block_bits)
+                        except (RefcountBlockError, OSError) as error:
+                            if isinstance(error, RefcountBlockError):
+                                await self.signal(error.problem)
+                            last_block = -1
+                            continue
+                        last_block = cluster >> block_bits
+                    refcount = 0 if last_values is None else last_values[cluster & block_mask]
                 if (refcount == 1) == bool(entry & OFLAG_COPIED):
                     continue
                 res.corruptions += 1
