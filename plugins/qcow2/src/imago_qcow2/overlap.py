@@ -136,6 +136,12 @@ class MetadataMap:
                 order = self._order
                 del order[bisect_left(order, cluster)]
 
+    def any_in(self, first: int, last: int) -> bool:
+        """Whether any cluster of ``[first, last]`` holds metadata (one bisection: the write path's test)."""
+        order = self._order
+        index = bisect_left(order, first)
+        return index < len(order) and order[index] <= last
+
     def overlap(self, first: int, count: int, allowed: int = 0) -> tuple[int, Metadata] | None:
         """The first of clusters ``[first, first + count)`` holding metadata other than *allowed*, and what."""
         order = self._order
@@ -325,7 +331,12 @@ class MetadataGuard:
         """
         cluster_bits = self._state.cluster_bits
         first = host >> cluster_bits
-        return self.map.overlap(first, ((host + length - 1) >> cluster_bits) - first + 1)
+        last = (host + length - 1) >> cluster_bits
+        metadata = self.map
+        # Nearly always nothing: one bisection says so; the rest only runs on a hit.
+        if not metadata.any_in(first, last):
+            return None
+        return metadata.overlap(first, last - first + 1)
 
     async def refuse_data_write(self, host: int, guest: int, hit: tuple[int, Metadata]) -> NoReturn:
         """Mark the image corrupt: guest data at *guest* was about to be written over metadata."""
