@@ -18,9 +18,9 @@ import pytest
 
 from imago import ImageLockedError, ImagoError, StorageCreateOptions, StorageOpenOptions, runtime
 from imago_file import File
+from imago_file.locking import locked_bytes
 
 # The byte ranges the protocol uses (QEMU's RAW_LOCK_PERM_BASE / RAW_LOCK_SHARED_BASE).
-_PROTOCOL_BYTES = range(100, 300)
 _WAIT = 10.0
 
 
@@ -29,38 +29,6 @@ def _tool(name: str) -> str:
     if path is None:
         raise AssertionError(f"{name} is required for the locking tests (Debian package qemu-utils)")
     return path
-
-
-def locked_bytes(path: Path) -> dict[int, int]:
-    """Which protocol bytes of *path* are locked, and by how many locks (from ``/proc/locks``).
-
-    ``/proc/locks`` is produced in chunks: while other processes take and drop locks, one read
-    may show a lock twice or miss one. It is read until two reads agree.
-    """
-    previous = _read_locked_bytes(path)
-    for _ in range(50):
-        current = _read_locked_bytes(path)
-        if current == previous:
-            return current
-        previous = current
-    return previous
-
-
-def _read_locked_bytes(path: Path) -> dict[int, int]:
-    st = os.stat(path)
-    # Block device nodes are locked on their own inode, like any file.
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    counts: dict[int, int] = {}
-    with open("/proc/locks") as locks:
-        for line in locks:
-            fields = line.split()
-            if "->" in fields or device not in fields:
-                continue  # "->" marks a waiter, not a held lock
-            start, end = fields[-2], fields[-1]
-            last = sys.maxsize if end == "EOF" else int(end)
-            for byte in range(max(int(start), _PROTOCOL_BYTES.start), min(last, _PROTOCOL_BYTES.stop - 1) + 1):
-                counts[byte] = counts.get(byte, 0) + 1
-    return counts
 
 
 def wait_for_locks(path: Path, baseline: dict[int, int], process: subprocess.Popen[bytes]) -> dict[int, int]:

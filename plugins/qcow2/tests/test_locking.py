@@ -6,7 +6,6 @@ The oracle is ``qemu-io`` holding the same image: the bytes it locks on each fil
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import time
@@ -17,40 +16,10 @@ import pytest
 
 import imago
 from imago import ImageLockedError
+from imago_file.locking import locked_bytes
 
 from . import _qemu
 from ._qemu import MiB
-
-_PROTOCOL_BYTES = range(100, 300)
-
-
-def locked_bytes(path: Path) -> dict[int, int]:
-    """Which protocol bytes of *path* are locked, and by how many locks (from ``/proc/locks``).
-
-    ``/proc/locks`` is produced in chunks and may repeat or miss a lock while other processes
-    lock: it is read until two reads agree.
-    """
-    previous = _read_locked_bytes(path)
-    for _ in range(50):
-        current = _read_locked_bytes(path)
-        if current == previous:
-            return current
-        previous = current
-    return previous
-
-
-def _read_locked_bytes(path: Path) -> dict[int, int]:
-    st = os.stat(path)
-    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    counts: dict[int, int] = {}
-    with open("/proc/locks") as locks:
-        for line in locks:
-            fields = line.split()
-            if "->" in fields or device not in fields or fields[-1] == "EOF":
-                continue
-            for byte in range(max(int(fields[-2]), _PROTOCOL_BYTES.start), min(int(fields[-1]) + 1, 300)):
-                counts[byte] = counts.get(byte, 0) + 1
-    return counts
 
 
 @pytest.fixture

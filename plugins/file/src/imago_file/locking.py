@@ -19,6 +19,8 @@ import ctypes
 import enum
 import errno
 import fcntl
+import os
+import sys
 
 from imago import ImageLockedError
 
@@ -28,6 +30,7 @@ __all__ = [
     "PERMISSION_BASE",
     "Permission",
     "lock_image",
+    "locked_bytes",
     "permissions",
     "unlock_image",
 ]
@@ -158,3 +161,40 @@ def lock_image(fd: int, filename: str, *, writable: bool, force_share: bool, sha
 def unlock_image(fd: int) -> None:
     """Release every lock of the protocol held through *fd*'s open file description."""
     _fcntl_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, LOCK_BYTES.start, len(LOCK_BYTES))
+
+
+# What locked_bytes reports: every byte a QEMU of any version may use (up to 100 permissions).
+_REPORTED = range(PERMISSION_BASE, NOT_SHARED_BASE + 100)
+
+
+def locked_bytes(path: str | os.PathLike[str]) -> dict[int, int]:
+    """Which protocol bytes of the file *path* are locked, by anyone, and by how many locks.
+
+    Read from ``/proc/locks`` (a diagnostic: which processes hold an image, and how). That file
+    is produced in chunks and may repeat or miss a lock while other processes lock and unlock:
+    it is read until two reads agree.
+    """
+    previous = _read_locked_bytes(path)
+    for _ in range(50):
+        current = _read_locked_bytes(path)
+        if current == previous:
+            return current
+        previous = current
+    return previous
+
+
+def _read_locked_bytes(path: str | os.PathLike[str]) -> dict[int, int]:
+    st = os.stat(path)
+    # Block device nodes are locked on their own inode, like any file.
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    counts: dict[int, int] = {}
+    with open("/proc/locks") as locks:
+        for line in locks:
+            fields = line.split()
+            if "->" in fields or device not in fields:
+                continue  # "->" marks a waiter, not a held lock
+            start, end = int(fields[-2]), fields[-1]
+            last = sys.maxsize if end == "EOF" else int(end)
+            for byte in range(max(start, _REPORTED.start), min(last, _REPORTED.stop - 1) + 1):
+                counts[byte] = counts.get(byte, 0) + 1
+    return counts
