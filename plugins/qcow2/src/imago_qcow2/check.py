@@ -40,13 +40,12 @@ from .repair import (
     bitmap_directory,
     read_at,
     read_header,
-    read_words,
     rebuild_refcount_structure,
     write_l1_entry,
 )
 from .snapshot_table import Snapshot, encode_snapshot_table, read_snapshot_table, snapshot_table_length
 from .state import Qcow2State
-from .tables import read_l1, table_clusters
+from .tables import decode_words, read_l1, table_clusters
 
 __all__ = ["PassResult", "Session", "check_image", "check_pass", "reload_state"]
 
@@ -265,7 +264,7 @@ class _Pass:
 
     async def read_l1(self, offset: int, entries: int) -> array[int]:
         try:
-            return read_words(await read_at(self.storage, offset, entries * 8))
+            return decode_words(await read_at(self.storage, offset, entries * 8))
         except OSError as error:
             self.check_error("ERROR: I/O error in check_refcounts_l1", offset=offset)
             raise _CheckFailedError(_strerror(error)) from error
@@ -281,7 +280,7 @@ class _Pass:
                 self._l2_kept_bytes -= self.cluster_size
             return kept
         try:
-            words = read_words(await read_at(self.storage, l2_offset, self.cluster_size))
+            words = decode_words(await read_at(self.storage, l2_offset, self.cluster_size))
         except OSError as error:
             self.check_error(error_message, offset=l2_offset)
             raise _CheckFailedError(_strerror(error)) from error
@@ -468,7 +467,7 @@ class _Pass:
         for table_offset, table_size in tables:
             self.inc(table_offset, table_size * 8)
             try:
-                entries = read_words(await read_at(self.storage, table_offset, table_size * 8))
+                entries = decode_words(await read_at(self.storage, table_offset, table_size * 8))
             except OSError as error:
                 self.res.corruptions += 1
                 raise _CheckFailedError(_strerror(error)) from error

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from bisect import bisect_left, insort
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 import attrs
@@ -33,7 +33,7 @@ import attrs
 from imago import CorruptImageError
 
 from .layout import INCOMPAT_CORRUPT, write_header_fields
-from .snapshot_table import snapshot_table_length
+from .snapshot_table import Snapshot, snapshot_table_length
 from .tables import OFLAG_COMPRESSED, L2Table, entry_clusters, read_l1, table_clusters
 
 if TYPE_CHECKING:
@@ -160,6 +160,21 @@ class MetadataMap:
         return None
 
 
+async def _snapshot_l2_clusters(state: Qcow2State, snapshots: Sequence[Snapshot]) -> list[int]:
+    """The clusters of the L2 tables the snapshots' L1 tables name (read from the file)."""
+    clusters: list[int] = []
+    for snapshot in snapshots:
+        l1, _ = await read_l1(
+            state.storage,
+            table_offset=snapshot.l1_table_offset,
+            entries=snapshot.l1_size,
+            cluster_bits=state.cluster_bits,
+            filename=state.filename,
+        )
+        clusters += _l2_clusters(l1, state.cluster_bits)
+    return clusters
+
+
 def _l2_clusters(l1: Iterable[int], cluster_bits: int) -> list[int]:
     """The clusters of the L2 tables an L1 table names (damaged entries, unaligned, left out)."""
     mask = (1 << cluster_bits) - 1
@@ -175,16 +190,7 @@ async def collect_metadata(state: Qcow2State) -> MetadataMap:
     """
     cluster_bits = state.cluster_bits
     snapshots = state.snapshots
-    inactive: list[int] = []
-    for snapshot in snapshots:
-        l1, _ = await read_l1(
-            state.storage,
-            table_offset=snapshot.l1_table_offset,
-            entries=snapshot.l1_size,
-            cluster_bits=cluster_bits,
-            filename=state.filename,
-        )
-        inactive += _l2_clusters(l1, cluster_bits)
+    inactive = await _snapshot_l2_clusters(state, snapshots)
     blocks = await state.refcounts.block_offsets()
     if state.snapshots is not snapshots:  # changed meanwhile: read again
         return await collect_metadata(state)
@@ -380,15 +386,7 @@ class MetadataGuard:
         state = self._state
         cluster_bits = state.cluster_bits
         clusters = set(_l2_clusters(state.l1, cluster_bits))
-        for snapshot in state.snapshots:
-            l1, _ = await read_l1(
-                state.storage,
-                table_offset=snapshot.l1_table_offset,
-                entries=snapshot.l1_size,
-                cluster_bits=cluster_bits,
-                filename=state.filename,
-            )
-            clusters.update(_l2_clusters(l1, cluster_bits))
+        clusters.update(await _snapshot_l2_clusters(state, state.snapshots))
         for offset in sorted(cluster << cluster_bits for cluster in clusters):
             if offset in state.rewritten_tables or state.tables.peek(offset) is not None:
                 continue  # ours, or checked when loaded

@@ -24,6 +24,7 @@ from .header import Header, header_cluster_size, parse_header
 from .layout import AUTOCLEAR_BITMAPS, EXT_BITMAPS, HEADER_PROBE_BYTES, write_header_fields
 from .refcount_array import RefcountArray, decode_refcount_block, encode_refcounts
 from .snapshot_table import Snapshot, read_snapshot_table, snapshot_table_length
+from .tables import decode_words
 
 __all__ = [
     "REFT_OFFSET_MASK",
@@ -35,7 +36,6 @@ __all__ = [
     "bitmap_directory",
     "read_at",
     "read_header",
-    "read_words",
     "rebuild_refcount_structure",
     "write_l1_entry",
 ]
@@ -75,15 +75,6 @@ async def read_at(storage: Storage, offset: int, length: int) -> bytearray:
     if length:
         await storage.readv([memoryview(data)], offset)
     return data
-
-
-def read_words(raw: bytes | bytearray) -> array[int]:
-    """Big-endian 64-bit entries."""
-    words = array("Q")
-    words.frombytes(bytes(raw))
-    if sys.byteorder == "little":
-        words.byteswap()
-    return words
 
 
 def _big_endian(words: Sequence[int]) -> bytes:
@@ -145,7 +136,7 @@ class DiskRefcounts:
         )
         return cls(
             storage,
-            read_words(raw),
+            decode_words(raw),
             table_offset=header.refcount_table_offset,
             cluster_bits=header.cluster_bits,
             refcount_order=header.refcount_order,

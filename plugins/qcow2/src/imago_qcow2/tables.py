@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from imago import CorruptImageError, Storage
 
 __all__ = [
+    "decode_words",
     "COMPRESSED",
     "DATA",
     "L1_OFFSET_MASK",
@@ -59,7 +60,8 @@ ALL_SUBCLUSTERS = (1 << SUBCLUSTERS) - 1
 CompressedDescriptor = tuple[int, int]
 
 
-def _words(raw: bytes | bytearray | memoryview) -> array[int]:
+def decode_words(raw: bytes | bytearray | memoryview) -> array[int]:
+    """Big-endian 64-bit entries (L1, L2 and refcount tables) as integers."""
     words = array("Q")
     words.frombytes(raw)
     if sys.byteorder == "little":
@@ -103,7 +105,7 @@ def parse_l1(
     raw: bytes | bytearray, *, table_offset: int, cluster_bits: int, file_size: int, filename: str | None
 ) -> tuple[array[int], bytearray]:
     """Validate an L1 table; returns its L2 table offsets (0: no table) and COPIED flags."""
-    entries = _words(raw)
+    entries = decode_words(raw)
     cluster_mask = (1 << cluster_bits) - 1
     offsets = array("Q", bytes(len(entries) * 8))
     copied = bytearray(len(entries))
@@ -197,7 +199,7 @@ class L2Table:
         self.zero_flag = zero_flag
         self.external_data = external_data
         self.runs_valid = True
-        self.entries = _words(raw)
+        self.entries = decode_words(raw)
         if extended:
             self.kinds = bytearray()
             self.hosts = array("Q")
