@@ -276,8 +276,8 @@ def test_imago_error_is_one_line(register_plugin: RegisterPlugin, capsys: pytest
 def test_missing_driver_in_a_subcommand_is_one_line(
     register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    register_plugin("needs-vmdk", cli_plugin(("convert", "x", no_arguments, lambda args: imago.format_driver("vmdk"))))
-    assert imago.cli.main(["convert"]) == 1
+    register_plugin("needs-vmdk", cli_plugin(("vmdk-in", "x", no_arguments, lambda args: imago.format_driver("vmdk"))))
+    assert imago.cli.main(["vmdk-in"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith("imago: no format driver named 'vmdk' is installed")

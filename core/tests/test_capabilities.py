@@ -14,8 +14,8 @@ from imago_raw import Raw
 
 def test_every_capability_is_listed_and_named() -> None:
     names = [str(capability) for capability in Capability.all()]
-    assert names == ["snapshots", "compressed-writes", "resize", "check"]
-    assert len(set(Capability.all())) == 4
+    assert names == ["snapshots", "compressed-writes", "resize", "check", "change-backing", "amend"]
+    assert len(set(Capability.all())) == 6
     for capability in Capability.all():
         assert capability.methods
         assert capability.protocol.__doc__

@@ -46,6 +46,8 @@ from .format.builder import MAX_CHAIN_DEPTH, FormatCreateBuilder, FormatDriverBu
 from .format.capabilities import (
     Capability,
     SnapshotRecord,
+    SupportsAmend,
+    SupportsBackingChange,
     SupportsCheck,
     SupportsCompressedWrites,
     SupportsResize,
@@ -72,6 +74,7 @@ from .format.mapping import (
     ShallowSpecial,
     ShallowZero,
 )
+from .format.measure import Measurement
 from .format.names import check_local_file_name
 from .locks import RangeLock
 from .plugin.hookspecs import hookimpl
@@ -129,6 +132,7 @@ __all__ = [
     "MappingRaw",
     "MappingSpecial",
     "MappingZero",
+    "Measurement",
     "MetadataCache",
     "MissingStorageError",
     "PermissiveImplicitOpenGate",
@@ -152,6 +156,8 @@ __all__ = [
     "StorageCreateOptions",
     "StorageOpenOptions",
     "StorageRegistrar",
+    "SupportsAmend",
+    "SupportsBackingChange",
     "SupportsCheck",
     "SupportsCompressedWrites",
     "SupportsResize",

@@ -66,6 +66,7 @@ async def open_async(
     no_flush: bool = False,
     force_share: bool = False,
     for_check: bool = False,
+    backing: bool = True,
     storage_driver_name: str = "file",
 ) -> FormatAccess:
     """Open the image file *filename*; the asynchronous form of :func:`open` (same parameters).
@@ -101,7 +102,8 @@ async def open_async(
     # image names (backing file, data file) are implicit opens.
     storage = await storage_driver(storage_driver_name).open(options)
     try:
-        builder = driver.builder(storage).write(write).for_check(for_check).storage_options(options)
+        builder = driver.builder(storage).write(write).for_check(for_check).open_backing(backing)
+        builder.storage_options(options)
         image = await builder.open(gate)
     except BaseException:
         await storage.close()
@@ -119,6 +121,7 @@ def open(
     no_flush: bool = False,
     force_share: bool = False,
     for_check: bool = False,
+    backing: bool = True,
     storage_driver_name: str = "file",
 ) -> SyncFormatAccess:
     """Open the image file *filename* and return a :class:`SyncFormatAccess` (blocking calls).
@@ -147,6 +150,9 @@ def open(
             check`` does: damaged images that are otherwise refused (qcow2: marked corrupt) are
             opened, a dirty image is not repaired on opening, and writes other than a repair are
             refused until a repair succeeded.
+        backing: open the backing file the image names (default). ``False`` opens the image
+            alone, as ``qemu-img info`` does: the backing file is not opened (it need not
+            exist), and what the image does not allocate reads as zeroes.
         storage_driver_name: the storage driver opening the files (default ``"file"``).
 
     The result is a context manager: leaving it (or ``close()``) flushes and closes the image,
@@ -175,6 +181,7 @@ def open(
                 no_flush=no_flush,
                 force_share=force_share,
                 for_check=for_check,
+                backing=backing,
                 storage_driver_name=storage_driver_name,
             )
         )

@@ -203,6 +203,13 @@ class Storage(abc.ABC):
         """The name the storage was opened with, if it has one."""
         return None
 
+    def allocated_size(self) -> int | None:
+        """Bytes the storage occupies on its medium (``qemu-img info``'s ``actual-size``).
+
+        ``None`` when the storage cannot tell (the default).
+        """
+        return None
+
     @property
     def mem_align(self) -> int:
         """Required alignment of buffer addresses for efficient I/O (1: none)."""

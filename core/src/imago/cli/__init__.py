@@ -1,23 +1,28 @@
 """The ``imago`` command line tool.
 
-Subcommands come from the core (``plugins``, ``check``) and from plugins through the
-``imago_register_cli_commands`` hook. An :class:`~imago.ImagoError` is printed as one line
-(``imago: <message>``) with exit status 1, never as a traceback. Usage errors exit with argparse's
-status 2, except for the qemu-img subcommands (``check``), which report them as qemu-img does: one
-line, status 1 (status 2 means "corruptions found" there).
+The core's subcommands are qemu-img's (``info``, ``create``, ``convert``, ``check``, ...; each in
+the module ``imago.cli.<name>`` with ``configure(parser)`` and ``run(args)``) plus ``plugins``;
+plugins add more through the ``imago_register_cli_commands`` hook. Only the subcommand that runs
+is imported and configured, so the command starts fast; plugins are loaded only when a
+subcommand needs a driver, or when the command is not one of the core's.
+
+Errors are one line on stderr (``imago: <message>``) and a non-zero status, never a traceback
+(``--debug``, anywhere on the command line, shows it). Usage errors of the qemu-img subcommands
+are one line with status 1, as qemu-img reports them; ``plugins`` uses argparse's usage message
+and status 2. Ctrl-C during a long operation stops it cleanly with status 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar, overload
 
 from ..errors import ImagoError, PluginLoadError
-from ..plugin import manager as _plugins
-from .check import configure_check, run_check
-from .plugins import configure_plugins, run_plugins
+from .common import CliError, OperationInterrupted, describe_error
 
 __all__ = ["build_parser", "main"]
 
@@ -56,20 +61,54 @@ class _SubcommandParser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand, core and plugin ones."""
-    parser = argparse.ArgumentParser(prog="imago", description="Virtual-machine disk image tool.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_SubcommandParser)
-    plugins_parser = commands.add_parser("plugins", help="list installed plugins, their drivers and load errors")
-    configure_plugins(plugins_parser)
-    plugins_parser.set_defaults(run=run_plugins)
-    check_parser = commands.add_parser(
-        "check", help="check an image for errors, optionally repair them (qemu-img check)"
+#: The core's subcommands: name -> (help, qemu-img style usage errors). The module
+#: ``imago.cli.<name>`` holds ``configure`` and ``run``.
+COMMANDS: dict[str, tuple[str, bool]] = {
+    "amend": ("change format-specific options of an image (qemu-img amend)", True),
+    "bench": ("run a simple I/O benchmark on an image (qemu-img bench)", True),
+    "check": ("check an image for errors, optionally repair them (qemu-img check)", True),
+    "commit": ("write an overlay's data into its backing file (qemu-img commit)", True),
+    "compare": ("compare the guest-visible content of two images (qemu-img compare)", True),
+    "convert": ("copy images into a new image of any format (qemu-img convert)", True),
+    "create": ("create a new image (qemu-img create)", True),
+    "dd": ("copy part of an image, dd style (qemu-img dd)", True),
+    "info": ("show facts about an image and its backing chain (qemu-img info)", True),
+    "map": ("show where an image's data lives (qemu-img map)", True),
+    "measure": ("compute the file size a new image needs (qemu-img measure)", True),
+    "plugins": ("list installed plugins, their drivers and load errors", False),
+    "rebase": ("change an image's backing file (qemu-img rebase)", True),
+    "resize": ("change an image's virtual size (qemu-img resize)", True),
+    "snapshot": ("list, create, apply or delete internal snapshots (qemu-img snapshot)", True),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand, core and plugin ones.
+
+    Only the core subcommand *only* is configured: the others are listed for ``--help`` but their
+    modules are not imported. When *only* is not a core subcommand (or ``None``), the plugins'
+    subcommands are loaded and configured.
+    """
+    parser = argparse.ArgumentParser(
+        prog="imago",
+        description="Virtual-machine disk image tool: qemu-img's subcommands, options and output. "
+        "Add --debug anywhere to see the traceback of an error.",
     )
-    check_parser.one_line_usage_errors = True
-    configure_check(check_parser)
-    check_parser.set_defaults(run=run_check)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_SubcommandParser)
+    for name, (help_text, qemu_style) in COMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.one_line_usage_errors = qemu_style
+        if only == name:
+            module = importlib.import_module(f"{__name__}.{name}")
+            module.configure(sub)
+            sub.set_defaults(run=module.run)
+    if only in COMMANDS:
+        return parser
+    from ..plugin import manager as _plugins
+
     for command in _plugins.cli_commands().values():
+        if command.name in COMMANDS:
+            continue
         sub = commands.add_parser(command.name, help=command.help)
         try:
             command.configure(sub)
@@ -89,19 +128,39 @@ def _broken(command: str, plugin: str, error: Exception) -> Callable[[argparse.N
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``imago`` command; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = _take_debug(arguments)
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
+        command = next((a for a in arguments if not a.startswith("-")), None)
+        parser = build_parser(command)
+        args = parser.parse_args(arguments)
         status = args.run(args)
     except _UsageError as error:
         print(error, file=sys.stderr)
         return 1
-    except ImagoError as error:
-        print(f"imago: {error}", file=sys.stderr)
-        return 1
+    except OperationInterrupted:
+        print("imago: interrupted: the images were closed consistently", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("imago: interrupted", file=sys.stderr)
+        return 130
+    except (ImagoError, OSError) as error:
+        if debug:
+            traceback.print_exc()
+        print(f"imago: {describe_error(error)}", file=sys.stderr)
+        return error.status if isinstance(error, CliError) else 1
     except BrokenPipeError:
         return 1
     return int(status or 0)
+
+
+def _take_debug(arguments: list[str]) -> bool:
+    """Remove ``--debug`` from the arguments before a ``--``; whether it was there."""
+    end = arguments.index("--") if "--" in arguments else len(arguments)
+    found = "--debug" in arguments[:end]
+    if found:
+        arguments[:end] = [a for a in arguments[:end] if a != "--debug"]
+    return found
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 import attrs
 
@@ -18,14 +17,15 @@ from ..api import open as open_image
 from ..errors import ImagoError
 from ..format.capabilities import Capability
 from ..format.check import CheckFinding, CheckResult, RepairMode
+from . import qjson
 
-__all__ = ["EXIT_NOT_SUPPORTED", "configure_check", "format_human", "format_json", "run_check"]
+__all__ = ["EXIT_NOT_SUPPORTED", "configure", "format_human", "format_json", "run"]
 
 #: ``qemu-img check``'s exit status for a format without a check (raw, ...).
 EXIT_NOT_SUPPORTED = 63
 
 
-def configure_check(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``imago check``, qemu-img's (``-f``, ``--output``, ``-r``, ``-U``, ``-q``)."""
     parser.add_argument("-f", "--format", dest="format", metavar="FMT", help="the image format (default: probe it)")
     parser.add_argument(
@@ -51,7 +51,7 @@ def configure_check(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("filename", metavar="FILE", help="the image file")
 
 
-def run_check(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Check (and with ``-r`` repair) one image; returns qemu-img's exit status.
 
     0 clean, 1 check not completed (or a bad option, or the image could not be opened),
@@ -154,39 +154,4 @@ def format_human(result: CheckResult) -> str:
 
 def format_json(result: CheckResult) -> str:
     """``qemu-img check --output=json``'s text for *result*, byte for byte (QEMU's JSON writer)."""
-    fields = result.to_json()
-    body = ",\n".join(f"    {_json_string(key)}: {_json_value(value)}" for key, value in fields.items())
-    return f"{{\n{body}\n}}\n"
-
-
-def _json_value(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    if isinstance(value, int):
-        return str(value)
-    return _json_string(str(value))
-
-
-_JSON_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _json_string(text: str) -> str:
-    r"""A JSON string as QEMU writes one: ASCII only, upper-case hex escapes (``\u00FC``).
-
-    Bytes of the name that are not UTF-8 (``surrogateescape``) become U+FFFD, as in QEMU.
-    """
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    out = ['"']
-    for char in text:
-        point = ord(char)
-        if char in _JSON_ESCAPES:
-            out.append(_JSON_ESCAPES[char])
-        elif point > 0xFFFF:
-            point -= 0x10000
-            out.append(f"\\u{0xD800 + (point >> 10):04X}\\u{0xDC00 + (point & 0x3FF):04X}")
-        elif point < 0x20 or point >= 0x7F:
-            out.append(f"\\u{point:04X}")
-        else:
-            out.append(char)
-    out.append('"')
-    return "".join(out)
+    return qjson.dumps(result.to_json()) + "\n"

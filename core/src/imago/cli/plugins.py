@@ -7,15 +7,15 @@ import json
 
 from ..plugin import manager as _plugins
 
-__all__ = ["configure_plugins", "run_plugins"]
+__all__ = ["configure", "run"]
 
 
-def configure_plugins(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``imago plugins``."""
     parser.add_argument("--output", choices=("human", "json"), default="human", help="output format")
 
 
-def run_plugins(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Print one block per plugin; exit status 1 if any failed to load."""
     infos = sorted(_plugins.plugins(), key=lambda info: info.name)
     if args.output == "json":

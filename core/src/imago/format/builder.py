@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_checkable
 
 import attrs
 
 from .. import runtime
-from ..errors import BackingChainError, InvalidOptionError
+from ..errors import BackingChainError, InvalidOptionError, UnsupportedFeatureError
 from ..storage import PreallocateMode, Storage, StorageOpenOptions
+from .measure import Measurement
 from .names import check_local_file_name
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ class FormatDriverBuilder(Generic[D]):
         self._path = None if path is None else os.fspath(path)
         self._writable = False
         self._for_check = False
+        self._open_backing = True
         self._storage_options = StorageOpenOptions()
         self._chain: tuple[str, ...] = ()
 
@@ -80,6 +82,19 @@ class FormatDriverBuilder(Generic[D]):
         if not isinstance(check, bool):
             raise InvalidOptionError("for_check", f"must be True or False, got {check!r}")
         self._for_check = check
+        return self
+
+    def open_backing(self, open_backing: bool = True) -> Self:
+        """Whether to open the backing file the image names (default: yes).
+
+        Without it (QEMU's ``BDRV_O_NO_BACKING``, as ``qemu-img info`` and ``rebase -u`` open
+        images) the image is opened alone: its backing file is not opened, need not exist and is
+        not shown to the gate; areas the image does not allocate read as zeroes. The image still
+        reports the name it records (``info()``).
+        """
+        if not isinstance(open_backing, bool):
+            raise InvalidOptionError("open_backing", f"must be True or False, got {open_backing!r}")
+        self._open_backing = open_backing
         return self
 
     def storage_options(self, options: StorageOpenOptions) -> Self:
@@ -130,6 +145,11 @@ class FormatDriverBuilder(Generic[D]):
     def writable(self) -> bool:
         """Whether the image is to be opened for writing."""
         return self._writable
+
+    @property
+    def opens_backing(self) -> bool:
+        """Whether the driver should open the image's backing file (:meth:`open_backing`)."""
+        return self._open_backing
 
     @property
     def checking(self) -> bool:
@@ -288,6 +308,16 @@ class FormatCreateBuilder(Generic[D]):
     def backing_format_name(self) -> str | None:
         """The backing file's format the new image will record, if any."""
         return None
+
+    def measure(self, data: Sequence[tuple[int, int]] | None) -> Measurement:
+        """The file size the image with these options needs (``qemu-img measure``).
+
+        *data* lists the guest ranges ``(offset, length)`` that will hold data (sorted, not
+        overlapping; zero and unallocated areas left out), ``None`` when there is no source
+        (``qemu-img measure --size``). Formats that can tell override it; the default raises
+        :class:`~imago.UnsupportedFeatureError`.
+        """
+        raise UnsupportedFeatureError(f"the {self._driver.name} format cannot measure the size of new images")
 
     async def create(self) -> None:
         """Check the options, then write the new image to the storage (emptying it first)."""

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Capability",
     "SnapshotRecord",
+    "SupportsAmend",
+    "SupportsBackingChange",
     "SupportsCheck",
     "SupportsCompressedWrites",
     "SupportsResize",
@@ -101,6 +103,33 @@ class SupportsCheck(Protocol):
         """
 
 
+class SupportsBackingChange(Protocol):
+    """Changing the backing file an image records (``qemu-img rebase``, ``commit``, ``amend``)."""
+
+    async def change_backing_file(self, filename: str | None, format: str | None) -> None:
+        """Record *filename* (``None``: no backing file) of *format* (``None``: not recorded).
+
+        Only the reference changes: guest data is neither copied nor dropped, so the caller
+        (``rebase`` in safe mode) copies what must survive first. The backing layer opened
+        with the image, if any, stays attached until the image is reopened.
+        """
+
+
+class SupportsAmend(Protocol):
+    """Changing creation options of an existing image (``qemu-img amend -o``)."""
+
+    #: The option names :meth:`amend` accepts (``qemu-img amend -o help`` lists them).
+    amend_option_names: tuple[str, ...]
+
+    async def amend(self, options: dict[str, Any], *, force: bool = False) -> None:
+        """Change the options by name (qemu-img's names and values, strings or typed).
+
+        Every option is validated before anything is written; an unknown or unchangeable one
+        raises :class:`~imago.InvalidOptionError` naming it. *force* allows changes qemu-img
+        guards with ``--force`` (qcow2: dropping a data file's raw flag is not one).
+        """
+
+
 @attrs.frozen
 class Capability(Generic[P]):
     """One capability: a name, the protocol a driver claiming it implements, and its methods.
@@ -118,6 +147,8 @@ class Capability(Generic[P]):
     COMPRESSED_WRITES: ClassVar[Capability[SupportsCompressedWrites]]
     RESIZE: ClassVar[Capability[SupportsResize]]
     CHECK: ClassVar[Capability[SupportsCheck]]
+    CHANGE_BACKING: ClassVar[Capability[SupportsBackingChange]]
+    AMEND: ClassVar[Capability[SupportsAmend]]
 
     def of(self, driver: FormatDriver) -> P | None:
         """*driver*, typed as this capability's protocol, if its class claims it; else ``None``."""
@@ -130,7 +161,7 @@ class Capability(Generic[P]):
     @classmethod
     def all(cls) -> tuple[Capability[Any], ...]:
         """Every capability imago defines."""
-        return (cls.SNAPSHOTS, cls.COMPRESSED_WRITES, cls.RESIZE, cls.CHECK)
+        return (cls.SNAPSHOTS, cls.COMPRESSED_WRITES, cls.RESIZE, cls.CHECK, cls.CHANGE_BACKING, cls.AMEND)
 
     def __str__(self) -> str:
         return self.name
@@ -146,3 +177,5 @@ Capability.COMPRESSED_WRITES = Capability(
 )
 Capability.RESIZE = Capability("resize", ("resize",), SupportsResize)
 Capability.CHECK = Capability("check", ("check",), SupportsCheck)
+Capability.CHANGE_BACKING = Capability("change-backing", ("change_backing_file",), SupportsBackingChange)
+Capability.AMEND = Capability("amend", ("amend_option_names", "amend"), SupportsAmend)

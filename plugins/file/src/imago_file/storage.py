@@ -205,6 +205,11 @@ class File(Storage):
 
     # --- facts -----------------------------------------------------------------------------------
 
+    def allocated_size(self) -> int | None:
+        """Bytes allocated to the file on its filesystem (``st_blocks``); ``None`` for a block device."""
+        st = os.fstat(self._fd)
+        return None if stat.S_ISBLK(st.st_mode) else st.st_blocks * 512
+
     @property
     def size(self) -> int:
         """Size in bytes (block devices: as the kernel reports it)."""

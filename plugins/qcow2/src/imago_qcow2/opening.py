@@ -145,7 +145,7 @@ async def _open(
 
     backing = builder.given_backing
     if backing is NOT_GIVEN:
-        backing = await _open_backing(builder, gate, storage, header)
+        backing = await _open_backing(builder, gate, storage, header) if builder.opens_backing else None
         if backing is not None:
             opened.append(backing)
     state = Qcow2State(

@@ -1,0 +1,32 @@
+"""``Measurement``: the file size a new image needs (``qemu-img measure``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+__all__ = ["Measurement"]
+
+
+@attrs.frozen
+class Measurement:
+    """What a format's create builder computes for ``qemu-img measure``, in bytes.
+
+    ``required`` is the file size the image needs for the data given (only metadata when there
+    is no source), ``fully_allocated`` the size with every cluster allocated; ``bitmaps`` the
+    room for persistent dirty bitmaps, where the format has them (``None``: not reported).
+    """
+
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """qemu-img's JSON fields, in its order (``bitmaps`` only where reported)."""
+        fields: dict[str, Any] = {}
+        if self.bitmaps is not None:
+            fields["bitmaps"] = self.bitmaps
+        fields["required"] = self.required
+        fields["fully-allocated"] = self.fully_allocated
+        return fields
