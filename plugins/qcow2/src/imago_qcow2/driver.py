@@ -31,6 +31,8 @@ from imago import (
 )
 
 from .allocation import Allocation
+from .amend import AMEND_OPTION_NAMES, amend_image
+from .backing_change import change_backing_file
 from .check import check_image, reload_state
 from .compressed import CompressedClusters
 from .create import Qcow2CreateBuilder
@@ -128,7 +130,18 @@ class Qcow2(FormatDriver):
     name = "qcow2"
     builder_class = Qcow2Builder
     create_builder_class = Qcow2CreateBuilder
-    capabilities = frozenset({Capability.RESIZE, Capability.SNAPSHOTS, Capability.COMPRESSED_WRITES, Capability.CHECK})
+    capabilities = frozenset(
+        {
+            Capability.RESIZE,
+            Capability.SNAPSHOTS,
+            Capability.COMPRESSED_WRITES,
+            Capability.CHECK,
+            Capability.CHANGE_BACKING,
+            Capability.AMEND,
+        }
+    )
+    #: The options :meth:`amend` accepts (``qemu-img amend -o help``).
+    amend_option_names = AMEND_OPTION_NAMES
 
     def __init__(self, state: Qcow2State) -> None:
         self._state = state
@@ -338,6 +351,22 @@ class Qcow2(FormatDriver):
         """
         self._require_intact()
         await self._resizer.resize(new_size, prealloc)
+
+    # --- backing file and amend -------------------------------------------------------------
+
+    async def change_backing_file(self, filename: str | None, format: str | None) -> None:
+        """Record another backing file (``None``: none) and its format in the header.
+
+        Only the reference changes (``qemu-img rebase -u``); the header is rewritten in one
+        write of its cluster, then flushed. See :mod:`~imago_qcow2.backing_change`.
+        """
+        self._require_intact()
+        await change_backing_file(self._state, filename, format)
+
+    async def amend(self, options: dict[str, Any], *, force: bool = False) -> None:
+        """Change creation options of the image (``qemu-img amend -o``); see :mod:`~imago_qcow2.amend`."""
+        self._require_intact()
+        await amend_image(self, self._state, options, force=force)
 
     # --- snapshots -----------------------------------------------------------------------------
 
