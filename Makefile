@@ -1,5 +1,5 @@
 # imago for Python: set-up, main job, tests.
-#   make run    set up .venv and run the main job (the demo)
+#   make run    set up .venv and run the main job (a tour of the imago command; DIR=path keeps its files)
 #   make test   set up .venv (and qemu-utils) and run every check: ruff, mypy, pytest
 
 PYTHON ?= python3
@@ -23,8 +23,9 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml hatch_build.py $(foreach d,$(DI
 
 setup: $(VENV)/.installed
 
+# DIR: where the tour leaves its images (default: a temporary directory, removed afterwards).
 run: setup
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/tour.py $(DIR)
 
 # qemu-img and qemu-io are the reference the tests compare against.
 qemu:
@@ -49,6 +50,9 @@ bench: setup qemu
 	$(BIN)/python bench/bench_raw.py
 	$(BIN)/python bench/bench_qcow2.py
 	$(BIN)/python bench/bench_qcow2_write.py
+	$(BIN)/python bench/bench_startup.py
+	$(BIN)/python bench/bench_map.py
+	$(BIN)/python bench/bench_convert.py
 
 # The list above, one per line (tests/test_workspace.py compares it with the tree).
 dists:

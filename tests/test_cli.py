@@ -381,3 +381,27 @@ def test_plugins_shows_an_unknown_hook(register_plugin: RegisterPlugin, capsys: 
     assert "unknown hook 'imago_register_cli_command'" in entries["typo"]["error"]
     assert entries["typo"]["cli-commands"] == []
     assert entries["raw"]["error"] is None
+
+
+def test_debug_anywhere_shows_the_traceback(
+    register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str]
+) -> None:
+    register_plugin("needs-vmdk", cli_plugin(("vmdk-in", "x", no_arguments, lambda args: imago.format_driver("vmdk"))))
+    assert imago.cli.main(["vmdk-in"]) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    for argv in (["--debug", "vmdk-in"], ["vmdk-in", "--debug"]):
+        assert imago.cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err
+        assert err.rstrip("\n").splitlines()[-1].startswith("imago: no format driver named 'vmdk'")
+
+
+@pytest.mark.parametrize("name", ["plugins", "convert", "info", "check"])
+def test_a_plugin_cannot_take_a_core_subcommands_name(
+    register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str], name: str
+) -> None:
+    register_plugin("shadow", cli_plugin((name, "x", no_arguments, lambda args: 42)))
+    assert imago.cli.main(["plugins"]) == 1  # the plugin failed to load
+    blocks = plugin_blocks(capsys.readouterr().out)
+    shadow = next(lines for heading, lines in blocks.items() if heading.startswith("shadow"))
+    assert any(line.startswith("ERROR:") and repr(name) in line for line in shadow)

@@ -512,3 +512,37 @@ def test_console_script(venv_bin: Path, images: dict[str, Path], tmp_path: Path)
     qemu_img(tmp_path, "create", "-q", "-f", "raw", "disk.img", "1M")
     proc = run(script, "check", "disk.img", cwd=tmp_path)
     assert (proc.returncode, proc.stdout, proc.stderr) == (63, "", "imago: This image format does not support checks\n")
+
+
+def test_cache_mode_and_gate_options(tmp_path: Path, venv_bin: Path) -> None:
+    """-T and the gate options, as the other subcommands have them."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "top").mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "base/b.qcow2", "1M"], cwd=tmp_path, check=True)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "../base/b.qcow2", "-F", "qcow2", "top/t.qcow2"],
+        cwd=tmp_path,
+        check=True,
+    )
+    top = str(tmp_path / "top" / "t.qcow2")
+    for cache in ("none", "writeback", "unsafe", "directsync", "writethrough"):
+        assert imago.cli.main(["check", "-q", "-T", cache, "--allow-any", top]) == 0
+    refused = subprocess.run(["qemu-img", "check", "-T", "fast", top], capture_output=True, text=True, check=False)
+    ours = subprocess.run(
+        [str(venv_bin / "imago"), "check", "-T", "fast", top],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (ours.returncode, ours.stderr.replace("imago:", "qemu-img:")) == (refused.returncode, refused.stderr)
+    denied = subprocess.run(
+        [str(venv_bin / "imago"), "check", top],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert denied.returncode == 1
+    assert "b.qcow2" in denied.stderr
+    assert "--allow-dir" in denied.stderr
+    assert denied.stderr.count("\n") == 1
+    assert imago.cli.main(["check", "-q", "--allow-dir", str(tmp_path / "base"), top]) == 0

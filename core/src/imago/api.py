@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from . import runtime
@@ -11,11 +12,12 @@ from .format.access import FormatAccess, SyncFormatAccess
 from .format.builder import FormatCreateBuilder
 from .format.driver import FormatDriver
 from .format.gates import ImplicitOpenGate, SandboxImplicitOpenGate
+from .format.measure import Measurement
 from .format.overlay import check_backing
 from .plugin.manager import format_driver, format_drivers, storage_driver
 from .storage import Storage, StorageCreateOptions, StorageOpenOptions
 
-__all__ = ["create", "create_async", "open", "open_async", "probe", "probe_sync"]
+__all__ = ["create", "create_async", "measure", "open", "open_async", "probe", "probe_sync"]
 
 
 async def probe(storage: Storage) -> type[FormatDriver]:
@@ -288,6 +290,22 @@ def create(
         imago.create("overlay.qcow2", "qcow2", backing_file="disk.qcow2", backing_format="qcow2")
     """
     runtime.run_sync(create_async(filename, format, size, unsafe=unsafe, gate=gate, **options))
+
+
+def measure(format: str, size: int, data: Sequence[tuple[int, int]] | None = None, **options: Any) -> Measurement:
+    """The file size a new *format* image of *size* bytes needs, as ``qemu-img measure`` computes it.
+
+    *data* lists the guest ranges ``(offset, length)`` that will hold data (sorted, not
+    overlapping), ``None`` for an image with no data yet (``qemu-img measure --size``).
+    *options* are the creation options :func:`create` takes. Nothing is written. Raises
+    :class:`InvalidOptionError` for bad options and :class:`UnsupportedFeatureError` for a
+    format that cannot measure.
+
+    Example::
+
+        imago.measure("qcow2", 1 << 40, cluster_size=65536).required  # metadata only
+    """
+    return _create_builder(format_driver(format), _NO_STORAGE, size, options).measure(data)
 
 
 class _NoStorage(Storage):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
+from typing import TYPE_CHECKING
 
 from .errors import SuspendedInSyncModeError
 
-__all__ = ["RangeLock"]
+if TYPE_CHECKING:
+    import asyncio
 
-_get_running_loop = asyncio._get_running_loop  # the C accelerated look-up, no exception on "none"
+__all__ = ["RangeLock"]
 
 
 class RangeLock:
@@ -30,8 +31,10 @@ class RangeLock:
 
     async def acquire(self, start: int, end: int) -> int:
         """Wait until no held range overlaps ``[start, end)``, then hold it; returns a token."""
+        import asyncio  # here, not at the top: a synchronous program need not import asyncio
+
         while (released := self._overlapping(start, end)) is not None:
-            if _get_running_loop() is None:
+            if asyncio._get_running_loop() is None:  # the C accelerated look-up, no exception on "none"
                 # Without a loop there is nothing to wait with (asyncio.Event would fail obscurely).
                 raise SuspendedInSyncModeError(f"byte range [{start}, {end}) is held by another request")
             await released.wait()

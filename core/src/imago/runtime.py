@@ -10,14 +10,20 @@ is raised.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import os
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from .errors import SuspendedInSyncModeError
+
+if TYPE_CHECKING:
+    import asyncio
+    import concurrent.futures
+
+# asyncio and concurrent.futures cost more to import than the rest of a synchronous command
+# line tool: they are imported only where a loop runs or a thread pool is made.
 
 __all__ = ["gather_all", "inline", "run_blocking", "run_parallel", "run_sync"]
 
@@ -25,7 +31,22 @@ T = TypeVar("T")
 R = TypeVar("R")
 P = ParamSpec("P")
 
-_get_running_loop = asyncio._get_running_loop  # the C accelerated look-up, no exception on "none"
+
+def _no_loop_yet() -> asyncio.AbstractEventLoop | None:
+    """The running event loop, or ``None``, without importing asyncio when nothing imported it yet.
+
+    A loop runs only once asyncio is imported; from then on asyncio's own (C accelerated,
+    exception free) look-up takes this function's place as :data:`_get_running_loop`.
+    """
+    global _get_running_loop
+    look_up = getattr(sys.modules.get("asyncio"), "_get_running_loop", None)
+    if look_up is None:
+        return None
+    _get_running_loop = look_up
+    return look_up()  # type: ignore[no-any-return]
+
+
+_get_running_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop_yet
 
 
 class _SyncState(threading.local):
@@ -77,6 +98,8 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
 def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _pool
     if _pool is None:
+        import concurrent.futures
+
         with _pool_lock:
             if _pool is None:
                 _pool = concurrent.futures.ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="imago-io")
@@ -97,6 +120,8 @@ async def gather_all(awaitables: list[Awaitable[T]]) -> list[T]:
     """Await all of *awaitables*: concurrently under a loop, one after another when inline."""
     if inline():
         return [await a for a in awaitables]
+    import asyncio
+
     return list(await asyncio.gather(*awaitables))
 
 
@@ -110,6 +135,8 @@ def _cpu_count() -> int:
 def _cpu_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _cpu_executor
     if _cpu_executor is None:
+        import concurrent.futures
+
         with _pool_lock:
             if _cpu_executor is None:
                 _cpu_executor = concurrent.futures.ThreadPoolExecutor(_cpu_count(), thread_name_prefix="imago-cpu")
@@ -144,5 +171,7 @@ async def run_parallel(func: Callable[[T], R], items: list[T]) -> list[R]:
         for future in futures:
             results.extend(future.result())
         return results
+    import asyncio
+
     parts = await asyncio.gather(*(loop.run_in_executor(pool, _run_chunk, func, chunk) for chunk in chunks))
     return [result for part in parts for result in part]

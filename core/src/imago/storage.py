@@ -238,6 +238,27 @@ class Storage(abc.ABC):
         """
         runtime.run_sync(self.readv(bufs, offset))
 
+    async def data_extent(self, offset: int, length: int) -> tuple[bool, int]:
+        """Whether the bytes at *offset* hold data or are a hole, and how far that run reaches.
+
+        Returns ``(is_data, run)`` with ``1 <= run <= length`` (*length* > 0): a hole reads as
+        zeroes and occupies nothing (a sparse file's hole, an unmapped range). Tools that copy
+        or map a format whose data lies in the storage as it is (raw) skip holes with it, as
+        QEMU asks the file for its block status. The default knows of no holes: all data.
+        """
+        return True, length
+
+    def map_read(self, offset: int, length: int) -> memoryview | None:
+        """A read-only view of ``[offset, offset + length)`` straight from the medium, or ``None``.
+
+        For copies that look at data before writing it elsewhere (``imago convert``): the bytes
+        are not copied into a buffer first. The view shows the storage as it is, later writes
+        included (it is not a snapshot), and stays valid while referenced; the range must lie
+        inside the storage. ``None`` (the default) means the storage cannot map it: read into a
+        buffer instead.
+        """
+        return None
+
     async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
         """Make ``[offset, offset + length)`` read as zero.
 

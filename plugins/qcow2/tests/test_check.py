@@ -482,13 +482,13 @@ def test_dirty_image_is_repaired_when_opened_for_writing(tmp_path: Path) -> None
     # Read-only: read as it is, reported dirty, not changed.
     before = path.read_bytes()
     with open_image(path) as image:
-        assert image.driver.info()["format-specific"]["data"]["dirty"] is True
+        assert image.driver.info()["dirty-flag"] is True
         assert image.check().exit_status == status
     assert path.read_bytes() == before
     # For writing: repaired first (as QEMU's open does), then writable.
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "read -P 0x11 0 300k", reference], check=True, capture_output=True)
     with open_image(path, write=True) as image:
-        assert image.driver.info()["format-specific"]["data"]["dirty"] is False
+        assert image.driver.info()["dirty-flag"] is False
         image.write(b"\x33" * 4096, 16 * MiB)
     assert qemu_check(path)[0] == 0
     assert imago_check(path).clean
@@ -586,7 +586,7 @@ def test_opened_for_check_a_dirty_image_is_repaired_by_the_check(tmp_path: Path)
     shutil.copyfile(path, reference)
     status, report, lines = qemu_check(reference, "-r", "all")
     with imago.open(path, "qcow2", write=True, for_check=True) as image:
-        assert image.driver.info()["format-specific"]["data"]["dirty"] is True
+        assert image.driver.info()["dirty-flag"] is True
         with pytest.raises(CorruptImageError, match="dirty"):
             image.write(b"\x44" * 512, 0)
         result = image.check("all")

@@ -38,11 +38,11 @@ def test_dirty_only_while_refcounts_lag(tmp_path: Path, lazy: bool) -> None:
         assert not is_dirty(path)
         # qemu-img cannot open what imago holds for writing (image locks): check a copy of the file.
         check_clean(shutil.copy(path, tmp_path / "flushed.qcow2"))
-        assert image.driver.info()["format-specific"]["data"]["dirty"] is False
+        assert image.driver.info()["dirty-flag"] is False
         image.write(b"\x33" * 1000, 2 * MiB)
         assert is_dirty(path) == lazy
         if lazy:
-            assert image.driver.info()["format-specific"]["data"]["dirty"] is True
+            assert image.driver.info()["dirty-flag"] is True
     # Closing flushes: clean again, nothing leaked.
     assert not is_dirty(path)
     check_clean(path)
@@ -63,7 +63,7 @@ def test_a_dirty_copy_is_repaired_without_losing_flushed_data(tmp_path: Path) ->
     # (Opening it for writing would repair it first, as QEMU does: see test_check.py.)
     # Read-only access still works, and sees what was flushed.
     with open_ro(copy) as image:
-        assert image.driver.info()["format-specific"]["data"]["dirty"] is True
+        assert image.driver.info()["dirty-flag"] is True
         got = bytearray(MiB + 4096)
         image.read(got, 0)
         assert got == flushed[: MiB + 4096]

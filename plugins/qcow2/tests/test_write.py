@@ -872,7 +872,7 @@ def test_dirty_image_is_repaired_when_opened_for_writing(tmp_path: Path) -> None
         assert read_all(image) == content
     assert sha256(path) == digest, "a read-only open changed the image"
     with imago.open(path, format="qcow2", write=True) as image:  # repaired first, as QEMU does
-        assert image.driver.info()["format-specific"]["data"]["dirty"] is False
+        assert image.driver.info()["dirty-flag"] is False
         image.write(b"\x22" * 512, 0)
     check_clean(path)
     with open_ro(path) as image:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar, overload
 
@@ -146,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ImagoError, OSError) as error:
         if debug:
+            import traceback
+
             traceback.print_exc()
         print(f"imago: {describe_error(error)}", file=sys.stderr)
         return error.status if isinstance(error, CliError) else 1

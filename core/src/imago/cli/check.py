@@ -18,6 +18,16 @@ from ..errors import ImagoError
 from ..format.capabilities import Capability
 from ..format.check import CheckFinding, CheckResult, RepairMode
 from . import qjson
+from .common import (
+    add_cache,
+    add_force_share,
+    add_format,
+    add_gate_options,
+    add_output,
+    cache_flags,
+    describe_error,
+    gate_for,
+)
 
 __all__ = ["EXIT_NOT_SUPPORTED", "configure", "format_human", "format_json", "run"]
 
@@ -26,11 +36,9 @@ EXIT_NOT_SUPPORTED = 63
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``imago check``, qemu-img's (``-f``, ``--output``, ``-r``, ``-U``, ``-q``)."""
-    parser.add_argument("-f", "--format", dest="format", metavar="FMT", help="the image format (default: probe it)")
-    parser.add_argument(
-        "--output", default="human", metavar="human|json", help="output format: human (default) or json"
-    )
+    """Arguments of ``imago check``, qemu-img's (``-f``, ``--output``, ``-r``, ``-T``, ``-U``, ``-q``)."""
+    add_format(parser)
+    add_output(parser)
     parser.add_argument(
         "-r",
         "--repair",
@@ -38,16 +46,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="leaks|all",
         help="repair leaked clusters only, or all kinds of errors (opens the image for writing)",
     )
-    parser.add_argument(
-        "-U",
-        "--force-share",
-        dest="force_share",
-        action="store_true",
-        help="open the image read-only without locks that would stop a writer (not with -r)",
-    )
+    add_cache(parser, "-T", dest="cache", default="writeback")
+    add_force_share(parser)
     parser.add_argument(
         "-q", "--quiet", action="store_true", help="print nothing on stdout (findings and errors still)"
     )
+    add_gate_options(parser)
     parser.add_argument("filename", metavar="FILE", help="the image file")
 
 
@@ -64,9 +68,19 @@ def run(args: argparse.Namespace) -> int:
         mode = RepairMode.parse(args.repair)
     except ValueError:
         return _fail(f"Unknown option value for -r (expecting 'leaks' or 'all'): {args.repair}")
+    direct, no_flush = cache_flags(args.cache, option="source cache")
     try:
         # -r opens for writing; with -U too, imago.open refuses it, as qemu-img does.
-        disk = open_image(filename, args.format, write=mode is not None, force_share=args.force_share, for_check=True)
+        disk = open_image(
+            filename,
+            args.format,
+            write=mode is not None,
+            force_share=args.force_share,
+            for_check=True,
+            direct=direct,
+            no_flush=no_flush,
+            gate=gate_for(args, [filename]),
+        )
     except (ImagoError, OSError) as error:
         return _fail(f"Could not open '{filename}': {_describe(error)}")
     with disk:
@@ -98,7 +112,7 @@ def _fail(message: str, status: int = 1) -> int:
 def _describe(error: BaseException) -> str:
     if isinstance(error, OSError) and not isinstance(error, ImagoError) and error.strerror:
         return error.strerror
-    return str(error)
+    return describe_error(error)
 
 
 def _print_lines(findings: Sequence[CheckFinding]) -> None:

@@ -17,9 +17,12 @@ import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ..errors import ImagoError, ImplicitOpenDeniedError
-from ..format.gates import ImplicitOpenGate, PermissiveImplicitOpenGate, SandboxImplicitOpenGate
+
+if TYPE_CHECKING:  # the gates (and the plugin manager behind them) are imported when a gate is made
+    from ..format.gates import ImplicitOpenGate
 
 __all__ = [
     "CACHE_MODES",
@@ -58,7 +61,7 @@ class OperationInterrupted(ImagoError):  # noqa: N818 - the name says what happe
 
 # --- sizes ----------------------------------------------------------------------------------
 
-_SIZE = re.compile(r"\s*(?P<number>0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?P<suffix>[bBkKmMgGtTpPeE]?)\Z")
+_SIZE = re.compile(r"\s*(?P<number>0[xX][0-9a-fA-F]+|[0-9]+(?:\.[0-9]*)?)(?P<suffix>[bBkKmMgGtTpPeE]?)\Z")
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 #: The largest size qemu accepts (sizes are int64 in QEMU).
 MAX_SIZE = (1 << 63) - 1
@@ -68,13 +71,14 @@ def parse_size(text: str, *, what: str = "size") -> int:
     """A size in bytes from qemu's syntax: ``1G``, ``512k``, ``1.5M``, ``0x1000``, ``4096``.
 
     Suffixes (case-insensitive, powers of 1024): B, K, M, G, T, P, E; a fraction needs a
-    suffix other than B, as in qemu. Raises :class:`CliError` naming *what* otherwise.
+    suffix other than B, as in qemu; a fraction finer than a byte is dropped. Raises
+    :class:`CliError` naming *what* (qemu-img's wording: "Invalid image size specified") otherwise.
     """
     match = _SIZE.match(text)
     if match is None:
         raise CliError(
-            f"Invalid {what} {text!r}: use a number with an optional k, M, G, T, P or E suffix "
-            "(kilobytes, megabytes, gigabytes, terabytes, petabytes, exabytes)"
+            f"Invalid {what} specified: {text!r}. You may use k, M, G, T, P or E suffixes for "
+            "kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes."
         )
     number, suffix = match["number"], match["suffix"].lower()
     unit = _UNITS[suffix]
@@ -82,13 +86,13 @@ def parse_size(text: str, *, what: str = "size") -> int:
         value = int(number, 16) * unit
     elif "." in number:
         if unit == 1:
-            raise CliError(f"Invalid {what} {text!r}: a fraction needs a k, M, G, T, P or E suffix")
+            raise CliError(f"Invalid {what} specified: {text!r}. A fraction needs a k, M, G, T, P or E suffix.")
         whole, _, fraction = number.partition(".")
         value = int(whole or "0") * unit + (int(fraction or "0") * unit) // 10 ** len(fraction)
     else:
         value = int(number) * unit
     if value > MAX_SIZE:
-        raise CliError(f"Invalid {what} {text!r}: it must be less than 8 EiB")
+        raise CliError(f"Invalid {what} specified: {text!r}. Must be between 0 and {MAX_SIZE}.")
     return value
 
 
@@ -242,6 +246,8 @@ def add_gate_options(parser: argparse.ArgumentParser) -> None:
 
 def gate_for(args: argparse.Namespace, images: Iterable[str | os.PathLike[str]]) -> ImplicitOpenGate:
     """The gate for implicit opens: the images' directories plus ``--allow-dir``, or anything."""
+    from ..format.gates import PermissiveImplicitOpenGate, SandboxImplicitOpenGate
+
     if getattr(args, "allow_any", False):
         return PermissiveImplicitOpenGate()
     directories = {os.path.dirname(os.path.realpath(os.fspath(image))) or "." for image in images}

@@ -14,7 +14,6 @@ with the bytes done; what the user sees depends on the options:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from types import TracebackType
@@ -103,6 +102,8 @@ class _JsonProgress(Progress):
             return
         self._shown = (self.phase, self.done)
         self._last = time.monotonic()
+        import json  # here: only --progress=json needs it
+
         record = {"phase": self.phase, "done": self.done, "total": self.total}
         self._stream.write(json.dumps(record) + "\n")
         self._stream.flush()

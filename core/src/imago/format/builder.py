@@ -240,10 +240,37 @@ class FormatCreateBuilder(Generic[D]):
         Raw.create_builder(storage).size(1 << 30).preallocate("falloc").create_sync()
     """
 
+    @attrs.frozen
+    class Option:
+        """One creation option as ``qemu-img`` names and types it (``qemu-img create -o help``).
+
+        ``kind`` says how a command line's text becomes the value :meth:`set_option` takes:
+        ``bool`` (on/off), ``size`` (bytes, with qemu's suffixes), ``int`` or ``str`` (one of
+        ``choices`` when those are given). ``default`` is the value ``qemu-img create`` reports
+        when the option is not given (``None``: not reported).
+        """
+
+        name: str
+        kind: str
+        description: str
+        default: str | None = None
+        choices: tuple[str, ...] = ()
+
     #: Names accepted by :meth:`set_option`; subclasses extend it with their own methods.
     option_names: ClassVar[tuple[str, ...]] = ("size", "preallocate")
     #: Other names for options (``qemu-img``'s), mapped to the method they set.
     option_aliases: ClassVar[dict[str, str]] = {"preallocation": "preallocate"}
+    #: The options under ``qemu-img``'s names, in the order ``qemu-img create`` reports them;
+    #: the command line lists (``-o help``) and converts (``-o k=v``) options with it.
+    options: ClassVar[tuple[FormatCreateBuilder.Option, ...]] = (
+        Option("size", "size", "Virtual disk size"),
+        Option(
+            "preallocation",
+            "str",
+            "Preallocation mode (allowed values: off, falloc, full)",
+            choices=("off", "falloc", "full"),
+        ),
+    )
 
     def __init__(self, driver: type[D], storage: Storage) -> None:
         if not isinstance(storage, Storage):
@@ -271,6 +298,11 @@ class FormatCreateBuilder(Generic[D]):
             raise InvalidOptionError(name, f"not an option of the {self._driver.name} format (options: {known})")
         method: Callable[[Any], Self] = getattr(self, method_name)
         return method(value)
+
+    @classmethod
+    def option(cls, name: str) -> FormatCreateBuilder.Option | None:
+        """The declared option *name* (``qemu-img``'s name), if any."""
+        return next((option for option in cls.options if option.name == name), None)
 
     def validate(self) -> None:
         """Check the options together (each is checked alone when it is set).

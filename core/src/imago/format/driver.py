@@ -44,6 +44,11 @@ class FormatDriver(abc.ABC):
     #: What the driver can do beyond reading and writing (see :class:`Capability`); checked
     #: against the methods it defines when it is registered.
     capabilities: ClassVar[frozenset[Capability[Any]]] = frozenset()
+    #: The disk is the storage's bytes at the same offsets (raw): a hole in the storage
+    #: (:meth:`Storage.data_extent`) is a hole in the disk. Tools mapping or copying the disk
+    #: ask the storage, as QEMU asks the file under a raw image; formats that allocate (qcow2)
+    #: report their data as data.
+    identity_mapped: ClassVar[bool] = False
 
     #: Increases whenever a mapping reported earlier may have become wrong.
     mapping_epoch: int = 0

@@ -67,9 +67,15 @@ class ShallowIndirect(ShallowMapping):
 
 @attrs.frozen
 class ShallowZero(ShallowMapping):
-    """Reads as zero; *explicit* is true when the image records zero, false when unallocated."""
+    """Reads as zero; *explicit* is true when the image records zero, false when unallocated.
+
+    Where the range keeps host space of its own (a zeroed cluster that stays allocated), *storage*
+    and *offset* say where (as ``qemu-img map`` shows them); ``None`` otherwise.
+    """
 
     explicit: bool
+    storage: Storage | None = None
+    offset: int | None = None
 
 
 @attrs.frozen

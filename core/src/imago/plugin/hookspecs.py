@@ -2,7 +2,8 @@
 
 A plugin is a module (or object) named by an entry point in the group ``imago``; it
 implements some of these hooks, marked with :data:`hookimpl`. Hooks only register classes;
-they are called once, lazily, the first time a driver is looked up. Each receives a typed
+they are called lazily: for a driver looked up by name, only the plugins of the distributions
+declaring it (below); for any listing, every plugin. Each receives a typed
 registrar (:mod:`imago.plugin.registrars`) as its ``register`` argument, valid only while
 the hook runs.
 
@@ -11,8 +12,9 @@ plugin fail to load, and so does a function named like a hook but not marked.
 
 A distribution can also declare the drivers its plugin provides, in the entry-point groups
 ``imago.storage_drivers`` and ``imago.format_drivers`` (driver name = ``module:Class``).
-imago never loads those entry points: when a driver is missing, they let the error name the
-distribution that should provide it, even when its plugin failed to load.
+imago never loads those entry points: they let a look-up by name load only the declaring
+distribution's plugin, and when a driver is missing, they let the error name the distribution
+that should provide it, even when its plugin failed to load.
 """
 
 from __future__ import annotations

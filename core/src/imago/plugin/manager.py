@@ -12,17 +12,26 @@ the plugins' own metadata, never from a table in the core: a distribution that d
 driver (entry-point groups ``imago.storage_drivers`` / ``imago.format_drivers``), the
 distribution of the installed driver whose name differs only in case, or else the
 convention ``imago-<name>``.
+
+Looking a driver up by name does not load every plugin: the entry-point files of the installed
+distributions are read directly (cheap, no :mod:`importlib_metadata`), and only the plugins of
+the distributions that declare the driver are loaded. Anything else (listing drivers or
+plugins, a driver nobody declares, a declared plugin that fails or clashes, plugins registered
+in-process) loads every plugin, through :mod:`importlib_metadata`, exactly as before; a plugin
+loaded for a single driver is then loaded again with the others.
 """
 
 from __future__ import annotations
 
-import difflib
+import importlib
+import os
+import re
+import sys
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
-import importlib_metadata
 import pluggy
 
 from ..errors import DriverNotFoundError, DuplicateDriverError, PluginLoadError
@@ -30,6 +39,18 @@ from ..format.driver import FormatDriver
 from ..storage import Storage
 from . import hookspecs
 from .registrars import CORE_DISTRIBUTION, CliCommand, CliRegistrar, FormatRegistrar, StorageRegistrar
+
+if TYPE_CHECKING:
+    import importlib_metadata
+else:
+
+    def __getattr__(name: str) -> Any:
+        # importlib_metadata takes tens of milliseconds to import: it is imported only when every
+        # plugin is loaded (and is then available as this module's attribute, as it was before).
+        if name == "importlib_metadata":
+            return importlib.import_module(name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CliCommand",
@@ -47,8 +68,6 @@ __all__ = [
 
 T = TypeVar("T")
 
-# Subcommands the core's CLI defines itself (``imago.cli``); a plugin may not take their names.
-_CORE_CLI_COMMANDS = frozenset({"plugins"})
 
 # Driver kind -> the entry-point group in which distributions declare drivers of that kind.
 _DECLARATION_GROUPS = {"storage": hookspecs.STORAGE_DRIVERS_GROUP, "format": hookspecs.FORMAT_DRIVERS_GROUP}
@@ -101,6 +120,10 @@ class _Manager:
         self._lock = threading.RLock()
         self._registry: _Registry | None = None
         self._extra: list[tuple[str, object]] = []
+        # Drivers of the plugins loaded one by one, for the distributions declaring them.
+        self._partial = _Registry()
+        self._declarations: dict[tuple[str, str], list[_Source]] | None = None
+        self._loaded: set[int] = set()  # ids of the declaration sources in self._partial
 
     def registry(self) -> _Registry:
         registry = self._registry
@@ -111,9 +134,37 @@ class _Manager:
                 registry = self._registry
         return registry
 
+    def declared(self, kind: str, name: str) -> type[Any] | None:
+        """The driver *name* from the plugins of the distributions declaring it; ``None`` if that does not settle it.
+
+        ``None`` (look in the full registry) when everything is loaded already, when plugins were
+        registered in-process, when nobody declares the driver, and when a declaring plugin
+        failed, clashed with another or did not register it: the full load reports all of that.
+        """
+        if self._registry is not None:
+            return None
+        with self._lock:
+            if self._registry is not None or self._extra:
+                return None
+            if self._declarations is None:
+                self._declarations = _scan_declarations()
+            sources = self._declarations.get((kind, name), ())
+            partial = self._partial
+            for source in sources:
+                if id(source) not in self._loaded:
+                    self._loaded.add(id(source))
+                    _add_plugin(partial, source)
+            if not sources or partial.duplicates or any(info.error for info in partial.plugins.values()):
+                return None
+            entry = (partial.storage if kind == "storage" else partial.format).get(name)
+            return None if entry is None else entry[0]
+
     def reset(self) -> None:
         with self._lock:
             self._registry = None
+            self._partial = _Registry()
+            self._declarations = None
+            self._loaded = set()
 
     def add(self, name: str, plugin: object) -> None:
         with self._lock:
@@ -130,19 +181,139 @@ class _Manager:
         sources = [_entry_point_source(entry_point) for entry_point in _entry_points()]
         sources += [_Source(name=name, distribution=None, version=None, load=_constant(p)) for name, p in self._extra]
         for source in sources:
-            label, copy = source.name, 1
-            while label in registry.plugins:  # the same entry-point name from several sources
-                copy += 1
-                distribution = source.distribution
-                label = f"{source.name}@{distribution}" if copy == 2 and distribution else f"{source.name}#{copy}"
-            for kind, names in source.declared.items():
-                for name in names:
-                    registry.declared.setdefault((kind, name), []).append(label)
-            registry.plugins[label] = _load_one(registry, label, source)
+            _add_plugin(registry, source)
         return registry
 
 
+def _add_plugin(registry: _Registry, source: _Source) -> None:
+    """Load the plugin *source* into *registry*, under a label no other plugin there has."""
+    label, copy = source.name, 1
+    while label in registry.plugins:  # the same entry-point name from several sources
+        copy += 1
+        distribution = source.distribution
+        label = f"{source.name}@{distribution}" if copy == 2 and distribution else f"{source.name}#{copy}"
+    for kind, names in source.declared.items():
+        for name in names:
+            registry.declared.setdefault((kind, name), []).append(label)
+    registry.plugins[label] = _load_one(registry, label, source)
+
+
+# --- the declarations, read without importlib_metadata ------------------------------------------
+
+_METADATA_SUFFIXES = (".dist-info", ".egg-info")
+_SECTION = re.compile(r"\[\s*([^\]]+?)\s*\]")
+# ``module``, ``module:attr.attr``, optionally followed by ``[extras]``.
+_TARGET = re.compile(r"([\w.]+)\s*(?::\s*([\w.]+))?\s*(?:\[.*\])?")
+
+
+def _scan_declarations() -> dict[tuple[str, str], list[_Source]]:
+    """(kind, driver name) -> the plugins of the distributions that declare the driver.
+
+    Reads the ``entry_points.txt`` of the distributions on :data:`sys.path` (directories
+    only; the first distribution of a name wins, as in :mod:`importlib_metadata`). Anything
+    this reader does not understand is left to the full load.
+    """
+    found: dict[tuple[str, str], list[_Source]] = {}
+    seen: set[str] = set()
+    for directory, distribution in _metadata_directories():
+        if distribution in seen:
+            continue
+        seen.add(distribution)
+        groups = _read_entry_points(directory)
+        declared = {kind: tuple(sorted(groups.get(group, {}))) for kind, group in _DECLARATION_GROUPS.items()}
+        plugins = groups.get(hookspecs.PROJECT_NAME)
+        if not plugins or not any(declared.values()):
+            continue
+        name, version = _read_name_and_version(directory)
+        for plugin, target in plugins.items():
+            source = _Source(name=plugin, distribution=name, version=version, load=_loader(target), declared=declared)
+            for kind, names in declared.items():
+                for driver in names:
+                    found.setdefault((kind, driver), []).append(source)
+    return found
+
+
+def _metadata_directories() -> Iterator[tuple[str, str]]:
+    """(metadata directory, normalised distribution name) of each distribution on :data:`sys.path`."""
+    for entry in sys.path:
+        if not isinstance(entry, str):
+            continue
+        try:
+            with os.scandir(entry or ".") as children:
+                names = sorted(child.name for child in children if child.name.endswith(_METADATA_SUFFIXES))
+        except OSError:  # missing directories, zip files: importlib_metadata handles them
+            continue
+        for name in names:
+            distribution = re.sub(r"[-_.]+", "_", name.rpartition(".")[0].partition("-")[0]).lower()
+            yield os.path.join(entry or ".", name), distribution
+
+
+def _read_entry_points(directory: str) -> dict[str, dict[str, str]]:
+    """The groups of ``entry_points.txt`` in *directory*: group -> entry-point name -> target."""
+    groups: dict[str, dict[str, str]] = {}
+    try:
+        with open(os.path.join(directory, "entry_points.txt"), encoding="utf-8") as file:
+            lines = file.read().splitlines()
+    except (OSError, UnicodeError):
+        return groups
+    group: dict[str, str] | None = None
+    for line in lines:
+        line = line.strip()
+        section = _SECTION.fullmatch(line)
+        if section:
+            group = groups.setdefault(section.group(1), {})
+        elif group is not None and "=" in line and not line.startswith(("#", ";")):
+            name, _, target = line.partition("=")
+            group.setdefault(name.strip(), target.strip())
+    return groups
+
+
+def _read_name_and_version(directory: str) -> tuple[str | None, str | None]:
+    """The ``Name`` and ``Version`` of the distribution whose metadata directory is *directory*."""
+    for file_name in ("METADATA", "PKG-INFO"):
+        try:
+            with open(os.path.join(directory, file_name), encoding="utf-8") as file:
+                return _name_and_version(file)
+        except (OSError, UnicodeError):
+            continue
+    return None, None
+
+
+def _name_and_version(lines: Iterable[str]) -> tuple[str | None, str | None]:
+    """The ``Name`` and ``Version`` headers of a metadata file (its first lines, RFC 822 style).
+
+    Read here rather than through :attr:`importlib_metadata.Distribution.metadata`, whose email
+    parser costs more to import than a command line tool may spend on starting.
+    """
+    fields: dict[str, str] = {}
+    for line in lines:
+        if not line.strip():  # the end of the headers
+            break
+        if not line[0].isspace():  # not the continuation of a long header
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+    return fields.get("name"), fields.get("version")
+
+
+def _loader(target: str) -> Callable[[], object]:
+    """What loads the entry point *target* (``module:attr``), as ``EntryPoint.load`` would."""
+
+    def load() -> object:
+        match = _TARGET.fullmatch(target)
+        if match is None:
+            raise ValueError(f"entry point {target!r} is not 'module' or 'module:attribute'")
+        module, attributes = match.group(1, 2)
+        value: object = importlib.import_module(module)
+        for attribute in attributes.split(".") if attributes else ():
+            value = getattr(value, attribute)
+        return value
+
+    return load
+
+
 def _entry_points() -> importlib_metadata.EntryPoints:
+    import importlib_metadata
+
     return importlib_metadata.entry_points(group=hookspecs.PROJECT_NAME)
 
 
@@ -154,21 +325,18 @@ def _entry_point_source(entry_point: importlib_metadata.EntryPoint) -> _Source:
         kind: tuple(sorted({ep.name for ep in dist.entry_points.select(group=group)}))
         for kind, group in _DECLARATION_GROUPS.items()
     }
-    return _Source(
-        name=entry_point.name,
-        distribution=dist.metadata["Name"],
-        version=dist.version,
-        load=entry_point.load,
-        declared=declared,
-    )
+    name, version = _name_and_version((dist.read_text("METADATA") or dist.read_text("PKG-INFO") or "").splitlines())
+    if name is None:  # no metadata file this reader understands: importlib_metadata's own reading
+        name, version = dist.metadata["Name"], dist.version
+    return _Source(name=entry_point.name, distribution=name, version=version, load=entry_point.load, declared=declared)
 
 
 def _load_one(registry: _Registry, name: str, source: _Source) -> PluginInfo:
     """Load one plugin and run its hooks; what it registers counts only if all of that succeeds."""
     storage = StorageRegistrar(name, taken={n: owner for n, (_, owner) in registry.storage.items()})
     formats = FormatRegistrar(name, taken={n: owner for n, (_, owner) in registry.format.items()})
-    taken_commands = dict.fromkeys(_CORE_CLI_COMMANDS, CORE_DISTRIBUTION)
-    cli = CliRegistrar(name, taken=taken_commands | {n: command.plugin for n, command in registry.cli.items()})
+    taken_commands = {n: command.plugin for n, command in registry.cli.items()}
+    cli = CliRegistrar(name, taken=taken_commands)
     pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     error: PluginLoadError | None = None
@@ -178,6 +346,9 @@ def _load_one(registry: _Registry, name: str, source: _Source) -> PluginInfo:
         _check_hooks(pm, plugin)
         _call_each(pm.hook.imago_register_storage_drivers, storage)
         _call_each(pm.hook.imago_register_format_drivers, formats)
+        if pm.hook.imago_register_cli_commands.get_hookimpls():  # the core's names, only when needed
+            core_commands = dict.fromkeys(_core_cli_commands(), CORE_DISTRIBUTION)
+            cli = CliRegistrar(name, taken=core_commands | taken_commands)
         _call_each(pm.hook.imago_register_cli_commands, cli)
     except DuplicateDriverError as duplicate:
         registry.duplicates[(duplicate.kind, duplicate.name)] = duplicate
@@ -204,6 +375,13 @@ def _load_one(registry: _Registry, name: str, source: _Source) -> PluginInfo:
     )
 
 
+def _core_cli_commands() -> list[str]:
+    """The subcommands the core's CLI defines itself: a plugin may not take their names."""
+    from ..cli import COMMANDS  # the CLI's own table (imported late: it brings argparse along)
+
+    return list(COMMANDS)
+
+
 def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
     """Reject hooks that would silently never run: misspelled ones, and unmarked ones."""
     for hook_name in _HOOK_NAMES:
@@ -213,6 +391,8 @@ def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
             )
     for caller in pm.get_hookcallers(plugin) or ():
         if not caller.has_spec() and not all(impl.optionalhook for impl in caller.get_hookimpls()):
+            import difflib
+
             close = difflib.get_close_matches(caller.name, _HOOK_NAMES, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise pluggy.PluginValidationError(
@@ -305,12 +485,14 @@ def storage_driver(name: str) -> type[Storage]:
     the load error of the plugin that should have provided it, if any) and
     :class:`~imago.DuplicateDriverError` if two plugins claim *name*.
     """
-    return _lookup("storage", name, _manager.registry().storage)
+    found = _manager.declared("storage", name)
+    return found if found is not None else _lookup("storage", name, _manager.registry().storage)
 
 
 def format_driver(name: str) -> type[FormatDriver]:
     """The format driver class registered as *name* (``raw``, ``qcow2``, ...); errors as :func:`storage_driver`."""
-    return _lookup("format", name, _manager.registry().format)
+    found = _manager.declared("format", name)
+    return found if found is not None else _lookup("format", name, _manager.registry().format)
 
 
 def storage_drivers() -> dict[str, type[Storage]]:

@@ -14,9 +14,8 @@ Registrars are callable, so a hook written as ``register(cls)`` (or, for subcomm
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Collection, Mapping
-from typing import Any, ClassVar, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, TypeVar
 
 import attrs
 
@@ -24,6 +23,9 @@ from ..errors import DuplicateDriverError, InvalidDriverError, PluginError
 from ..format.capabilities import Capability
 from ..format.driver import FormatDriver
 from ..storage import Storage
+
+if TYPE_CHECKING:  # argparse is for the command line tool: a library user loading plugins need not import it
+    import argparse
 
 __all__ = [
     "CORE_DISTRIBUTION",
@@ -36,9 +38,9 @@ __all__ = [
 ]
 
 #: Adds a subcommand's arguments to its parser.
-CliConfigure = Callable[[argparse.ArgumentParser], None]
+CliConfigure = Callable[["argparse.ArgumentParser"], None]
 #: Runs a subcommand; returns the exit status (``None`` meaning 0).
-CliRun = Callable[[argparse.Namespace], Any]
+CliRun = Callable[["argparse.Namespace"], Any]
 
 #: The owner named when a plugin claims a name the core itself uses (a core subcommand).
 CORE_DISTRIBUTION = "imago-core"
@@ -203,7 +205,7 @@ class FormatRegistrar(_DriverRegistrar[FormatDriver]):
 class CliRegistrar(_Registrar[CliCommand]):
     """Handed to ``imago_register_cli_commands``: one :meth:`command` call per subcommand.
 
-    Names must be unique among all plugins and must not be a core subcommand (``plugins``).
+    Names must be unique among all plugins and must not be one of the core's subcommands (``imago.cli.COMMANDS``).
     """
 
     kind = "CLI command"

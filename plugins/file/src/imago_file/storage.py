@@ -41,6 +41,12 @@ __all__ = ["File"]
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 # Largest bounce buffer and zero-write chunk, to keep memory bounded for large requests.
 _CHUNK = 4 << 20
+# Requests up to this size are tried in place with RWF_NOWAIT (the page cache answers them faster
+# than a thread hand-off); larger ones go to the thread pool, so that many of them (a copy's
+# reads and writes) run on all cores at once instead of one after another in the loop's thread.
+_NOWAIT_MAX = 256 << 10
+# What QEMU allocates of a file it creates (a block O_DIRECT alignment probing can read).
+_FIRST_BLOCK = 4096
 
 # Alignments tried when probing what O_DIRECT needs; the largest is the safe fallback.
 _ALIGNMENTS = (1, 512, 1024, 2048, 4096)
@@ -81,6 +87,7 @@ class File(Storage):
         self._req_align = 1
         self._locks = RangeLock()
         self._no_flush = False
+        self._force_share = False
         # The process that took the image locks: only it releases them (a forked child shares
         # the open file description, and unlocking there would drop the parent's locks).
         self._lock_owner: int | None = None
@@ -154,6 +161,7 @@ class File(Storage):
                 fd, filename, writable=options.writable, direct=options.direct, block_device=block_device, size=size
             )
             storage._no_flush = options.no_flush
+            storage._force_share = options.force_share
             storage._lock_owner = os.getpid()
             return storage
         except BaseException:
@@ -288,7 +296,7 @@ class File(Storage):
 
     def _try_nowait_read(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
         """Read what the page cache holds without blocking; returns the bytes read."""
-        if not self._nowait_read or len(bufs) > _IOV_MAX:
+        if not self._nowait_read or len(bufs) > _IOV_MAX or iovec_length(bufs) > _NOWAIT_MAX:
             return 0
         try:
             return os.preadv(fd, bufs, offset, os.RWF_NOWAIT)
@@ -338,6 +346,40 @@ class File(Storage):
     async def _direct_read(self, bounce: memoryview, offset: int) -> None:
         await runtime.run_blocking(self._preadv_full, self._live_fd(), [bounce], offset)
 
+    async def data_extent(self, offset: int, length: int) -> tuple[bool, int]:
+        """Data or hole at *offset*, from ``SEEK_DATA``/``SEEK_HOLE``; all data where they are unsupported."""
+        fd = self._live_fd()
+        try:
+            data = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as error:
+            if error.errno == errno.ENXIO:  # no data from *offset* to the end of the file
+                return False, length
+            return True, length  # EINVAL: a file system (or device) without holes
+        if data > offset:
+            return False, min(length, data - offset)
+        try:
+            hole = os.lseek(fd, offset, os.SEEK_HOLE)
+        except OSError:
+            return True, length
+        return True, max(1, min(length, hole - offset))
+
+    def map_read(self, offset: int, length: int) -> memoryview | None:
+        """A read-only memory map of the range (pages from the page cache, no copy); ``None`` with O_DIRECT.
+
+        The map is populated at once (``MAP_POPULATE``) and unmapped when the last view of it is
+        dropped. Only for ranges inside the file: a file shrunk while mapped would fault (SIGBUS),
+        so a file opened with ``force_share`` (another process may be writing it) is never mapped.
+        """
+        if self._direct or self._force_share or length <= 0 or offset < 0 or offset + length > self._size:
+            return None
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        try:
+            area = mmap.mmap(self._live_fd(), offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+        except (OSError, ValueError):
+            return None
+        return memoryview(area)[offset - start :]
+
     # --- writing -----------------------------------------------------------------------------------
 
     async def writev(self, bufs: Sequence[memoryview], offset: int) -> None:
@@ -358,7 +400,7 @@ class File(Storage):
             self._size = offset + total
 
     def _try_nowait_write(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
-        if not self._nowait_write or len(bufs) > _IOV_MAX:
+        if not self._nowait_write or len(bufs) > _IOV_MAX or iovec_length(bufs) > _NOWAIT_MAX:
             return 0
         try:
             return os.pwritev(fd, bufs, offset, os.RWF_NOWAIT)
@@ -515,6 +557,10 @@ class File(Storage):
         if new_size <= old_size or prealloc in (PreallocateMode.NONE, PreallocateMode.ZERO, PreallocateMode.METADATA):
             await runtime.run_blocking(os.ftruncate, fd, new_size)
             self._size = new_size
+            if old_size == 0 and new_size > 0 and prealloc is PreallocateMode.NONE and not self._direct:
+                # As QEMU does for a new file: its first block is allocated (zeroes), so that
+                # the O_DIRECT alignment can be probed on it later, and maps equal qemu-img's.
+                await runtime.run_blocking(os.pwrite, fd, bytes(min(new_size, _FIRST_BLOCK)), 0)
         elif prealloc is PreallocateMode.FALLOC:
             try:
                 await runtime.run_blocking(syscalls.fallocate, fd, 0, old_size, new_size - old_size)

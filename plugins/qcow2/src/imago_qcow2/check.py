@@ -47,7 +47,7 @@ from .snapshot_table import Snapshot, encode_snapshot_table, read_snapshot_table
 from .state import Qcow2State
 from .tables import decode_words, read_l1, table_clusters
 
-__all__ = ["PassResult", "Session", "check_image", "check_pass", "reload_state"]
+__all__ = ["PassResult", "Session", "check_image", "check_pass", "reload_state", "rewrite_snapshot_table"]
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED = 0x7F000000000001FF
@@ -967,7 +967,7 @@ async def check_pass(state: Qcow2State, fix: RepairMode | None, session: Session
     result.add(check.res, allocation=True)
     if failed is None and snapshot_res.corruptions and repairing:
         try:
-            await _rewrite_snapshot_table(state.storage, snapshots)
+            await rewrite_snapshot_table(state.storage, snapshots)
         except (OSError, CorruptImageError) as error:
             snapshot_res.check_errors += 1
             failed = _strerror(error)
@@ -990,7 +990,7 @@ async def _mark_clean(storage: Storage) -> None:
         await write_header_fields(storage, {"incompatible_features": features})
 
 
-async def _rewrite_snapshot_table(storage: Storage, snapshots: list[Snapshot]) -> None:
+async def rewrite_snapshot_table(storage: Storage, snapshots: list[Snapshot]) -> None:
     """Write the snapshot table anew (complete entries), switch the header, free the old one."""
     header, _ = await read_header(storage)
     refcounts = Refcounts(storage, header)

@@ -146,13 +146,15 @@ class CompressedClusters:
             await guard.settle()
         packed = await runtime.run_parallel(lambda chunk: compress_cluster(chunk, compression), clusters)
         entries = state.entries
-        for index, (chunk, blob) in enumerate(zip(clusters, packed, strict=True)):
-            guest = offset + (index << cluster_bits)
-            if len(blob) >= cluster_size:
-                # It does not shrink: an ordinary cluster (as QEMU does).
-                await FormatAccess(self._driver).write(chunk[: min(cluster_size, state.size - guest)], guest)
-                continue
-            async with state.lock:
+        plain: list[tuple[memoryview, int]] = []
+        placed: list[tuple[int, int, bytes]] = []  # (guest, host, compressed data)
+        async with state.lock:
+            for index, (chunk, blob) in enumerate(zip(clusters, packed, strict=True)):
+                guest = offset + (index << cluster_bits)
+                if len(blob) >= cluster_size:
+                    # It does not shrink: an ordinary cluster (as QEMU does), written below.
+                    plain.append((chunk[: min(cluster_size, state.size - guest)], guest))
+                    continue
                 slot = (guest >> cluster_bits) & state.l2_mask
                 current = await state.table(guest)
                 if current is not None:
@@ -162,15 +164,37 @@ class CompressedClusters:
                 overlap = guard.data_overlap(host, len(blob))
                 if overlap is not None:
                     await guard.refuse_data_write(host, guest, overlap)
-                await state.storage.writev([memoryview(blob)], host)
+                placed.append((guest, host, blob))
+            # The data first, packed runs in one vectored write each; then the entries that point to it.
+            await self._write_packed([(host, blob) for _, host, blob in placed])
+            offset_bits = 62 - (cluster_bits - 8)
+            for guest, host, blob in placed:
+                slot = (guest >> cluster_bits) & state.l2_mask
                 table = await self._allocation.writable_table(guest)
-                offset_bits = 62 - (cluster_bits - 8)
                 sectors = (host % 512 + len(blob) + 511) // 512 - 1
                 descriptor = OFLAG_COMPRESSED | sectors << offset_bits | host
                 state.placement.release(entries.descriptor(table, slot))
                 entries.set(table, slot, descriptor, 0)  # compressed clusters have no subcluster bitmap
                 state.tables.mark_dirty(table.offset)
+        for chunk, guest in plain:
+            await FormatAccess(self._driver).write(chunk, guest)
         self._driver.mappings_changed()
+
+    async def _write_packed(self, blobs: list[tuple[int, bytes]]) -> None:
+        """Write compressed data at its host offsets; data packed back to back goes in one request."""
+        storage = self._state.storage
+        start = end = -1
+        run: list[memoryview] = []
+        for host, blob in blobs:
+            if host != end and run:
+                await storage.writev(run, start)
+                run = []
+            if not run:
+                start = host
+            run.append(memoryview(blob))
+            end = host + len(blob)
+        if run:
+            await storage.writev(run, start)
 
     async def _place(self, length: int) -> int:
         """Host offset for *length* (< cluster size) bytes of compressed data, packed tightly.

@@ -8,11 +8,13 @@ the L2 tables and the data clusters, contiguously.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 
 from imago import (
     FormatCreateBuilder,
     InvalidOptionError,
+    Measurement,
     PreallocateMode,
     Storage,
     StorageCreateOptions,
@@ -37,6 +39,7 @@ from .layout import (
     l1_entries,
     plan_image,
 )
+from .measure import measure as measure_image
 from .refcounts import RefcountBlock
 from .tables import OFLAG_COPIED
 
@@ -90,6 +93,35 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
         "refcount_bits": "refcount_width",
         "backing_fmt": "backing_format",
     }
+
+    _O = FormatCreateBuilder.Option
+    #: qemu-img's qcow2 creation options, in the order ``qemu-img create`` reports them.
+    options: ClassVar[tuple[FormatCreateBuilder.Option, ...]] = (
+        _O("cluster_size", "size", "Bytes per qcow2 cluster", "65536"),
+        _O("extended_l2", "bool", "Extended L2 entries with 32 subclusters", "off"),
+        _O(
+            "preallocation",
+            "str",
+            "Preallocation mode (allowed values: off, metadata, falloc, full)",
+            choices=("off", "metadata", "falloc", "full"),
+        ),
+        _O(
+            "compression_type",
+            "str",
+            "Compression method of compressed clusters (zlib, zstd)",
+            "zlib",
+            ("zlib", "zstd"),
+        ),
+        _O("size", "size", "Virtual disk size"),
+        _O("compat", "str", "Compatibility level (v2 [0.10] or v3 [1.1])", choices=tuple(_COMPAT)),
+        _O("backing_file", "str", "File name of a base image"),
+        _O("backing_fmt", "str", "Image format of the base image"),
+        _O("data_file", "str", "File name of an external data file"),
+        _O("data_file_raw", "bool", "The external data file must stay valid as a raw image"),
+        _O("lazy_refcounts", "bool", "Postpone refcount updates", "off"),
+        _O("refcount_bits", "int", "Width of a reference count entry in bits", "16"),
+    )
+    del _O
 
     def __init__(self, driver: type[Qcow2], storage: Storage) -> None:
         super().__init__(driver, storage)
@@ -236,6 +268,19 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
     def backing_format_name(self) -> str | None:
         """The backing file's format to record, if any."""
         return self._backing_format
+
+    def measure(self, data: Sequence[tuple[int, int]] | None) -> Measurement:
+        """The file size this image needs, as ``qemu-img measure -O qcow2`` computes it."""
+        return measure_image(
+            size=self.virtual_size,
+            data=data,
+            cluster_bits=self._cluster_bits,
+            refcount_order=self._refcount_order,
+            extended_l2=self._extended_l2,
+            version=self._version,
+            preallocate_data=self.preallocation in (PreallocateMode.FALLOC, PreallocateMode.FULL),
+            has_backing_file=self._backing_file is not None,
+        )
 
     # --- writing ---------------------------------------------------------------------------------
 

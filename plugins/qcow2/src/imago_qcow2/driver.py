@@ -256,25 +256,26 @@ class Qcow2(FormatDriver):
         return self._state.header.has_data_file
 
     def info(self) -> dict[str, Any]:
-        """Header facts, in the shape of ``qemu-img info --output=json``'s format-specific data."""
+        """Facts under ``qemu-img info --output=json``'s names, plus imago's own header details.
+
+        ``format-specific`` holds exactly what qemu-img prints for qcow2 (in QEMU's field order);
+        ``header``, ``feature-names`` and ``unknown-extensions`` are imago's additions.
+        """
         state = self._state
         header = state.header
-        data: dict[str, Any] = {
-            "compat": "1.1" if header.version == 3 else "0.10",
-            "cluster-size": header.cluster_size,
-            "refcount-bits": header.refcount_bits,
-            "compression-type": header.compression,
-            "corrupt": bool(header.incompatible_features & INCOMPAT_CORRUPT),
-            "dirty": bool(header.incompatible_features & INCOMPAT_DIRTY),
-            "extended-l2": header.extended_l2,
-        }
+        data: dict[str, Any] = {"compat": "1.1" if header.version == 3 else "0.10"}
         if header.version == 3:
+            if header.has_data_file:
+                data["data-file"] = header.data_file
+                data["data-file-raw"] = header.data_file_raw
+            data["extended-l2"] = header.extended_l2
             data["lazy-refcounts"] = bool(header.compatible_features & 1)
-        if header.has_data_file:
-            data["data-file"] = header.data_file
-            data["data-file-raw"] = header.data_file_raw
+            data["corrupt"] = bool(header.incompatible_features & INCOMPAT_CORRUPT)
+        data["refcount-bits"] = header.refcount_bits
+        data["compression-type"] = header.compression
         info: dict[str, Any] = {
             "format": "qcow2",
+            "dirty-flag": bool(header.incompatible_features & INCOMPAT_DIRTY),
             "virtual-size": state.size,
             "cluster-size": header.cluster_size,
             "format-specific": {"type": "qcow2", "data": data},

@@ -46,6 +46,7 @@ __all__ = [
     "HeaderExtension",
     "build_header",
     "check_table",
+    "has_feature_table",
     "header_cluster_size",
     "parse_header",
 ]
@@ -437,6 +438,19 @@ FEATURE_TABLE: tuple[tuple[int, int, str], ...] = tuple(
 )
 
 
+def has_feature_table(header: Header) -> bool:
+    """Whether *header*, written by :func:`build_header`, carries the feature name table.
+
+    As QEMU does: version 3 only, and not with clusters of 4 KiB or less, where the table's
+    392 bytes would leave little room for the backing file name.
+    """
+    return header.version >= 3 and header.cluster_size > 4096
+
+
+#: Where kept extensions go among each other: encryption, bitmaps, then unknown ones as read.
+_KEPT_ORDER = {EXT_CRYPTO: 0, EXT_BITMAPS: 1}
+
+
 def _extension(ext_type: int, payload: bytes) -> bytes:
     return struct.pack(">II", ext_type, len(payload)) + payload + bytes(-len(payload) % 8)
 
@@ -445,19 +459,26 @@ def build_header(header: Header) -> bytes:
     """The bytes of *header*'s cluster start: fields, extensions, end marker, backing name.
 
     Known extensions come from the header's fields (backing format, data file name, and the
-    feature name table for version 3); unknown ones are written back as they were read.
+    feature name table where :func:`has_feature_table` says); the kept ones (encryption,
+    bitmaps, unknown ones) are written back as they were read, in QEMU's order.
     ``backing_file_offset``/``backing_file_size`` are computed here.
     """
+    # QEMU's order: backing format, data file, encryption, feature names, bitmaps, the rest.
     extensions = b""
     if header.backing_format is not None:
         extensions += _extension(EXT_BACKING_FORMAT, header.backing_format.encode())
-    if header.version >= 3:
-        table = b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_TABLE)
-        extensions += _extension(EXT_FEATURE_TABLE, table)
     if header.data_file is not None:
         extensions += _extension(EXT_DATA_FILE, header.data_file.encode())
-    for extension in header.extensions:
-        extensions += _extension(extension.type, extension.data)
+    kept = sorted(header.extensions, key=lambda extension: _KEPT_ORDER.get(extension.type, 2))
+    for extension in kept:
+        if extension.type == EXT_CRYPTO:
+            extensions += _extension(extension.type, extension.data)
+    if has_feature_table(header):
+        table = b"".join(struct.pack(">BB46s", kind, bit, name.encode()) for kind, bit, name in FEATURE_TABLE)
+        extensions += _extension(EXT_FEATURE_TABLE, table)
+    for extension in kept:
+        if extension.type != EXT_CRYPTO:
+            extensions += _extension(extension.type, extension.data)
     extensions += bytes(8)  # end of extensions
     backing = header.backing_file.encode() if header.backing_file is not None else b""
     header_length = header.header_length

@@ -45,6 +45,9 @@ Fill = tuple[int, int]
 Update = tuple[int, int, int]
 
 
+#: The subcluster bitmap of a cluster whose subclusters are all of one kind (not COMPRESSED).
+_UNIFORM = {DATA: ALL_SUBCLUSTERS, ZERO: ALL_SUBCLUSTERS << SUBCLUSTERS, UNALLOCATED: 0}
+
 # Mappings that carry no offset are immutable values: one instance each serves every request.
 _EXPLICIT_ZERO = ShallowZero(True)
 _UNALLOCATED_ZERO = ShallowZero(False)
@@ -112,16 +115,21 @@ class L2Entries(abc.ABC):
             filename=self._filename,
         )
 
-    def not_data(self, kind: int, offset: int) -> ShallowMapping:
+    def not_data(self, kind: int, offset: int, host: int | None = None) -> ShallowMapping:
         """The mapping at guest *offset* where this layer holds no plain data (*kind* is not DATA).
 
         Unallocated: the backing layer's data, or zeroes; zero; compressed (read specially).
+        *host*: where the range keeps a host cluster of its own all the same (zeroed clusters
+        that stay allocated, unallocated subclusters of an allocated cluster), as ``qemu-img
+        map`` reports it; a backing layer's data hides it.
         """
         if kind == UNALLOCATED:
             backing = self._backing
-            return ShallowIndirect(backing, offset) if backing is not None else _UNALLOCATED_ZERO
+            if backing is not None:
+                return ShallowIndirect(backing, offset)
+            return _UNALLOCATED_ZERO if host is None else ShallowZero(False, self._data_storage, host)
         if kind == ZERO:
-            return _EXPLICIT_ZERO
+            return _EXPLICIT_ZERO if host is None else ShallowZero(True, self._data_storage, host)
         return ShallowSpecial(offset)
 
     @abc.abstractmethod
@@ -198,6 +206,9 @@ class StandardL2(L2Entries):
         if kind == DATA:
             in_place = self._writable and bool(table.entries[index] & OFLAG_COPIED)
             return ShallowRaw(self._data_storage, table.hosts[index] + within, in_place), length
+        if kind == ZERO:
+            host = table.hosts[index]  # a zeroed cluster that keeps its host cluster
+            return self.not_data(kind, offset, host + within if host else None), length
         return self.not_data(kind, offset), length
 
     def compressed_descriptor(self, table: L2Table, index: int) -> int:
@@ -302,25 +313,40 @@ class ExtendedL2(L2Entries):
         sub_size = 1 << sub_bits
         entries = table.entries
         index = (offset >> cluster_bits) & self._l2_mask
-        kind, host = table.subcluster(index, (offset >> sub_bits) & 31, cluster_bits)
-        host_start = host + (offset & (sub_size - 1))
+        subcluster = table.subcluster
+        kind, host = subcluster(index, (offset >> sub_bits) & 31, cluster_bits)
+        # Subclusters of allocated clusters (data or not) have a host offset: a run's must be contiguous.
+        host_start = None if host is None else host + (offset & (sub_size - 1))
         copied = entries[2 * index] & OFLAG_COPIED
         step_bits = cluster_bits if kind == COMPRESSED else sub_bits
         position = ((offset >> step_bits) + 1) << step_bits
         while position < limit:
             next_index = (position >> cluster_bits) & self._l2_mask
-            next_kind, next_host = table.subcluster(next_index, (position >> sub_bits) & 31, cluster_bits)
-            if next_kind != kind or (
-                kind == DATA
-                and (next_host != host_start + position - offset or entries[2 * next_index] & OFLAG_COPIED != copied)
-            ):
+            next_kind, next_host = subcluster(next_index, (position >> sub_bits) & 31, cluster_bits)
+            if next_kind != kind:
                 break
+            if kind != COMPRESSED:
+                if host_start is None:
+                    if next_host is not None:
+                        break
+                elif next_host != host_start + position - offset or (
+                    kind == DATA and entries[2 * next_index] & OFLAG_COPIED != copied
+                ):
+                    break
+            # A cluster whose subclusters are all of this kind (and contiguous, as their host
+            # offsets follow the first's) joins the run whole.
+            if not position & self._cluster_mask and kind != COMPRESSED:
+                bitmap = entries[2 * next_index + 1]
+                if bitmap == _UNIFORM[kind]:
+                    position += 1 << cluster_bits
+                    continue
             position += 1 << step_bits
         length = min(position, limit) - offset
         if kind == DATA:
             # Like standard entries: writable in place where the cluster is ours alone.
+            assert host_start is not None
             return ShallowRaw(self._data_storage, host_start, self._writable and bool(copied)), length
-        return self.not_data(kind, offset), length
+        return self.not_data(kind, offset, host_start), length
 
     def compressed_descriptor(self, table: L2Table, index: int) -> int:
         """The descriptor, when it is a compressed one."""

@@ -27,11 +27,11 @@ dirty image (left by a crash) is refused for writing until repaired (``qemu-img 
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -45,6 +45,9 @@ from .placement import DataPlacement, ExternalDataFile, ImageFileData
 from .refcounts import Refcounts
 from .snapshot_table import Snapshot
 from .tables import L2Table, encode_l1
+
+if TYPE_CHECKING:
+    import asyncio
 
 __all__ = ["Qcow2State"]
 
@@ -108,7 +111,6 @@ class Qcow2State:
         #: log2 of the guest bytes one L2 table maps.
         self.table_shift = header.cluster_bits + header.l2_entries.bit_length() - 1
         #: Held by every metadata change (allocation, zeroing, resizing, snapshots, flushing).
-        self.lock = asyncio.Lock()
         #: Host clusters ``(first, count)`` to release once the metadata no longer pointing to
         #: them is on disk.
         self.frees: list[tuple[int, int]] = []
@@ -151,6 +153,13 @@ class Qcow2State:
                 # Crash safety: refcount increments reach the disk before the L2 entries using them.
                 tables.depends_on(self.refcounts.blocks)
         self.tables = tables
+
+    @functools.cached_property
+    def lock(self) -> asyncio.Lock:
+        """Held by every metadata change; made on first use (asyncio is not imported before)."""
+        import asyncio
+
+        return asyncio.Lock()
 
     @property
     def metadata(self) -> MetadataMap:
@@ -255,8 +264,10 @@ class Qcow2State:
         cluster_bits = self.cluster_bits
         for cluster in freed:
             self.tables.discard(cluster << cluster_bits)
-            if self.discard_freed:
-                await self.storage.discard(cluster << cluster_bits, 1 << cluster_bits)
+        if self.discard_freed:
+            # One discard per run of adjacent clusters: emptying a large image frees thousands.
+            for first, count in _runs(sorted(freed)):
+                await self.storage.discard(first << cluster_bits, count << cluster_bits)
 
     # --- flushing ---------------------------------------------------------------------------------
 
@@ -296,3 +307,14 @@ class Qcow2State:
         features = self.header.incompatible_features & ~INCOMPAT_DIRTY | (INCOMPAT_DIRTY if dirty else 0)
         await self.update_header(incompatible_features=features)
         self.dirty_on_disk = dirty
+
+
+def _runs(clusters: list[int]) -> list[tuple[int, int]]:
+    """Sorted cluster numbers as ``(first, count)`` runs of adjacent ones."""
+    runs: list[tuple[int, int]] = []
+    for cluster in clusters:
+        if runs and runs[-1][0] + runs[-1][1] == cluster:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        elif not runs or runs[-1][0] + runs[-1][1] < cluster:
+            runs.append((cluster, 1))
+    return runs

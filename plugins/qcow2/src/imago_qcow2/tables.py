@@ -3,15 +3,23 @@
 How each width of L2 entries is interpreted and updated is :mod:`imago_qcow2.l2_entries`.
 
 A standard L2 table is validated once, when loaded, and its entries classified into runs
-(consecutive entries of the same kind, data ones also contiguous in the host file), so a
-mapping request costs a couple of array look-ups. Extended L2 tables (32 subclusters per
-cluster) are validated on load and classified per subcluster on demand.
+(consecutive entries of the same kind, data ones and zero ones that keep a host cluster also
+contiguous in the host file), so a mapping request costs a couple of array look-ups. Extended
+L2 tables (32 subclusters per cluster) are validated on load and classified per subcluster on
+demand.
+
+Validation and classification treat the whole table as one big integer of 64-bit lanes, so
+every step runs in C, not in a Python loop per entry; only when something is wrong does an
+entry by entry walk find the first bad entry, to name it.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import sys
 from array import array
+from bisect import bisect_right
 from collections.abc import Sequence
 
 from imago import CorruptImageError, Storage
@@ -164,7 +172,9 @@ class L2Table:
     """One L2 table, validated and classified.
 
     Standard tables: ``kinds[i]``, ``hosts[i]`` (host cluster offset, or the compressed
-    descriptor) and ``run_end[i]`` (index of the first entry after *i*'s run).
+    descriptor) and ``run_starts`` (where each run of consecutive entries of the same kind
+    starts, data and allocated zero ones also contiguous in the host file; the table's
+    length last).
     """
 
     __slots__ = (
@@ -175,7 +185,7 @@ class L2Table:
         "hosts",
         "kinds",
         "offset",
-        "run_end",
+        "run_starts",
         "runs_valid",
         "zero_flag",
     )
@@ -200,15 +210,105 @@ class L2Table:
         self.external_data = external_data
         self.runs_valid = True
         self.entries = decode_words(raw)
+        self.run_starts: list[int] = [len(self.entries)]
         if extended:
             self.kinds = bytearray()
             self.hosts = array("Q")
-            self.run_end = array("I")
-            self._validate_extended(cluster_bits, external_data, image_size, data_size, filename)
-        else:
-            self._classify(cluster_bits, zero_flag, external_data, image_size, data_size, filename)
+            if not self._extended_valid(raw, image_size, data_size):
+                # Something is wrong: the entry by entry walk names the first bad entry.
+                self._validate_extended(cluster_bits, external_data, image_size, data_size, filename)
+        elif not self._classify(raw, image_size, data_size):
+            # Something is wrong: the entry by entry walk names the first bad entry.
+            self._classify_slowly(cluster_bits, zero_flag, external_data, image_size, data_size, filename)
 
-    def _classify(
+    def _classify(self, raw: bytes | bytearray | memoryview, image_size: int, data_size: int) -> bool:
+        """Validate and classify a standard table a whole table at a time; False if some entry is bad.
+
+        The entries from the first non-zero one to the last are one big integer of 64-bit lanes
+        (the first entry the most significant), so each step (masking, comparing, finding run
+        boundaries) runs over every entry in C.
+        """
+        count = len(self.entries)
+        data = bytes(raw)
+        first, last = _nonzero_window(data)
+        if first == last:  # nothing allocated: the common case of a sparse image
+            self.kinds = bytearray(count)
+            self.hosts = array("Q", bytes(8 * count))
+            self.run_starts = [0, count]
+            return True
+        width = last - first
+        lanes = _lanes(width)
+        table = int.from_bytes(data[8 * first : 8 * last], "big")
+        compressed = (table >> 62) & lanes.one
+        if compressed:
+            if self.external_data:
+                return False
+            flags = _lane_bytes(compressed, width)
+            position = flags.find(1)
+            while position >= 0:
+                if _compressed_past(self.entries[first + position], self.cluster_bits, image_size):
+                    return False
+                position = flags.find(1, position + 1)
+            table_plain = table & ~(compressed * _LANE)
+        else:
+            table_plain = table
+        masks = _masks(width, self.cluster_bits, self.zero_flag)
+        if table_plain & masks.bad:  # reserved bits, unaligned host offsets
+            return False
+        hosts = table_plain & masks.host
+        has_host = ((hosts + lanes.low63) >> 63) & lanes.one
+        if data_size <= L2_OFFSET_MASK and ((hosts + lanes.high - data_size * lanes.one) >> 63) & has_host:
+            return False  # a host offset at or past data_size
+        self._set_classes(table, compressed, hosts, has_host, first, width)
+        return True
+
+    def _set_classes(self, table: int, compressed: int, hosts: int, has_host: int, first: int, width: int) -> None:
+        """kinds, hosts and runs from entries ``[first, first + width)`` as lanes (see :meth:`_classify`).
+
+        The entries around them are zero (unallocated). The entries are valid, or ours.
+        """
+        count = len(self.entries)
+        last = first + width
+        lanes = _lanes(width)
+        zero = table & lanes.one if self.zero_flag else 0
+        if compressed:
+            zero &= ~compressed
+        allocated = has_host | ((table >> 63) & lanes.one) if self.external_data else has_host
+        if compressed:
+            allocated &= ~compressed
+        data = allocated & ~zero
+        kinds = data | zero << 1 | compressed * COMPRESSED
+        self.kinds = bytearray(count)
+        self.kinds[first:last] = _lane_bytes(kinds, width)
+        host_lanes = hosts | (table & compressed * _LANE) if compressed else hosts
+        words = array("Q")
+        words.frombytes(host_lanes.to_bytes(8 * width, "big"))
+        if sys.byteorder == "little":
+            words.byteswap()
+        if width == count:
+            self.hosts = words
+        else:
+            self.hosts = array("Q", bytes(8 * count))
+            self.hosts[first:last] = words
+        # Entries with a place in the host file: data, and zero ones that keep a host cluster.
+        located = data | (zero & has_host)
+        # A run key per entry: its kind, and (located ones) host offset minus its index's share,
+        # equal for neighbours that are contiguous in the host file. The bias keeps lanes apart.
+        stair = _stair(count, self.cluster_bits) >> (64 * (count - width))
+        keys = kinds << 62 | ((hosts + stair) & located * _LANE)
+        changes = keys ^ (keys >> 64)
+        changed = ((((changes & lanes.low63) + lanes.low63) | changes) >> 63) & lanes.one
+        flags = _lane_bytes(changed, width)
+        # The unallocated entries before and after the window join its first and last runs.
+        starts = [0] if first == 0 or self.kinds[first] == UNALLOCATED else [0, first]
+        starts.extend(first + match.start() for match in _ONE_BYTE.finditer(flags, 1))
+        if last < count and self.kinds[last - 1] != UNALLOCATED:
+            starts.append(last)
+        starts.append(count)
+        self.run_starts = starts
+        self.runs_valid = True
+
+    def _classify_slowly(
         self,
         cluster_bits: int,
         zero_flag: bool,
@@ -217,10 +317,8 @@ class L2Table:
         data_size: int,
         filename: str | None,
     ) -> None:
+        """Validate entry by entry, raising for the first bad one."""
         entries = self.entries
-        count = len(entries)
-        kinds = bytearray(count)
-        hosts = array("Q", bytes(8 * count))
         cluster_mask = (1 << cluster_bits) - 1
         reserved = L2_RESERVED if zero_flag else L2_RESERVED | OFLAG_ZERO
         for index, entry in enumerate(entries):
@@ -238,8 +336,6 @@ class L2Table:
                         f"compressed cluster data at {decode_compressed(entry, cluster_bits)[0]:#x} runs past the "
                         "end of the file",
                     )
-                kinds[index] = COMPRESSED
-                hosts[index] = entry
                 continue
             if entry & reserved:
                 raise CorruptImageError(
@@ -256,16 +352,51 @@ class L2Table:
                     self.offset + 8 * index,
                     f"L2 entry {index}: data at {host:#x} lies past the end of the file",
                 )
-            if entry & OFLAG_ZERO:
-                kinds[index] = ZERO
-                hosts[index] = host
-            elif host or (external_data and entry & OFLAG_COPIED):
-                kinds[index] = DATA
-                hosts[index] = host
-        self.kinds = kinds
-        self.hosts = hosts
-        self.run_end = array("I", bytes(4 * count))
+        # Every entry is valid after all: classify as usual.
         self.recompute_runs()
+
+    def _extended_valid(self, raw: bytes | bytearray | memoryview, image_size: int, data_size: int) -> bool:
+        """Whether every extended entry is valid, checked a whole table at a time (see :meth:`_classify`).
+
+        Descriptors are the even lanes, subcluster bitmaps the odd ones.
+        """
+        count = len(self.entries)
+        table = int.from_bytes(raw, "big")
+        if not table:
+            return True
+        pairs = _pair_lanes(count)
+        compressed = (table >> 62) & pairs.even
+        bitmaps = table & pairs.odd_lanes
+        if compressed:
+            if self.external_data:
+                return False
+            if bitmaps & (compressed >> 64) * _LANE:
+                return False  # a compressed cluster with a subcluster bitmap
+            flags = _lane_bytes(compressed, count)
+            position = flags.find(1)
+            while position >= 0:
+                if _compressed_past(self.entries[position], self.cluster_bits, image_size):
+                    return False
+                position = flags.find(1, position + 1)
+            descriptors = table & pairs.even_lanes & ~(compressed * _LANE)
+        else:
+            descriptors = table & pairs.even_lanes
+        bad = (L2_RESERVED | OFLAG_ZERO) | (L2_OFFSET_MASK & ((1 << self.cluster_bits) - 1))
+        if descriptors & pairs.even * bad:
+            return False  # reserved bits, unaligned host offsets
+        if bitmaps & (bitmaps >> SUBCLUSTERS) & pairs.odd * ALL_SUBCLUSTERS:
+            return False  # subclusters both allocated and zero
+        hosts = descriptors & pairs.even * L2_OFFSET_MASK
+        has_host = ((hosts + pairs.even * ((1 << 63) - 1)) >> 63) & pairs.even
+        allocated = has_host | ((descriptors >> 63) & pairs.even) if self.external_data else has_host
+        some_allocated = (
+            ((bitmaps & pairs.odd * ALL_SUBCLUSTERS) + pairs.odd * ALL_SUBCLUSTERS) >> SUBCLUSTERS
+        ) & pairs.odd
+        if some_allocated << 64 & ~allocated:
+            return False  # allocated subclusters in an unallocated cluster
+        return not (
+            data_size <= L2_OFFSET_MASK and ((hosts + pairs.even * (1 << 63) - data_size * pairs.even) >> 63) & has_host
+        )
 
     def _validate_extended(
         self, cluster_bits: int, external_data: bool, image_size: int, data_size: int, filename: str | None
@@ -329,33 +460,40 @@ class L2Table:
     def run_length(self, index: int, limit: int) -> int:
         """Entries from *index* in the same run (at least 1), scanning at most *limit* while stale."""
         if self.runs_valid:
-            return self.run_end[index] - index
+            starts = self.run_starts
+            return starts[bisect_right(starts, index)] - index
         kinds, hosts = self.kinds, self.hosts
         kind = kinds[index]
         step = 1 << self.cluster_bits
         end = min(len(kinds), index + max(limit, 1))
         position = index + 1
+        located = kind == DATA or (kind == ZERO and hosts[index])
         while (
             position < end
             and kinds[position] == kind
-            and (kind != DATA or hosts[position] == hosts[position - 1] + step)
+            and (hosts[position] == hosts[position - 1] + step if located else not hosts[position] or kind != ZERO)
         ):
             position += 1
         return position - index
 
     def recompute_runs(self) -> None:
-        """Rebuild the run table after updates."""
-        kinds, hosts, run_end = self.kinds, self.hosts, self.run_end
-        count = len(kinds)
-        step = 1 << self.cluster_bits
-        following = count
-        for index in range(count - 1, -1, -1):
-            if index + 1 < count:
-                kind = kinds[index]
-                if kind != kinds[index + 1] or (kind == DATA and hosts[index + 1] != hosts[index] + step):
-                    following = index + 1
-            run_end[index] = following
-        self.runs_valid = True
+        """Rebuild the classification (kinds, hosts, runs) from the entries after updates."""
+        count = len(self.entries)
+        data = self.to_bytes()
+        first, last = _nonzero_window(data)
+        if first == last:
+            self.kinds = bytearray(count)
+            self.hosts = array("Q", bytes(8 * count))
+            self.run_starts = [0, count]
+            self.runs_valid = True
+            return
+        width = last - first
+        lanes = _lanes(width)
+        table = int.from_bytes(data[8 * first : 8 * last], "big")
+        compressed = (table >> 62) & lanes.one
+        hosts = table & ~(compressed * _LANE) & _masks(width, self.cluster_bits, self.zero_flag).host
+        has_host = ((hosts + lanes.low63) >> 63) & lanes.one
+        self._set_classes(table, compressed, hosts, has_host, first, width)
 
     def to_bytes(self) -> bytes:
         """The table as stored (big-endian entries)."""
@@ -372,15 +510,109 @@ class L2Table:
         entries[2 * index] = descriptor
         entries[2 * index + 1] = bitmap
 
-    def subcluster(self, index: int, subcluster: int, cluster_bits: int) -> tuple[int, int]:
-        """Extended tables: ``(kind, host offset or descriptor)`` of one subcluster."""
+    def subcluster(self, index: int, subcluster: int, cluster_bits: int) -> tuple[int, int | None]:
+        """Extended tables: ``(kind, host offset or descriptor)`` of one subcluster.
+
+        The host offset is ``None`` outside allocated clusters; zero and unallocated subclusters
+        of an allocated cluster have theirs (the space stays reserved for them).
+        """
         entries = self.entries
         entry = entries[2 * index]
         if entry & OFLAG_COMPRESSED:
             return COMPRESSED, entry
         bitmap = entries[2 * index + 1]
+        host: int | None = entry & L2_OFFSET_MASK
+        if host or (self.external_data and entry & OFLAG_COPIED):
+            host = (entry & L2_OFFSET_MASK) + (subcluster << (cluster_bits - 5))
+        else:
+            host = None
         if bitmap >> subcluster & 1:
-            return DATA, (entry & L2_OFFSET_MASK) + (subcluster << (cluster_bits - 5))
+            return DATA, host
         if bitmap >> (SUBCLUSTERS + subcluster) & 1:
-            return ZERO, 0
-        return UNALLOCATED, 0
+            return ZERO, host
+        return UNALLOCATED, host
+
+
+# --- whole-table arithmetic -------------------------------------------------------------------------
+
+#: Every bit of one 64-bit lane.
+_LANE = (1 << 64) - 1
+#: A byte that is not zero (lane flags are 0 or 1 per entry).
+_ONE_BYTE = re.compile(b"\x01")
+
+
+class _Lanes:
+    """Constants over *count* 64-bit lanes: 1 in each, the top bit of each, the low 63 bits of each."""
+
+    __slots__ = ("high", "low63", "one")
+
+    def __init__(self, count: int) -> None:
+        self.one = int.from_bytes(b"\0\0\0\0\0\0\0\1" * count, "big")
+        self.high = self.one << 63
+        self.low63 = self.one * ((1 << 63) - 1)
+
+
+class _Masks:
+    """Per-lane masks of a standard table: bits no valid entry has set, and the host offset."""
+
+    __slots__ = ("bad", "host")
+
+    def __init__(self, count: int, cluster_bits: int, zero_flag: bool) -> None:
+        one = _lanes(count).one
+        reserved = L2_RESERVED if zero_flag else L2_RESERVED | OFLAG_ZERO
+        self.bad = one * (reserved | (L2_OFFSET_MASK & ((1 << cluster_bits) - 1)))
+        self.host = one * L2_OFFSET_MASK
+
+
+@functools.lru_cache(maxsize=64)
+def _lanes(count: int) -> _Lanes:
+    return _Lanes(count)
+
+
+class _PairLanes:
+    """Constants over the lanes of an extended table.
+
+    1 in each descriptor lane (even), in each bitmap lane (odd), and every bit of the even and
+    of the odd lanes.
+    """
+
+    __slots__ = ("even", "even_lanes", "odd", "odd_lanes")
+
+    def __init__(self, count: int) -> None:
+        self.even = int.from_bytes((b"\0\0\0\0\0\0\0\1" + bytes(8)) * (count // 2), "big")
+        self.odd = self.even >> 64
+        self.even_lanes = self.even * _LANE
+        self.odd_lanes = self.odd * _LANE
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_lanes(count: int) -> _PairLanes:
+    return _PairLanes(count)
+
+
+@functools.lru_cache(maxsize=64)
+def _masks(count: int, cluster_bits: int, zero_flag: bool) -> _Masks:
+    return _Masks(count, cluster_bits, zero_flag)
+
+
+@functools.cache
+def _stair(count: int, cluster_bits: int) -> int:
+    """Lane *i*: ``2**61 - i * cluster_size`` (host offset plus this is equal along a contiguous run)."""
+    words = array("Q", range(1 << 61, (1 << 61) - (count << cluster_bits), -(1 << cluster_bits)))
+    if sys.byteorder == "little":
+        words.byteswap()
+    return int.from_bytes(words.tobytes(), "big")
+
+
+def _nonzero_window(data: bytes) -> tuple[int, int]:
+    """The entries from the first non-zero one to the last (``(first, last + 1)``; equal: all zero)."""
+    body = data.lstrip(b"\0")
+    if not body:
+        return 0, 0
+    first = (len(data) - len(body)) // 8
+    return first, (len(data.rstrip(b"\0")) + 7) // 8
+
+
+def _lane_bytes(lanes: int, count: int) -> bytearray:
+    """The low byte of each of *count* lanes, in entry order."""
+    return bytearray(lanes.to_bytes(8 * count, "big")[7::8])

@@ -16,6 +16,8 @@ from imago import (
     Storage,
 )
 
+from .create import RawCreateBuilder
+
 __all__ = ["Raw"]
 
 
@@ -28,7 +30,9 @@ class Raw(FormatDriver):
 
     name = "raw"
     probe_fallback = True
+    create_builder_class = RawCreateBuilder
     capabilities = frozenset({Capability.RESIZE})
+    identity_mapped = True
 
     def __init__(self, storage: Storage, *, writable: bool) -> None:
         self._storage = storage

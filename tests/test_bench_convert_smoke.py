@@ -1,0 +1,44 @@
+"""Smoke test of bench/bench_convert.py: it runs every case, imago's outputs match their sources.
+
+Timing figures are never asserted: they depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_convert.py"
+
+
+def test_bench_convert_quick(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert "correctness: OK" in lines
+    summary = json.loads(lines[-1])
+    assert summary["correct"] is True
+    assert summary["quick"] is True
+    results = summary["directories"][str(tmp_path)]
+    assert set(results) == {
+        "qcow2-to-raw",
+        "raw-to-qcow2",
+        "compress-zlib",
+        "compress-zstd",
+        "read-compressed",
+        "sparse-1t-to-raw",
+    }
+    for entry in results.values():
+        assert entry["same_content"] is True
+        assert entry["imago_seconds"] > 0
+        assert entry["qemu_img_seconds"] > 0
+    assert results["read-compressed"]["qemu_img_bench_bytes_per_second"] > 0
+    assert list(tmp_path.iterdir()) == []  # the images are removed again
