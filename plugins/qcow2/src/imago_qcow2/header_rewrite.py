@@ -17,19 +17,9 @@ from imago import InvalidOptionError, ReadOnlyError
 from .header import FEATURE_TABLE, Header, build_header, has_feature_table
 from .layout import CREATED_V3_HEADER_LENGTH, V2_HEADER_LENGTH
 from .overlap import Metadata
-from .state import Qcow2State
+from .state import TABLE_FIELDS, Qcow2State
 
 __all__ = ["encode_header", "write_header"]
-
-# Header fields that name tables: when a rewrite changes one, the overlap guard's map is rebuilt.
-_TABLE_FIELDS = (
-    "l1_table_offset",
-    "l1_size",
-    "refcount_table_offset",
-    "refcount_table_clusters",
-    "snapshots_offset",
-    "nb_snapshots",
-)
 
 
 def encode_header(header: Header, option: str = "backing_file") -> tuple[Header, bytes]:
@@ -75,5 +65,5 @@ async def write_header(state: Qcow2State, header: Header, *, option: str = "back
         await state.storage.writev([memoryview(cluster)], 0)
         await state.storage.flush()
         previous, state.header = state.header, written
-        if any(getattr(previous, name) != getattr(written, name) for name in _TABLE_FIELDS):
+        if any(getattr(previous, name) != getattr(written, name) for name in TABLE_FIELDS):
             state.guard.tables_switched()

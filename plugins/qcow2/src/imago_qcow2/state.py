@@ -49,12 +49,12 @@ from .tables import L2Table, encode_l1
 if TYPE_CHECKING:
     import asyncio
 
-__all__ = ["Qcow2State"]
+__all__ = ["TABLE_FIELDS", "Qcow2State"]
 
 # Raw L2 table bytes kept in memory at most (the classified form takes about 2.5 times that).
 _L2_CACHE_BYTES = 16 << 20
-# Header fields that name tables: when they change, the metadata map is rebuilt.
-_TABLE_FIELDS = frozenset(
+#: Header fields that name tables: when one changes, the overlap guard's metadata map is rebuilt.
+TABLE_FIELDS = frozenset(
     {
         "l1_table_offset",
         "l1_size",
@@ -183,7 +183,7 @@ class Qcow2State:
         await write_header_fields(self.storage, values)
         fields: dict[str, Any] = dict(values)
         self.header = attrs.evolve(self.header, **fields)
-        if not _TABLE_FIELDS.isdisjoint(values):
+        if not TABLE_FIELDS.isdisjoint(values):
             self.guard.tables_switched()
 
     async def write_metadata(self, kind: Metadata, offset: int, data: bytes | bytearray) -> None:
