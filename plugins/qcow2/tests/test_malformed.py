@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
 import sys
 import zlib
 from collections.abc import Iterator
@@ -1423,3 +1424,25 @@ def test_bad_refcount_table_entry(img: Path, value: Any, words: tuple[str, ...])
         imago.runtime.run_sync(image.refcount(0))
     check_corrupt(info.value, offset=table, words=words)
     SyncFormatAccess(image).close()
+
+
+def test_an_l1_table_of_garbage_is_read_in_one_pass(tmp_path: Path) -> None:
+    """Found by the mutation test: l1_size raised to 31195 over an extended-L2 image, so the L1
+    table ran over other clusters. Every bad entry restarted the walk, and each kept its error
+    (and that walk's arrays) alive: hours and gigabytes. Now one pass records every bad entry."""
+    path = tmp_path / "garbage-l1.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(path), "1M"], check=True)
+    entries = 40_000
+    with open(path, "r+b") as f:
+        header = f.read(48)
+        l1_offset = struct.unpack(">Q", header[40:48])[0]
+        f.seek(36)
+        f.write(struct.pack(">I", entries))
+        f.seek(l1_offset)
+        # Entries with reserved bits, unaligned ones and ones past the end of the file, mixed.
+        pattern = [1 << 62 | 1, 0x10200, 1 << 50]
+        f.write(b"".join(struct.pack(">Q", pattern[i % 3]) for i in range(entries)))
+    with imago.open(path, "qcow2") as disk, pytest.raises(CorruptImageError, match="L1 entry 0"):
+        disk.read(bytearray(4096), 0)  # damaged entries stay unusable
+    with imago.open(path, "qcow2", write=True) as disk, pytest.raises(ImagoError):
+        disk.write(b"x" * 4096, 0)  # open for a repair only

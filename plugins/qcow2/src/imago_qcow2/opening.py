@@ -208,25 +208,17 @@ async def _read_active_l1(
     if raw:
         await storage.readv([memoryview(raw)], header.l1_table_offset)
     damage: dict[int, CorruptImageError] = {}
-    while True:
-        try:
-            l1, l1_copied = parse_l1(
-                raw,
-                table_offset=header.l1_table_offset,
-                cluster_bits=header.cluster_bits,
-                file_size=storage.size,
-                filename=storage.filename,
-            )
-        except CorruptImageError as error:
-            index = ((error.offset or 0) - header.l1_table_offset) // 8
-            if not 0 <= index < header.l1_size or index in damage:
-                raise
-            damage[index] = error
-            raw[8 * index : 8 * index + 8] = bytes(8)
-            continue
-        for index in damage:
-            l1[index] = index << 1 | 1  # (see Qcow2State.l1_damage)
-        return l1, l1_copied, damage
+    l1, l1_copied = parse_l1(
+        raw,
+        table_offset=header.l1_table_offset,
+        cluster_bits=header.cluster_bits,
+        file_size=storage.size,
+        filename=storage.filename,
+        damage=damage,
+    )
+    for index in damage:
+        l1[index] = index << 1 | 1  # (see Qcow2State.l1_damage)
+    return l1, l1_copied, damage
 
 
 async def _repair_dirty(state: Qcow2State) -> CorruptImageError | None:

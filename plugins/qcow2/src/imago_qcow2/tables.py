@@ -110,9 +110,19 @@ def entry_clusters(entry: int, cluster_bits: int) -> range:
 
 
 def parse_l1(
-    raw: bytes | bytearray, *, table_offset: int, cluster_bits: int, file_size: int, filename: str | None
+    raw: bytes | bytearray,
+    *,
+    table_offset: int,
+    cluster_bits: int,
+    file_size: int,
+    filename: str | None,
+    damage: dict[int, CorruptImageError] | None = None,
 ) -> tuple[array[int], bytearray]:
-    """Validate an L1 table; returns its L2 table offsets (0: no table) and COPIED flags."""
+    """Validate an L1 table; returns its L2 table offsets (0: no table) and COPIED flags.
+
+    A bad entry raises :class:`CorruptImageError`, or, with *damage*, is recorded there by index
+    (its offset left 0) and the walk goes on: one pass, however many entries are bad.
+    """
     entries = decode_words(raw)
     cluster_mask = (1 << cluster_bits) - 1
     offsets = array("Q", bytes(len(entries) * 8))
@@ -121,15 +131,20 @@ def parse_l1(
         if not entry:
             continue
         where = table_offset + 8 * index
-        if entry & L1_RESERVED:
-            raise CorruptImageError(filename, where, f"L1 entry {index} has reserved bits set ({entry:#018x})")
+        problem: str | None = None
         l2_offset = entry & L1_OFFSET_MASK
-        if l2_offset & cluster_mask:
-            raise CorruptImageError(filename, where, f"L1 entry {index}: L2 table offset {l2_offset:#x} is unaligned")
-        if l2_offset and l2_offset + (1 << cluster_bits) > file_size:
-            raise CorruptImageError(
-                filename, where, f"L1 entry {index}: L2 table at {l2_offset:#x} lies past the end of the file"
-            )
+        if entry & L1_RESERVED:
+            problem = f"L1 entry {index} has reserved bits set ({entry:#018x})"
+        elif l2_offset & cluster_mask:
+            problem = f"L1 entry {index}: L2 table offset {l2_offset:#x} is unaligned"
+        elif l2_offset and l2_offset + (1 << cluster_bits) > file_size:
+            problem = f"L1 entry {index}: L2 table at {l2_offset:#x} lies past the end of the file"
+        if problem is not None:
+            error = CorruptImageError(filename, where, problem)
+            if damage is None:
+                raise error
+            damage[index] = error
+            continue
         offsets[index] = l2_offset
         copied[index] = 1 if entry & OFLAG_COPIED else 0
     return offsets, copied
