@@ -75,3 +75,29 @@ def write_file(path: Path, data: bytes) -> Path:
     """Write *data* to *path*; returns *path*."""
     path.write_bytes(data)
     return path
+
+
+def ok(result: Result) -> Result:
+    """*result*, asserting the command succeeded."""
+    assert result.status == 0, result
+    return result
+
+
+def same_as_qemu(command: str, directory: StrPath, *args: str) -> Result:
+    """Run ``COMMAND ARGS`` with imago and qemu-img in *directory*; they must print the same."""
+    ours = imago(command, *args, cwd=directory)
+    same_text_as_qemu(ours, qemu_img(command, *args, cwd=directory))
+    return ours
+
+
+def make_image(
+    directory: StrPath, name: str, size: int | None, *writes: str, backing: str = "", fmt: str = "qcow2"
+) -> None:
+    """``qemu-img create`` *name* (over *backing*, raw or qcow2 by its suffix), then the qemu-io *writes*."""
+    argv = ["create", "-q", "-f", fmt]
+    if backing:
+        argv += ["-b", backing, "-F", "raw" if backing.endswith(".raw") else "qcow2"]
+    ok(qemu_img(*argv, name, *([str(size)] if size else []), cwd=directory))
+    if writes:
+        done = ok(qemu_io(name, *writes, fmt=fmt, cwd=directory))
+        assert "error" not in done.out.lower(), done

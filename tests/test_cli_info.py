@@ -28,25 +28,20 @@ from . import cli_run
 Build = Callable[[Path], None]
 
 
-def _ok(result: cli_run.Result) -> cli_run.Result:
-    assert result.status == 0, result
-    return result
+_ok = cli_run.ok
 
 
 def qemu_img(directory: Path, *args: str) -> None:
-    _ok(cli_run.qemu_img(*args, cwd=directory))
+    cli_run.ok(cli_run.qemu_img(*args, cwd=directory))
 
 
 def qemu_io(directory: Path, image: str, *commands: str, fmt: str = "qcow2") -> None:
-    _ok(cli_run.qemu_io(image, *commands, fmt=fmt, cwd=directory))
+    cli_run.ok(cli_run.qemu_io(image, *commands, fmt=fmt, cwd=directory))
 
 
 def same_as_qemu(directory: Path, *args: str) -> cli_run.Result:
     """Run ``info ARGS`` with both tools in *directory*; they must print the same."""
-    ours = cli_run.imago("info", *args, cwd=directory)
-    theirs = cli_run.qemu_img("info", *args, cwd=directory)
-    cli_run.same_text_as_qemu(ours, theirs)
-    return ours
+    return cli_run.same_as_qemu("info", directory, *args)
 
 
 # --- the images ---------------------------------------------------------------------------------
