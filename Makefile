@@ -53,6 +53,7 @@ bench: setup qemu
 	$(BIN)/python bench/bench_startup.py
 	$(BIN)/python bench/bench_map.py
 	$(BIN)/python bench/bench_convert.py
+	$(BIN)/python bench/bench_compressed.py
 
 # The list above, one per line (tests/test_workspace.py compares it with the tree).
 dists:

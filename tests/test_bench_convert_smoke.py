@@ -42,3 +42,20 @@ def test_bench_convert_quick(tmp_path: Path) -> None:
         assert entry["qemu_img_seconds"] > 0
     assert results["read-compressed"]["qemu_img_bench_bytes_per_second"] > 0
     assert list(tmp_path.iterdir()) == []  # the images are removed again
+
+
+def test_bench_convert_selected_cases(tmp_path: Path) -> None:
+    """``--case`` runs only the cases named (and the sparse case's reference, qcow2-to-raw)."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--case", "sparse-1t-to-raw"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    results = summary["directories"][str(tmp_path)]
+    assert set(results) == {"qcow2-to-raw", "sparse-1t-to-raw"}
+    assert results["sparse-1t-to-raw"]["vs_imago_full"] > 0
+    assert list(tmp_path.iterdir()) == []

@@ -115,6 +115,19 @@ def test_raw_source_to_qcow2_with_options(tmp_path: Path) -> None:
     assert info["format-specific"]["data"]["lazy-refcounts"] is True
 
 
+@pytest.mark.parametrize("sparse", [None, "12k"])  # 12k: a zero run of 8k opening a buffer stays a hole
+@pytest.mark.parametrize("fmt", ["qcow2", "raw"])
+def test_large_requests_scan_as_qemu_buffers(tmp_path: Path, fmt: str, sparse: str | None) -> None:
+    """Data that one extent holds is copied in requests of several 2 MiB buffers; zero runs across,
+    at the start of, and just inside buffer edges still leave qemu-img's allocation (its scan is per buffer)."""
+    data = bytearray(os.urandom(19 * MIB + 3000))
+    for start, length in ((2 * MIB - 6144, 12288), (4 * MIB, 8192), (6 * MIB - 1536, 3072), (14 * MIB, 2 * MIB + 4096)):
+        data[start : start + length] = bytes(length)
+    data[16 * MIB - 65536 : 16 * MIB + 65536] = bytes(131072)  # across the end of the first large request
+    (tmp_path / "full.raw").write_bytes(bytes(data))
+    _same_as_qemu(tmp_path, ["-f", "raw", *([] if sparse is None else ["-S", sparse]), "full.raw"], fmt)
+
+
 @pytest.mark.parametrize("sparse", [None, "0"])
 @pytest.mark.parametrize("fmt", ["qcow2", "raw"])
 def test_sparse_raw_source_keeps_its_holes(tmp_path: Path, fmt: str, sparse: str | None) -> None:

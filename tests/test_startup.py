@@ -30,6 +30,10 @@ RunPython = Callable[..., subprocess.CompletedProcess[str]]
 
 # What no synchronous command should pay for unless it needs it.
 HEAVY = {"asyncio", "concurrent.futures", "importlib.metadata", "importlib_metadata", "tqdm", "json"}
+# What the core's own modules no longer import at all on the way to ``imago info``: attrs (its
+# value classes are imago._record's), and standard modules only some paths use (argparse's
+# shutil, snapshot dates, threading).
+NOT_FOR_INFO = {"attr", "attrs", "shutil", "datetime", "threading"}
 MARKER = "--- modules ---"
 
 # Runs the CLI with the arguments given, then lists sys.modules after a marker line.
@@ -144,6 +148,78 @@ def test_info_of_a_named_raw_image_loads_only_its_drivers(run_python: RunPython,
     assert "file format: raw" in out
     assert not modules & (HEAVY | subcommand_modules(but="info"))
     assert plugin_modules(modules) == {"imago_file", "imago_raw"}
+
+
+def test_info_of_a_named_raw_image_needs_no_attrs_nor_shutil(run_python: RunPython, images: dict[str, Path]) -> None:
+    status, out, modules = run_cli(run_python, "info", "-f", "raw", "--output=json", images["raw"])
+    assert status == 0
+    assert '"format": "raw"' in out
+    assert not modules & NOT_FOR_INFO
+
+
+def test_info_of_a_named_qcow2_image_loads_only_what_info_needs(run_python: RunPython, images: dict[str, Path]) -> None:
+    status, out, modules = run_cli(run_python, "info", "-f", "qcow2", images["qcow2"])
+    assert status == 0
+    assert "file format: qcow2" in out
+    # Check and repair, amend, compressed clusters (and their codecs), snapshots, resizing: the
+    # driver imports them when first used.
+    lazy = {"check", "repair", "compressed", "compression", "snapshots", "switchover", "resize", "backing_change"}
+    assert not modules & {f"imago_qcow2.{name}" for name in lazy}
+    assert not modules & (HEAVY | {"shutil", "datetime"})
+
+
+def test_help_formatter_is_as_wide_as_argparse_makes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import shutil
+
+    from imago.cli import _HelpFormatter
+
+    for columns in ("37", "200"):
+        monkeypatch.setenv("COLUMNS", columns)
+        assert _HelpFormatter("imago")._width == argparse.HelpFormatter("imago")._width
+        assert _HelpFormatter("imago")._width == shutil.get_terminal_size().columns - 2
+    monkeypatch.setenv("COLUMNS", "0")  # not set: the terminal's, else 80
+    assert _HelpFormatter("imago")._width == argparse.HelpFormatter("imago")._width
+    assert _HelpFormatter("imago", width=50)._width == 50
+
+
+def test_a_subcommand_is_parsed_by_its_parser_alone(
+    run_python: RunPython, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import argparse
+
+    def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return set(action.choices)
+
+    assert subcommands(imago.cli.build_parser("info", alone=True)) == {"info"}
+    assert subcommands(imago.cli.build_parser("info")) == set(imago.cli.COMMANDS)
+    built: list[bool] = []
+    real = imago.cli.build_parser
+
+    def recording(only: str | None = None, *, alone: bool = False) -> argparse.ArgumentParser:
+        built.append(alone)
+        return real(only, alone=alone)
+
+    monkeypatch.setattr(imago.cli, "build_parser", recording)
+    imago.cli.main(["info", "-f", "raw", str(images["raw"])])
+    assert built == [True]
+    # Options before the subcommand are the top-level parser's: its help lists every subcommand.
+    status, out, _ = run_cli(run_python, "-h", "info")
+    assert status == 0
+    assert all(name in out for name in imago.cli.COMMANDS)
+
+
+def test_importing_the_drivers_imports_no_registry(run_python: RunPython) -> None:
+    # A program that uses a driver class directly (imago_raw.Raw) pays neither for pluggy nor
+    # for the plugin registry: they come with the first look-up of a driver by name.
+    script = "import sys, imago_raw, imago_qcow2; print(sorted(sys.modules))"
+    result = run_python(["-c", script])
+    assert result.returncode == 0, result.stderr
+    modules = set(ast.literal_eval(result.stdout))
+    assert not modules & (HEAVY | {"pluggy", "imago.plugin.manager", "argparse", "shutil"})
+    raw_modules = {name for name in modules if name.startswith("imago_raw")}
+    assert raw_modules == {"imago_raw", "imago_raw.driver", "imago_raw.create"}  # not its plugin module
 
 
 def test_info_of_a_named_qcow2_image_loads_only_its_drivers(run_python: RunPython, images: dict[str, Path]) -> None:
@@ -366,3 +442,56 @@ def test_metadata_headers_are_read_like_importlib_metadata() -> None:
     lines = ["Metadata-Version: 2.1", "name: imago-x", "Summary: one", "  Version: 9 (continued)", "Version: 1.2", ""]
     assert manager._name_and_version([*lines, "Version: 3 (the body)"]) == ("imago-x", "1.2")
     assert manager._name_and_version([]) == (None, None)
+
+
+# --- the value classes without attrs ------------------------------------------------------------
+
+
+def test_value_classes_behave_as_their_attrs_versions() -> None:
+    import copy
+    import pickle
+
+    import attrs
+
+    options = imago.StorageOpenOptions(filename="a.img", writable=True)
+    assert repr(options) == (
+        "StorageOpenOptions(filename='a.img', writable=True, direct=False, no_flush=False, force_share=False,"
+        " share_write=False, driver='file', driver_options={})"
+    )
+    # attrs' functions still work on them (attrs is imported only when something asks).
+    assert attrs.has(imago.StorageOpenOptions)
+    assert [field.name for field in attrs.fields(imago.CheckFinding)][:2] == ["kind", "message"]
+    assert attrs.asdict(imago.Measurement(1, 2)) == {"required": 1, "fully_allocated": 2, "bitmaps": None}
+    changed = attrs.evolve(options, writable=False)
+    assert changed == options.__replace__(writable=False) != options
+    with pytest.raises(imago.InvalidOptionError):
+        options.__replace__(driver="")  # the constructor's checks apply
+
+    raw = imago.MappingRaw(None, 4096, True)  # type: ignore[arg-type]
+    same = imago.MappingRaw(None, 4096, True)  # type: ignore[arg-type]
+    assert raw == same
+    assert hash(raw) == hash(same)
+    assert raw != imago.ShallowRaw(None, 4096, True)  # type: ignore[arg-type]  # same fields, another class
+    assert repr(raw) == "MappingRaw(storage=None, offset=4096, writable=True)"
+    match raw:
+        case imago.Mapping.Raw(_, offset, writable=True):
+            assert offset == 4096
+        case _:
+            pytest.fail("no match")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        raw.offset = 0  # type: ignore[misc]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        del raw.offset
+    for copied in (copy.copy(raw), copy.deepcopy(imago.MappingZero(True)), pickle.loads(pickle.dumps(options))):
+        assert copied == copy.copy(copied)
+    assert pickle.loads(pickle.dumps(options)) == options
+
+    # A field left out of equality and repr (the protocol of a capability).
+    assert imago.Capability("check", ("check",), object) == imago.Capability.CHECK
+    assert "protocol" not in repr(imago.Capability.CHECK)
+    # Nested and keyword-only classes.
+    option = imago.FormatCreateBuilder.Option("size", "size", "Virtual disk size")
+    assert repr(option).startswith("FormatCreateBuilder.Option(name='size', ")
+    assert imago.CheckFinding.__match_args__ == ()
+    with pytest.raises(TypeError):
+        imago.CheckFinding(imago.FindingKind.LEAK, "x")  # type: ignore[misc]

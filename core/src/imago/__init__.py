@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names as static type checkers see them; at run time __getattr__ imports them
     from . import io_buffers, runtime
+    from ._record import Record
     from .annotated import AnnotatedStorage
     from .api import create, create_async, measure, open, open_async, probe, probe_sync
     from .cache import MetadataCache
@@ -104,6 +105,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them; at run time __g
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "io_buffers": (),
     "runtime": (),
+    "_record": ("Record",),
     "annotated": ("AnnotatedStorage",),
     "api": (
         "create",
@@ -292,6 +294,7 @@ __all__ = [
     "PreallocateMode",
     "RangeLock",
     "ReadOnlyError",
+    "Record",
     "RepairMode",
     "SandboxImplicitOpenGate",
     "ShallowEof",

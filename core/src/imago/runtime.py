@@ -10,9 +10,9 @@ is raised.
 
 from __future__ import annotations
 
+import _thread  # threading's primitives, without importing threading (start-up time)
 import os
 import sys
-import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -49,13 +49,13 @@ def _no_loop_yet() -> asyncio.AbstractEventLoop | None:
 _get_running_loop: Callable[[], asyncio.AbstractEventLoop | None] = _no_loop_yet
 
 
-class _SyncState(threading.local):
+class _SyncState(_thread._local):
     depth = 0
 
 
 _state = _SyncState()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
+_pool_lock = _thread.allocate_lock()
 
 # Enough threads that many requests in flight reach the kernel in parallel.
 _POOL_THREADS = 32
@@ -156,7 +156,8 @@ async def run_parallel(func: Callable[[T], R], items: list[T]) -> list[R]:
     For CPU work that releases the GIL (decompression, compression). The items are split into
     one contiguous chunk per CPU, so that cheap items do not drown in per-item hand-offs.
     Used inline (no loop) it blocks, the calling thread taking the first chunk itself; under a
-    loop it awaits the chunks, all on the pool.
+    loop it awaits the chunks, all on the pool. It returns (or raises the first error) only
+    once every chunk is done.
     """
     workers = min(len(items), _cpu_count())
     if workers <= 1:
@@ -167,11 +168,24 @@ async def run_parallel(func: Callable[[T], R], items: list[T]) -> list[R]:
     loop = _get_running_loop()
     if loop is None or _state.depth > 0:
         futures = [pool.submit(_run_chunk, func, chunk) for chunk in chunks[1:]]
-        results = _run_chunk(func, chunks[0])
+        try:
+            results = _run_chunk(func, chunks[0])
+        finally:
+            # Every chunk is done before this returns or raises: the items may be views of
+            # memory the caller releases (a memory map of a file it then truncates).
+            for future in futures:
+                future.exception()
         for future in futures:
             results.extend(future.result())
         return results
     import asyncio
 
-    parts = await asyncio.gather(*(loop.run_in_executor(pool, _run_chunk, func, chunk) for chunk in chunks))
+    outcomes = await asyncio.gather(
+        *(loop.run_in_executor(pool, _run_chunk, func, chunk) for chunk in chunks), return_exceptions=True
+    )
+    parts: list[list[R]] = []
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        parts.append(outcome)
     return [result for part in parts for result in part]

@@ -12,11 +12,10 @@ import enum
 import os
 from collections.abc import Mapping as MappingType
 from collections.abc import Sequence
-from typing import Any, ClassVar, TypeVar
-
-import attrs
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from . import runtime
+from ._record import Record, init
 from .errors import InvalidOptionError, UnsupportedFeatureError
 
 __all__ = [
@@ -26,7 +25,11 @@ __all__ = [
     "StorageOpenOptions",
 ]
 
-S = TypeVar("S", bound="Storage")
+# A bound named by a string costs a compile() at import (typing's ForwardRef): only mypy needs it.
+if TYPE_CHECKING:
+    S = TypeVar("S", bound="Storage")
+else:
+    S = TypeVar("S")
 
 
 class PreallocateMode(enum.Enum):
@@ -81,66 +84,107 @@ def _optional_path(value: str | os.PathLike[str] | None) -> str | None:
     return path
 
 
-def _non_empty(_instance: object, attribute: attrs.Attribute[str], value: str) -> None:
+def _non_empty(name: str, value: str) -> str:
     if not isinstance(value, str) or not value:
-        raise InvalidOptionError(attribute.name, f"must be a non-empty string, got {value!r}")
+        raise InvalidOptionError(name, f"must be a non-empty string, got {value!r}")
+    return value
 
 
-def _non_negative(_instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+def _non_negative(name: str, value: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise InvalidOptionError(attribute.name, f"must be a non-negative integer, got {value!r}")
+        raise InvalidOptionError(name, f"must be a non-negative integer, got {value!r}")
+    return value
 
 
-def _bool(_instance: object, attribute: attrs.Attribute[bool], value: bool) -> None:
+def _bool(name: str, value: bool) -> bool:
     if not isinstance(value, bool):
-        raise InvalidOptionError(attribute.name, f"must be True or False, got {value!r}")
+        raise InvalidOptionError(name, f"must be True or False, got {value!r}")
+    return value
 
 
-@attrs.frozen(kw_only=True)
-class StorageOpenOptions:
+class StorageOpenOptions(Record, kw_only=True):
     """What to open and how: the input of :meth:`Storage.open`."""
 
+    __slots__ = ("direct", "driver", "driver_options", "filename", "force_share", "no_flush", "share_write", "writable")
+
     #: Name of the file (or other object) to open; its meaning is the driver's.
-    filename: str | None = attrs.field(default=None, converter=_optional_path)
+    filename: str | None
     #: Open for writing.
-    writable: bool = attrs.field(default=False, validator=_bool)
+    writable: bool
     #: Bypass the host page cache (``O_DIRECT``), where the driver supports it.
-    direct: bool = attrs.field(default=False, validator=_bool)
+    direct: bool
     #: Ignore :meth:`Storage.flush` (QEMU's ``cache.no-flush``, ``cache=unsafe``): faster, as
     #: ``qemu-img convert`` writes by default, but a host crash may lose or corrupt what was
     #: written. :meth:`Storage.sync` still makes everything durable.
-    no_flush: bool = attrs.field(default=False, validator=_bool)
+    no_flush: bool
     #: Read without taking any lock that would stop a writer (QEMU's ``force-share``,
     #: ``qemu-img -U``): the image may change underneath, so what is read may be inconsistent.
     #: Only for read-only opens; refused together with :attr:`writable`.
-    force_share: bool = attrs.field(default=False, validator=_bool)
+    force_share: bool
     #: Let other processes write to (but not resize) the file while this open holds it: how
     #: QEMU locks an external data file, whose bytes carry no metadata of the image.
-    share_write: bool = attrs.field(default=False, validator=_bool)
+    share_write: bool
     #: Which storage driver to use when opening through the registry.
-    driver: str = attrs.field(default="file", validator=_non_empty)
+    driver: str
     #: Driver-specific options (for example ``{"size": ...}`` for ``null``).
-    driver_options: MappingType[str, Any] = attrs.field(factory=dict)
+    driver_options: MappingType[str, Any]
 
-    def __attrs_post_init__(self) -> None:
-        if self.force_share and self.writable:
+    def __init__(
+        self,
+        *,
+        filename: str | os.PathLike[str] | None = None,
+        writable: bool = False,
+        direct: bool = False,
+        no_flush: bool = False,
+        force_share: bool = False,
+        share_write: bool = False,
+        driver: str = "file",
+        driver_options: MappingType[str, Any] | None = None,
+    ) -> None:
+        init(self, "filename", _optional_path(filename))
+        init(self, "writable", _bool("writable", writable))
+        init(self, "direct", _bool("direct", direct))
+        init(self, "no_flush", _bool("no_flush", no_flush))
+        init(self, "force_share", _bool("force_share", force_share))
+        init(self, "share_write", _bool("share_write", share_write))
+        init(self, "driver", _non_empty("driver", driver))
+        init(self, "driver_options", {} if driver_options is None else driver_options)
+        if force_share and writable:
             raise InvalidOptionError(
                 "force_share", "only read-only opens can share the image with writers; it cannot be used with writable"
             )
 
 
-@attrs.frozen(kw_only=True)
-class StorageCreateOptions:
+class StorageCreateOptions(Record, kw_only=True):
     """What to create and how: the input of :meth:`Storage.create`."""
 
-    filename: str | None = attrs.field(default=None, converter=_optional_path)
+    __slots__ = ("driver", "driver_options", "filename", "overwrite", "preallocate", "size")
+
+    filename: str | None
     #: Initial size in bytes.
-    size: int = attrs.field(default=0, validator=_non_negative)
-    preallocate: PreallocateMode = attrs.field(default=PreallocateMode.NONE, converter=_preallocate_mode)
+    size: int
+    preallocate: PreallocateMode
     #: Replace an existing file (its contents are lost); otherwise an existing file is an error.
-    overwrite: bool = attrs.field(default=False, validator=_bool)
-    driver: str = attrs.field(default="file", validator=_non_empty)
-    driver_options: MappingType[str, Any] = attrs.field(factory=dict)
+    overwrite: bool
+    driver: str
+    driver_options: MappingType[str, Any]
+
+    def __init__(
+        self,
+        *,
+        filename: str | os.PathLike[str] | None = None,
+        size: int = 0,
+        preallocate: PreallocateMode | str = PreallocateMode.NONE,
+        overwrite: bool = False,
+        driver: str = "file",
+        driver_options: MappingType[str, Any] | None = None,
+    ) -> None:
+        init(self, "filename", _optional_path(filename))
+        init(self, "size", _non_negative("size", size))
+        init(self, "preallocate", _preallocate_mode(preallocate))
+        init(self, "overwrite", _bool("overwrite", overwrite))
+        init(self, "driver", _non_empty("driver", driver))
+        init(self, "driver_options", {} if driver_options is None else driver_options)
 
     def open_options(self) -> StorageOpenOptions:
         """Options to open the storage just created, writable."""
@@ -254,8 +298,10 @@ class Storage(abc.ABC):
         For copies that look at data before writing it elsewhere (``imago convert``): the bytes
         are not copied into a buffer first. The view shows the storage as it is, later writes
         included (it is not a snapshot), and stays valid while referenced; the range must lie
-        inside the storage. ``None`` (the default) means the storage cannot map it: read into a
-        buffer instead.
+        inside the storage, and views must be dropped before the storage shrinks (a memory map
+        of a truncated file faults). ``None`` (the default) means the storage cannot map it: read
+        into a buffer instead. It may be called from imago's I/O threads (``imago convert`` maps
+        and scans there): implementations must be thread-safe.
         """
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imago import PermissiveImplicitOpenGate, SyncFormatAccess, runtime
+from imago import CorruptImageError, PermissiveImplicitOpenGate, SyncFormatAccess, runtime
 from imago.format.mapping import ShallowRaw
 from imago_qcow2 import Qcow2
 from imago_qcow2.refcounts import RefcountBlock
@@ -97,6 +98,29 @@ def test_refcount_block_entries_are_independent(order: int, data: st.DataObject)
         block.set(0, block.max_refcount + 1)
 
 
+@pytest.mark.parametrize("order", range(7))
+@pytest.mark.parametrize("seed", range(6))
+def test_refcount_block_batches_agree_with_single_entries(order: int, seed: int) -> None:
+    """values/store/free_run/next_free (allocation's batch calls) say what get/set entry by entry do."""
+    rng = random.Random(seed)
+    block = RefcountBlock(bytearray(64), offset=0, refcount_order=order)
+    size = len(block)
+    for index in range(size):
+        block.set(index, rng.choice([0, 0, 0, 1, block.max_refcount]))
+    first = rng.randrange(size)
+    count = rng.randint(1, size - first)
+    assert block.values(first, count) == [block.get(i) for i in range(first, first + count)]
+    free = 0
+    while free < count and block.get(first + free) == 0:
+        free += 1
+    assert block.free_run(first, count) == free
+    assert block.next_free(first, size) == next((i for i in range(first, size) if block.get(i) == 0), size)
+    new = [rng.randint(0, block.max_refcount) for _ in range(count)]
+    before = [block.get(i) for i in range(size)]
+    block.store(first, new)
+    assert [block.get(i) for i in range(size)] == before[:first] + new + before[first + count :]
+
+
 def test_sub_byte_refcounts_are_packed_least_significant_bits_first() -> None:
     block = RefcountBlock(bytearray(2), offset=0, refcount_order=1)  # 2-bit entries
     block.set(0, 1)
@@ -106,3 +130,26 @@ def test_sub_byte_refcounts_are_packed_least_significant_bits_first() -> None:
     wide = RefcountBlock(bytearray(4), offset=0, refcount_order=4)
     wide.set(1, 0x1234)
     assert wide.data == bytearray([0, 0, 0x12, 0x34])
+
+
+@pytest.mark.parametrize("bits", [1, 16])
+def test_a_refcount_change_out_of_range_changes_nothing_in_its_block(tmp_path: Path, bits: int) -> None:
+    """Batched changes are checked whole first: the error names the first bad cluster; frees are reported."""
+    path = tmp_path / "img.qcow2"
+    qemu("qemu-img", "create", "-q", "-f", "qcow2", "-o", f"refcount_bits={bits}", str(path), "8M")
+    qemu("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 256k", str(path))
+    image = Qcow2.builder_path(path).write(True).open_sync(PermissiveImplicitOpenGate())
+    refcounts = image._state.refcounts
+    first_data = 4  # header, L1, refcount table and block, then the L2 table and data
+    used = [runtime.run_sync(refcounts.get(cluster * CLUSTER)) for cluster in range(first_data, first_data + 12)]
+    assert used[:5] == [1] * 5
+    assert used[-1] == 0
+    with pytest.raises(CorruptImageError, match="refcount would become -1") as caught:
+        runtime.run_sync(refcounts.change(first_data, 12, -1))
+    assert caught.value.offset == (first_data + used.index(0)) * CLUSTER
+    after = [runtime.run_sync(refcounts.get(cluster * CLUSTER)) for cluster in range(first_data, first_data + 12)]
+    assert after == used
+    if bits == 16:
+        assert runtime.run_sync(refcounts.change(first_data + 1, 2, +1)) == []
+        assert runtime.run_sync(refcounts.change(first_data + 1, 3, -1)) == [first_data + 3]
+    SyncFormatAccess(image).close()

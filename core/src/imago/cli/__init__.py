@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn, TypeVar, overload
@@ -60,6 +61,34 @@ class _SubcommandParser(argparse.ArgumentParser):
         super().error(message)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, as wide as the terminal like argparse's own, without importing :mod:`shutil`.
+
+    argparse sizes its formatter with :func:`shutil.get_terminal_size`, and makes one for every
+    argument added: importing :mod:`shutil` (and the compression modules it imports) would cost
+    every command, not only ``--help``, a noticeable part of its start-up time.
+    """
+
+    def __init__(
+        self, prog: str, indent_increment: int = 2, max_help_position: int = 24, width: int | None = None
+    ) -> None:
+        super().__init__(prog, indent_increment, max_help_position, _terminal_columns() - 2 if width is None else width)
+
+
+def _terminal_columns() -> int:
+    """The terminal's width as :func:`shutil.get_terminal_size` reports it: ``$COLUMNS``, the terminal, or 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
 #: The core's subcommands: name -> (help, qemu-img style usage errors). The module
 #: ``imago.cli.<name>`` holds ``configure`` and ``run``.
 COMMANDS: dict[str, tuple[str, bool]] = {
@@ -81,21 +110,26 @@ COMMANDS: dict[str, tuple[str, bool]] = {
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, *, alone: bool = False) -> argparse.ArgumentParser:
     """The argument parser with every subcommand, core and plugin ones.
 
     Only the core subcommand *only* is configured: the others are listed for ``--help`` but their
     modules are not imported. When *only* is not a core subcommand (or ``None``), the plugins'
-    subcommands are loaded and configured.
+    subcommands are loaded and configured. With *alone*, a core subcommand *only* is the parser's
+    one subcommand: what parsing its command line needs (making the others' parsers costs a
+    command a noticeable part of its start-up time, gettext looking up translations for each).
     """
     parser = argparse.ArgumentParser(
         prog="imago",
+        formatter_class=_HelpFormatter,
         description="Virtual-machine disk image tool: qemu-img's subcommands, options and output. "
         "Add --debug anywhere to see the traceback of an error.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_SubcommandParser)
     for name, (help_text, qemu_style) in COMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if alone and only in COMMANDS and name != only:
+            continue
+        sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
         sub.one_line_usage_errors = qemu_style
         if only == name:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -108,7 +142,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for command in _plugins.cli_commands().values():
         if command.name in COMMANDS:
             continue
-        sub = commands.add_parser(command.name, help=command.help)
+        sub = commands.add_parser(command.name, help=command.help, formatter_class=_HelpFormatter)
         try:
             command.configure(sub)
         except Exception as error:
@@ -131,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = _take_debug(arguments)
     try:
         command = next((a for a in arguments if not a.startswith("-")), None)
-        parser = build_parser(command)
+        # Options before the subcommand (--help, or a mistake) are the top-level parser's: its help
+        # and usage errors show every subcommand. Otherwise the subcommand's parser is all it takes.
+        alone = command is not None and not arguments[: arguments.index(command)]
+        parser = build_parser(command, alone=alone)
         args = parser.parse_args(arguments)
         status = args.run(args)
     except _UsageError as error:

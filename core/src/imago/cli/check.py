@@ -11,8 +11,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-import attrs
-
 from ..api import open as open_image
 from ..errors import ImagoError
 from ..format.capabilities import Capability
@@ -90,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             result = disk.check(mode)
         except (ImagoError, OSError) as error:
             return _fail(f"Check failed: {_describe(error)}")
-    result = attrs.evolve(result, filename=filename)  # qemu-img reports the name as given
+    result = result.__replace__(filename=filename)  # qemu-img reports the name as given (copy.replace)
     if result.failure is not None:
         # The check stopped: qemu-img prints what it found before, the reason, and no counts.
         _print_lines([*result.repaired, *result.findings] if _repaired(result) else result.findings)

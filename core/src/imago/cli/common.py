@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import signal
 import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -280,6 +279,7 @@ def interruptible() -> Iterator[None]:
     flushed) consistently. A second Ctrl-C interrupts at once, as Python normally does.
     """
     global _interrupted
+    import signal  # only the long operations that use this need it
 
     def first(_signum: int, _frame: FrameType | None) -> None:
         global _interrupted

@@ -347,6 +347,7 @@ class _Plan:
                     raise CliError("Compression not supported for this file format")
                 cluster_sectors = max(1, writer.cluster_size // SECTOR)
             zero_init = bool(args.target_is_zero) if args.no_create else self.min_sparse > 0 and backing_sectors is None
+            in_order = not args.out_of_order and not await _writes_in_place(target)
             copier = Copier(
                 sources,
                 target,
@@ -357,9 +358,12 @@ class _Plan:
                 compressed=compressed,
                 cluster_sectors=cluster_sectors,
                 requests=self.requests,
-                in_order=not args.out_of_order and not await _writes_in_place(target),
+                in_order=in_order,
                 # A source shared with a writer (-U) may shrink under a memory map: read it instead.
                 zero_copy=not args.force_share,
+                # Writes into one file through the page cache take its lock in turn (the kernel's
+                # i_rwsem): more than one at a time only spin on it. Reads and scans still overlap.
+                data_writes=1 if not in_order and not compressed and not self.target_cache[0] else None,
             )
             progress_args = args if not args.quiet else argparse.Namespace(progress=None)
             with progress_for(progress_args, "convert", total * SECTOR) as progress:

@@ -12,7 +12,6 @@ resolved against the image's name, as QEMU resolves it) and the order QEMU print
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import sys
@@ -245,6 +244,8 @@ def format_human(info: Mapping[str, Any]) -> str:
 
 def _snapshot_line(snapshot: Mapping[str, Any]) -> str:
     """A row of qemu-img's snapshot table (the date in local time)."""
+    import datetime  # only snapshot tables need it: not imported by every info
+
     date = datetime.datetime.fromtimestamp(snapshot["date-sec"]).strftime("%Y-%m-%d %H:%M:%S")
     seconds = snapshot["vm-clock-sec"]
     clock = (

@@ -6,9 +6,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVar, runtime_checkable
 
-import attrs
-
 from .. import runtime
+from .._record import Record, evolve, init
 from ..errors import BackingChainError, InvalidOptionError, UnsupportedFeatureError
 from ..storage import PreallocateMode, Storage, StorageOpenOptions
 from .measure import Measurement
@@ -20,7 +19,11 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_CHAIN_DEPTH", "FormatCreateBuilder", "FormatDriverBuilder"]
 
-D = TypeVar("D", bound="FormatDriver")
+# A bound named by a string costs a compile() at import (typing's ForwardRef): only mypy needs it.
+if TYPE_CHECKING:
+    D = TypeVar("D", bound=FormatDriver)
+else:
+    D = TypeVar("D")
 
 #: How many images may be stacked on top of each other through backing references.
 MAX_CHAIN_DEPTH = 64
@@ -186,7 +189,7 @@ class FormatDriverBuilder(Generic[D]):
             raise BackingChainError(identity, f"the chain of backing files is deeper than {MAX_CHAIN_DEPTH}")
         if self._storage is not None:
             return self._storage
-        options = attrs.evolve(self._storage_options, filename=self._path, writable=self._writable)
+        options = evolve(self._storage_options, filename=self._path, writable=self._writable)
         return await gate.open_storage(options)
 
     # --- opening -------------------------------------------------------------------------------
@@ -240,8 +243,7 @@ class FormatCreateBuilder(Generic[D]):
         Raw.create_builder(storage).size(1 << 30).preallocate("falloc").create_sync()
     """
 
-    @attrs.frozen
-    class Option:
+    class Option(Record):
         """One creation option as ``qemu-img`` names and types it (``qemu-img create -o help``).
 
         ``kind`` says how a command line's text becomes the value :meth:`set_option` takes:
@@ -250,11 +252,22 @@ class FormatCreateBuilder(Generic[D]):
         when the option is not given (``None``: not reported).
         """
 
+        __slots__ = ("choices", "default", "description", "kind", "name")
+
         name: str
         kind: str
         description: str
-        default: str | None = None
-        choices: tuple[str, ...] = ()
+        default: str | None
+        choices: tuple[str, ...]
+
+        def __init__(
+            self, name: str, kind: str, description: str, default: str | None = None, choices: tuple[str, ...] = ()
+        ) -> None:
+            init(self, "name", name)
+            init(self, "kind", kind)
+            init(self, "description", description)
+            init(self, "default", default)
+            init(self, "choices", choices)
 
     #: Names accepted by :meth:`set_option`; subclasses extend it with their own methods.
     option_names: ClassVar[tuple[str, ...]] = ("size", "preallocate")

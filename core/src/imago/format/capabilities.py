@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, cast
 
-import attrs
+from .._record import Record, init
 
 if TYPE_CHECKING:
     from ..storage import PreallocateMode
@@ -130,18 +130,19 @@ class SupportsAmend(Protocol):
         """
 
 
-@attrs.frozen
-class Capability(Generic[P]):
+class Capability(Record, Generic[P], uncompared=("protocol",), hidden=("protocol",)):
     """One capability: a name, the protocol a driver claiming it implements, and its methods.
 
     The instances are class attributes (``Capability.SNAPSHOTS``, ...); the type parameter is
     the protocol :meth:`of` returns.
     """
 
+    __slots__ = ("methods", "name", "protocol")
+
     name: str
     #: Methods (and properties) of the protocol a driver claiming it must define itself.
     methods: tuple[str, ...]
-    protocol: type[Any] = attrs.field(eq=False, repr=False)
+    protocol: type[Any]
 
     SNAPSHOTS: ClassVar[Capability[SupportsSnapshots]]
     COMPRESSED_WRITES: ClassVar[Capability[SupportsCompressedWrites]]
@@ -149,6 +150,11 @@ class Capability(Generic[P]):
     CHECK: ClassVar[Capability[SupportsCheck]]
     CHANGE_BACKING: ClassVar[Capability[SupportsBackingChange]]
     AMEND: ClassVar[Capability[SupportsAmend]]
+
+    def __init__(self, name: str, methods: tuple[str, ...], protocol: type[Any]) -> None:
+        init(self, "name", name)
+        init(self, "methods", methods)
+        init(self, "protocol", protocol)
 
     def of(self, driver: FormatDriver) -> P | None:
         """*driver*, typed as this capability's protocol, if its class claims it; else ``None``."""

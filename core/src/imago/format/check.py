@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-import attrs
+from .._record import Record, init
 
 __all__ = ["CheckFinding", "CheckResult", "FindingKind", "RepairMode"]
 
@@ -49,30 +49,49 @@ class FindingKind(enum.Enum):
     CHECK_ERROR = "check-error"
 
 
-@attrs.frozen(kw_only=True)
-class CheckFinding:
+class CheckFinding(Record, kw_only=True):
     """One thing a check found wrong, and where."""
+
+    __slots__ = ("cluster", "fixed", "kind", "message", "offset", "refcount", "references")
 
     kind: FindingKind
     #: The line ``qemu-img check`` prints for it (``Leaked cluster 5 refcount=2 reference=1``).
     message: str
     #: The host cluster index it is about, if it is about one.
-    cluster: int | None = None
+    cluster: int | None
     #: The host (file) offset it is about, if any.
-    offset: int | None = None
+    offset: int | None
     #: The stored refcount, when the finding compares refcounts.
-    refcount: int | None = None
+    refcount: int | None
     #: The references counted, when the finding compares refcounts.
-    references: int | None = None
+    references: int | None
     #: Whether a repair fixed it.
-    fixed: bool = False
+    fixed: bool
+
+    def __init__(
+        self,
+        *,
+        kind: FindingKind,
+        message: str,
+        cluster: int | None = None,
+        offset: int | None = None,
+        refcount: int | None = None,
+        references: int | None = None,
+        fixed: bool = False,
+    ) -> None:
+        init(self, "kind", kind)
+        init(self, "message", message)
+        init(self, "cluster", cluster)
+        init(self, "offset", offset)
+        init(self, "refcount", refcount)
+        init(self, "references", references)
+        init(self, "fixed", fixed)
 
     def __str__(self) -> str:
         return self.message
 
 
-@attrs.frozen(kw_only=True)
-class CheckResult:
+class CheckResult(Record, kw_only=True):
     """The outcome of a check (and repair) of one image, as ``qemu-img check`` reports it.
 
     With a repair, the counts are those of the check run after the repair (as qemu-img's
@@ -80,26 +99,79 @@ class CheckResult:
     repair fixed and :attr:`repaired` the findings the repair pass saw.
     """
 
+    __slots__ = (
+        "allocated_clusters",
+        "check_errors",
+        "compressed_clusters",
+        "corruptions",
+        "corruptions_fixed",
+        "failure",
+        "filename",
+        "findings",
+        "format",
+        "fragmented_clusters",
+        "image_end_offset",
+        "leaks",
+        "leaks_fixed",
+        "repaired",
+        "total_clusters",
+    )
+
     filename: str | None
     format: str
-    corruptions: int = 0
-    leaks: int = 0
-    check_errors: int = 0
-    corruptions_fixed: int = 0
-    leaks_fixed: int = 0
+    corruptions: int
+    leaks: int
+    check_errors: int
+    corruptions_fixed: int
+    leaks_fixed: int
     #: First byte after the last cluster in use (qemu-img's ``image-end-offset``).
-    image_end_offset: int | None = None
-    total_clusters: int | None = None
-    allocated_clusters: int | None = None
-    fragmented_clusters: int | None = None
-    compressed_clusters: int | None = None
+    image_end_offset: int | None
+    total_clusters: int | None
+    allocated_clusters: int | None
+    fragmented_clusters: int | None
+    compressed_clusters: int | None
     #: What the (last) check found, in the order found.
-    findings: tuple[CheckFinding, ...] = ()
+    findings: tuple[CheckFinding, ...]
     #: What the repair pass found (and fixed, where ``fixed``); empty without a repair.
-    repaired: tuple[CheckFinding, ...] = ()
+    repaired: tuple[CheckFinding, ...]
     #: Why the check stopped before it completed (qemu-img's ``Check failed: <reason>``), or
     #: ``None``; the counts are then those gathered before it stopped.
-    failure: str | None = None
+    failure: str | None
+
+    def __init__(
+        self,
+        *,
+        filename: str | None,
+        format: str,
+        corruptions: int = 0,
+        leaks: int = 0,
+        check_errors: int = 0,
+        corruptions_fixed: int = 0,
+        leaks_fixed: int = 0,
+        image_end_offset: int | None = None,
+        total_clusters: int | None = None,
+        allocated_clusters: int | None = None,
+        fragmented_clusters: int | None = None,
+        compressed_clusters: int | None = None,
+        findings: tuple[CheckFinding, ...] = (),
+        repaired: tuple[CheckFinding, ...] = (),
+        failure: str | None = None,
+    ) -> None:
+        init(self, "filename", filename)
+        init(self, "format", format)
+        init(self, "corruptions", corruptions)
+        init(self, "leaks", leaks)
+        init(self, "check_errors", check_errors)
+        init(self, "corruptions_fixed", corruptions_fixed)
+        init(self, "leaks_fixed", leaks_fixed)
+        init(self, "image_end_offset", image_end_offset)
+        init(self, "total_clusters", total_clusters)
+        init(self, "allocated_clusters", allocated_clusters)
+        init(self, "fragmented_clusters", fragmented_clusters)
+        init(self, "compressed_clusters", compressed_clusters)
+        init(self, "findings", findings)
+        init(self, "repaired", repaired)
+        init(self, "failure", failure)
 
     @property
     def clean(self) -> bool:

@@ -4,8 +4,8 @@ Reads that fall inside a cached extent skip the driver entirely (the synchronous
 path). The cache is valid for one mapping epoch of the driver; any mapping change drops it.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: NamedTuple would turn every field's annotation
+# string into a typing.ForwardRef, which compiles it (the first compile of a process is slow).
 from bisect import bisect_right
 from typing import NamedTuple
 

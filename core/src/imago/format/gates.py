@@ -18,10 +18,8 @@ import stat
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import attrs
-
+from .._record import Record, evolve, init
 from ..errors import ImplicitOpenDeniedError
-from ..plugin.manager import storage_driver
 from ..storage import Storage, StorageOpenOptions
 from .names import check_local_file_name
 
@@ -36,7 +34,11 @@ __all__ = [
     "SandboxImplicitOpenGate",
 ]
 
-D = TypeVar("D", bound="FormatDriver")
+# A bound named by a string costs a compile() at import (typing's ForwardRef): only mypy needs it.
+if TYPE_CHECKING:
+    D = TypeVar("D", bound=FormatDriver)
+else:
+    D = TypeVar("D")
 
 
 class ImplicitOpenGate(abc.ABC):
@@ -63,6 +65,9 @@ class ImplicitOpenGate(abc.ABC):
         """Check, then open a storage implicitly."""
         check_local_file_name(options.filename)
         options = await self.check_storage(options)
+        # The registry (and pluggy with it) is imported by the first open, not by drivers importing this module.
+        from ..plugin.manager import storage_driver
+
         return await storage_driver(options.driver).open(options)
 
     async def open_format(self, builder: FormatDriverBuilder[D]) -> D:
@@ -109,15 +114,19 @@ def _real_dirs(
     return dirs
 
 
-@attrs.frozen
-class SandboxImplicitOpenGate(ImplicitOpenGate):
+class SandboxImplicitOpenGate(ImplicitOpenGate, Record):
     """Allows implicit opens only of regular local files under the given directories.
 
     The real path (symbolic links resolved) must lie under one of *directories*, and the
     file is opened through the ``file`` driver.
     """
 
-    directories: tuple[str, ...] = attrs.field(converter=_real_dirs)
+    __slots__ = ("directories",)
+
+    directories: tuple[str, ...]
+
+    def __init__(self, directories: Iterable[str | os.PathLike[str]] | str | os.PathLike[str]) -> None:
+        init(self, "directories", _real_dirs(directories))
 
     def allows(self, path: str) -> bool:
         """Whether the real path of *path* lies under an allowed directory."""
@@ -142,4 +151,4 @@ class SandboxImplicitOpenGate(ImplicitOpenGate):
         if not stat.S_ISREG(mode):
             raise ImplicitOpenDeniedError(name, "not a regular file")
         # Open the resolved name, so that the file checked is the file opened.
-        return attrs.evolve(options, filename=real)
+        return evolve(options, filename=real)

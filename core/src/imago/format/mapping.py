@@ -2,7 +2,7 @@
 
 A format driver answers ``get_mapping`` with a :class:`ShallowMapping` of its own layer; the
 engine (:class:`~imago.FormatAccess`) resolves ``Indirect`` ones through backing layers into a
-:class:`Mapping`. Each variant is a frozen attrs class, reachable as an attribute of its base
+:class:`Mapping`. Each variant is a frozen record (:class:`imago._record.Record`), reachable as an attribute of its base
 (``ShallowMapping.Raw``) and under its own module-level name (``ShallowRaw``), so both
 ``isinstance`` and ``match`` work::
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import attrs
+from .._record import Record, init
 
 if TYPE_CHECKING:
     from ..storage import Storage
@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 
-@attrs.frozen
-class ShallowMapping:
+class ShallowMapping(Record):
     """Base of the mappings a format driver reports for its own layer."""
+
+    __slots__ = ()
 
     Raw: ClassVar[type[ShallowRaw]]
     Indirect: ClassVar[type[ShallowIndirect]]
@@ -47,25 +48,36 @@ class ShallowMapping:
     Special: ClassVar[type[ShallowSpecial]]
 
 
-@attrs.frozen
 class ShallowRaw(ShallowMapping):
     """Data lives in *storage* at *offset*; *writable* says it may be written in place."""
+
+    __slots__ = ("offset", "storage", "writable")
 
     storage: Storage
     offset: int
     writable: bool
 
+    def __init__(self, storage: Storage, offset: int, writable: bool) -> None:
+        init(self, "storage", storage)
+        init(self, "offset", offset)
+        init(self, "writable", writable)
 
-@attrs.frozen
+
 class ShallowIndirect(ShallowMapping):
     """Data comes from another layer (a backing image) at *offset* of that layer."""
 
+    __slots__ = ("layer", "offset", "writable")
+
     layer: FormatAccess
     offset: int
-    writable: bool = False
+    writable: bool
+
+    def __init__(self, layer: FormatAccess, offset: int, writable: bool = False) -> None:
+        init(self, "layer", layer)
+        init(self, "offset", offset)
+        init(self, "writable", writable)
 
 
-@attrs.frozen
 class ShallowZero(ShallowMapping):
     """Reads as zero; *explicit* is true when the image records zero, false when unallocated.
 
@@ -73,21 +85,33 @@ class ShallowZero(ShallowMapping):
     and *offset* say where (as ``qemu-img map`` shows them); ``None`` otherwise.
     """
 
+    __slots__ = ("explicit", "offset", "storage")
+
     explicit: bool
-    storage: Storage | None = None
-    offset: int | None = None
+    storage: Storage | None
+    offset: int | None
+
+    def __init__(self, explicit: bool, storage: Storage | None = None, offset: int | None = None) -> None:
+        init(self, "explicit", explicit)
+        init(self, "storage", storage)
+        init(self, "offset", offset)
 
 
-@attrs.frozen
 class ShallowEof(ShallowMapping):
     """Past the end of the layer; reads as zero."""
 
+    __slots__ = ()
 
-@attrs.frozen
+
 class ShallowSpecial(ShallowMapping):
     """Data needs the driver's own handling (compressed clusters); *offset* is the guest offset."""
 
+    __slots__ = ("offset",)
+
     offset: int
+
+    def __init__(self, offset: int) -> None:
+        init(self, "offset", offset)
 
 
 ShallowMapping.Raw = ShallowRaw
@@ -97,9 +121,10 @@ ShallowMapping.Eof = ShallowEof
 ShallowMapping.Special = ShallowSpecial
 
 
-@attrs.frozen
-class Mapping:
+class Mapping(Record):
     """Base of the mappings :meth:`FormatAccess.get_mapping` reports, resolved through all layers."""
+
+    __slots__ = ()
 
     Raw: ClassVar[type[MappingRaw]]
     Zero: ClassVar[type[MappingZero]]
@@ -107,33 +132,49 @@ class Mapping:
     Special: ClassVar[type[MappingSpecial]]
 
 
-@attrs.frozen
 class MappingRaw(Mapping):
     """Data lives in *storage* at *offset*; *writable* says it may be written in place."""
+
+    __slots__ = ("offset", "storage", "writable")
 
     storage: Storage
     offset: int
     writable: bool
 
+    def __init__(self, storage: Storage, offset: int, writable: bool) -> None:
+        init(self, "storage", storage)
+        init(self, "offset", offset)
+        init(self, "writable", writable)
 
-@attrs.frozen
+
 class MappingZero(Mapping):
     """Reads as zero; *explicit* is true when some layer records zero, false when unallocated."""
 
+    __slots__ = ("explicit",)
+
     explicit: bool
 
+    def __init__(self, explicit: bool) -> None:
+        init(self, "explicit", explicit)
 
-@attrs.frozen
+
 class MappingEof(Mapping):
     """Past the end of the disk."""
 
+    __slots__ = ()
 
-@attrs.frozen
+
 class MappingSpecial(Mapping):
     """Data needs the format driver of *layer* to read it; *offset* is a guest offset in that layer."""
 
+    __slots__ = ("layer", "offset")
+
     layer: FormatAccess
     offset: int
+
+    def __init__(self, layer: FormatAccess, offset: int) -> None:
+        init(self, "layer", layer)
+        init(self, "offset", offset)
 
 
 Mapping.Raw = MappingRaw

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import attrs
+from .._record import Record, init
 
 __all__ = ["Measurement"]
 
 
-@attrs.frozen
-class Measurement:
+class Measurement(Record):
     """What a format's create builder computes for ``qemu-img measure``, in bytes.
 
     ``required`` is the file size the image needs for the data given (only metadata when there
@@ -18,9 +17,16 @@ class Measurement:
     room for persistent dirty bitmaps, where the format has them (``None``: not reported).
     """
 
+    __slots__ = ("bitmaps", "fully_allocated", "required")
+
     required: int
     fully_allocated: int
-    bitmaps: int | None = None
+    bitmaps: int | None
+
+    def __init__(self, required: int, fully_allocated: int, bitmaps: int | None = None) -> None:
+        init(self, "required", required)
+        init(self, "fully_allocated", fully_allocated)
+        init(self, "bitmaps", bitmaps)
 
     def to_json(self) -> dict[str, Any]:
         """qemu-img's JSON fields, in its order (``bitmaps`` only where reported)."""

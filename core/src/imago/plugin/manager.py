@@ -23,17 +23,17 @@ loaded for a single driver is then loaded again with the others.
 
 from __future__ import annotations
 
+import _thread  # threading's lock, without importing threading (start-up time)
 import importlib
 import os
 import re
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import attrs
 import pluggy
 
+from .._record import Record, init
 from ..errors import DriverNotFoundError, DuplicateDriverError, PluginLoadError
 from ..format.driver import FormatDriver
 from ..storage import Storage
@@ -78,46 +78,78 @@ _HOOK_NAMES = tuple(
 )
 
 
-@attrs.frozen(kw_only=True)
-class PluginInfo:
+class PluginInfo(Record, kw_only=True):
     """What ``imago plugins`` shows about one plugin."""
+
+    __slots__ = ("cli_commands", "distribution", "error", "format_drivers", "name", "storage_drivers", "version")
 
     name: str
     distribution: str | None
     version: str | None
-    storage_drivers: tuple[str, ...] = ()
-    format_drivers: tuple[str, ...] = ()
-    cli_commands: tuple[str, ...] = ()
-    error: PluginLoadError | None = None
+    storage_drivers: tuple[str, ...]
+    format_drivers: tuple[str, ...]
+    cli_commands: tuple[str, ...]
+    error: PluginLoadError | None
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        distribution: str | None,
+        version: str | None,
+        storage_drivers: tuple[str, ...] = (),
+        format_drivers: tuple[str, ...] = (),
+        cli_commands: tuple[str, ...] = (),
+        error: PluginLoadError | None = None,
+    ) -> None:
+        init(self, "name", name)
+        init(self, "distribution", distribution)
+        init(self, "version", version)
+        init(self, "storage_drivers", storage_drivers)
+        init(self, "format_drivers", format_drivers)
+        init(self, "cli_commands", cli_commands)
+        init(self, "error", error)
 
 
-@attrs.frozen(kw_only=True)
 class _Source:
     """A plugin to load: its label, where it comes from, and what its distribution declares."""
 
-    name: str
-    distribution: str | None
-    version: str | None
-    load: Callable[[], object]
-    # Driver kind -> names the distribution declares in its metadata.
-    declared: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+    __slots__ = ("declared", "distribution", "load", "name", "version")
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        distribution: str | None,
+        version: str | None,
+        load: Callable[[], object],
+        declared: Mapping[str, tuple[str, ...]] | None = None,
+    ) -> None:
+        self.name = name
+        self.distribution = distribution
+        self.version = version
+        self.load = load
+        # Driver kind -> names the distribution declares in its metadata.
+        self.declared: Mapping[str, tuple[str, ...]] = {} if declared is None else declared
 
 
-@attrs.define
 class _Registry:
-    storage: dict[str, tuple[type[Storage], str]] = attrs.Factory(dict)
-    format: dict[str, tuple[type[FormatDriver], str]] = attrs.Factory(dict)
-    cli: dict[str, CliCommand] = attrs.Factory(dict)
-    # A driver name claimed twice: the error to raise when it is looked up.
-    duplicates: dict[tuple[str, str], DuplicateDriverError] = attrs.Factory(dict)
-    plugins: dict[str, PluginInfo] = attrs.Factory(dict)
-    # (kind, driver name) -> labels of the plugins whose distribution declares it.
-    declared: dict[tuple[str, str], list[str]] = attrs.Factory(dict)
+    __slots__ = ("cli", "declared", "duplicates", "format", "plugins", "storage")
+
+    def __init__(self) -> None:
+        self.storage: dict[str, tuple[type[Storage], str]] = {}
+        self.format: dict[str, tuple[type[FormatDriver], str]] = {}
+        self.cli: dict[str, CliCommand] = {}
+        # A driver name claimed twice: the error to raise when it is looked up.
+        self.duplicates: dict[tuple[str, str], DuplicateDriverError] = {}
+        self.plugins: dict[str, PluginInfo] = {}
+        # (kind, driver name) -> labels of the plugins whose distribution declares it.
+        self.declared: dict[tuple[str, str], list[str]] = {}
 
 
 class _Manager:
     def __init__(self) -> None:
-        self._lock = threading.RLock()
+        self._lock = _thread.RLock()
         self._registry: _Registry | None = None
         self._extra: list[tuple[str, object]] = []
         # Drivers of the plugins loaded one by one, for the distributions declaring them.

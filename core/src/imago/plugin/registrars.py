@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, NoReturn, TypeVar
 
-import attrs
-
+from .._record import Record, init
 from ..errors import DuplicateDriverError, InvalidDriverError, PluginError
 from ..format.capabilities import Capability
 from ..format.driver import FormatDriver
@@ -49,15 +48,23 @@ D = TypeVar("D")
 R = TypeVar("R")
 
 
-@attrs.frozen(kw_only=True)
-class CliCommand:
+class CliCommand(Record, kw_only=True):
     """A subcommand registered through ``imago_register_cli_commands``."""
+
+    __slots__ = ("configure", "help", "name", "plugin", "run")
 
     name: str
     help: str
     configure: CliConfigure
     run: CliRun
     plugin: str
+
+    def __init__(self, *, name: str, help: str, configure: CliConfigure, run: CliRun, plugin: str) -> None:
+        init(self, "name", name)
+        init(self, "help", help)
+        init(self, "configure", configure)
+        init(self, "run", run)
+        init(self, "plugin", plugin)
 
 
 class _Registrar(Generic[R]):

@@ -13,6 +13,7 @@ sharing a host exclude each other as QEMU processes do; closing releases them.
 
 from __future__ import annotations
 
+import _thread
 import errno
 import mmap
 import os
@@ -45,6 +46,10 @@ _CHUNK = 4 << 20
 # than a thread hand-off); larger ones go to the thread pool, so that many of them (a copy's
 # reads and writes) run on all cores at once instead of one after another in the loop's thread.
 _NOWAIT_MAX = 256 << 10
+# The window of a file that map_read keeps mapped (the requests of a sequential reader fall in it).
+_WINDOW = 128 << 20
+# madvise(2) advice that maps a range's pages in at once (Linux 5.14); Python 3.11 lacks the name.
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 # What QEMU allocates of a file it creates (a block O_DIRECT alignment probing can read).
 _FIRST_BLOCK = 4096
 
@@ -88,6 +93,10 @@ class File(Storage):
         self._locks = RangeLock()
         self._no_flush = False
         self._force_share = False
+        # map_read's current window: (file offset, map); dropped (not closed: views may live) on shrink and close.
+        self._window: tuple[int, mmap.mmap] | None = None
+        self._window_lock = _thread.allocate_lock()
+        self._populate = True
         # The process that took the image locks: only it releases them (a forked child shares
         # the open file description, and unlocking there would drop the parent's locks).
         self._lock_owner: int | None = None
@@ -366,19 +375,50 @@ class File(Storage):
     def map_read(self, offset: int, length: int) -> memoryview | None:
         """A read-only memory map of the range (pages from the page cache, no copy); ``None`` with O_DIRECT.
 
-        The map is populated at once (``MAP_POPULATE``) and unmapped when the last view of it is
-        dropped. Only for ranges inside the file: a file shrunk while mapped would fault (SIGBUS),
-        so a file opened with ``force_share`` (another process may be writing it) is never mapped.
+        Ranges are served from one mapped window of the file (:data:`_WINDOW` bytes from the
+        page of the first range that did not fit the last window), so that a sequential reader
+        maps and unmaps once per window rather than once per request; a range behind the
+        window, or longer than one, gets a map of its own. Only the pages of the range are
+        mapped in at once (``MADV_POPULATE_READ``, ``MAP_POPULATE``), whatever the window's
+        size; a map is unmapped when the last view of it is dropped. Safe to call from several
+        threads. Only for ranges inside the file: a file shrunk while mapped would fault
+        (SIGBUS), so a file opened with ``force_share`` (another process may be writing it) is
+        never mapped.
         """
         if self._direct or self._force_share or length <= 0 or offset < 0 or offset + length > self._size:
             return None
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        try:
-            area = mmap.mmap(self._live_fd(), offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
-        except (OSError, ValueError):
-            return None
-        return memoryview(area)[offset - start :]
+        fd = self._live_fd()
+        with self._window_lock:
+            window = self._window
+            fits = window is not None and window[0] <= offset and offset + length <= window[0] + len(window[1])
+            own = not fits and (length > _WINDOW or (window is not None and offset < window[0]))
+            if not fits and not own:
+                start = offset - offset % mmap.ALLOCATIONGRANULARITY
+                size = min(_WINDOW, self._size - start)
+                try:
+                    window = self._window = (
+                        start,
+                        mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=start),
+                    )
+                except (OSError, ValueError):
+                    return None
+        if own or window is None:
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            try:
+                area = mmap.mmap(fd, offset + length - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+            except (OSError, ValueError):
+                return None
+            return memoryview(area)[offset - start :]
+        start, area = window
+        within = offset - start
+        if self._populate:
+            page = within - within % mmap.PAGESIZE
+            try:
+                area.madvise(_MADV_POPULATE_READ, page, within + length - page)
+            except (OSError, ValueError):
+                self._populate = False  # before Linux 5.14: the pages come in by faults
+        return memoryview(area)[within : within + length]
 
     # --- writing -----------------------------------------------------------------------------------
 
@@ -548,6 +588,7 @@ class File(Storage):
         if new_size < 0:
             raise InvalidOptionError("size", f"must not be negative, got {new_size}")
         old_size = self._size
+        self._window = None  # a shrunk file must not be read through an old map (it would fault)
         if self._block_device:
             if new_size != old_size:
                 raise UnsupportedFeatureError(
@@ -586,6 +627,7 @@ class File(Storage):
         self._release()
 
     def _release(self) -> None:
+        self._window = None
         fd, self._fd = self._fd, -1
         if fd < 0:
             return

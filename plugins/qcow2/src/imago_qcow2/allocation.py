@@ -125,10 +125,7 @@ class Allocation:
         write_end = min(end, first_guest + (count << cluster_bits))
         fills, updates = entries.write_updates(table, index, count, host, offset, write_end, owned_host is not None)
         await self.copy_on_write(fills, host - first_guest)
-        for slot, descriptor, bitmap in updates:
-            if owned_host is None:
-                state.placement.release(entries.descriptor(table, slot))
-            entries.set(table, slot, descriptor, bitmap)
+        entries.apply_updates(table, updates, state.placement.release if owned_host is None else None)
         state.tables.mark_dirty(table.offset)
         self._driver.mappings_changed()
         return ShallowRaw(state.data_storage, host + offset - first_guest, True), write_end - offset

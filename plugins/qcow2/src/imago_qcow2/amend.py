@@ -18,11 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from imago import (
     InvalidOptionError,
     PreallocateMode,
+    Record,
     ShallowRaw,
     ShallowSpecial,
     ShallowZero,
@@ -32,7 +31,6 @@ from imago import (
     io_buffers,
 )
 
-from .check import reload_state, rewrite_snapshot_table
 from .header_rewrite import write_header
 from .layout import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -42,17 +40,21 @@ from .layout import (
     MAX_L1_BYTES,
     MAX_NAME_BYTES,
 )
-from .refcount_array import RefcountArray
-from .repair import REFT_OFFSET_MASK, DiskRefcounts, MetadataGuard, rebuild_refcount_structure
 from .tables import OFLAG_COPIED, OFLAG_ZERO
 
+# Check, repair and the refcount rebuild are imported by the amendments that use them: the
+# driver imports this module for AMEND_OPTION_NAMES, on every open.
 if TYPE_CHECKING:
     from imago import FormatDriver
 
     from .driver import Qcow2
+    from .refcount_array import RefcountArray
     from .state import Qcow2State
 
 __all__ = ["AMEND_OPTION_NAMES", "amend_image"]
+
+#: Sets a field of a frozen record, once, in its ``__init__``.
+_set = object.__setattr__
 
 #: The options qemu-img 7.2 lets ``amend`` change on a qcow2 image.
 AMEND_OPTION_NAMES: tuple[str, ...] = (
@@ -75,9 +77,10 @@ _FALSE = ("off", "no", "false", "n")
 _STEP = 1 << 40
 
 
-@attrs.frozen
-class _Plan:
+class _Plan(Record):
     """What the amend changes, every value checked."""
+
+    __slots__ = ("data_file", "data_file_raw", "lazy_refcounts", "refcount_bits", "size", "version")
 
     version: int
     size: int | None
@@ -85,6 +88,22 @@ class _Plan:
     refcount_bits: int
     data_file: str | None
     data_file_raw: bool
+
+    def __init__(
+        self,
+        version: int,
+        size: int | None,
+        lazy_refcounts: bool,
+        refcount_bits: int,
+        data_file: str | None,
+        data_file_raw: bool,
+    ) -> None:
+        _set(self, "version", version)
+        _set(self, "size", size)
+        _set(self, "lazy_refcounts", lazy_refcounts)
+        _set(self, "refcount_bits", refcount_bits)
+        _set(self, "data_file", data_file)
+        _set(self, "data_file_raw", data_file_raw)
 
 
 async def amend_image(driver: Qcow2, state: Qcow2State, options: dict[str, Any], *, force: bool = False) -> None:
@@ -228,11 +247,13 @@ async def _upgrade(state: Qcow2State) -> None:
     """compat=1.1: the version 3 header (QEMU's length, the feature table)."""
     if any(len(snapshot.extra_data) < 16 for snapshot in state.snapshots):
         # Version 3 needs the disk size and the 64-bit VM state size in every snapshot entry.
+        from .check import reload_state, rewrite_snapshot_table
+
         async with state.lock:
             await state.write_back()
             await rewrite_snapshot_table(state.storage, state.snapshots)
             await reload_state(state)
-    await write_header(state, attrs.evolve(state.header, version=3), option="compat")
+    await write_header(state, state.header.__replace__(version=3), option="compat")
 
 
 async def _counts(state: Qcow2State, order: int) -> RefcountArray:
@@ -241,6 +262,9 @@ async def _counts(state: Qcow2State, order: int) -> RefcountArray:
     Raises :class:`~imago.InvalidOptionError` naming ``refcount_bits`` when a refcount does not
     fit the new width, as QEMU refuses it.
     """
+    from .refcount_array import RefcountArray
+    from .repair import DiskRefcounts
+
     header = state.header
     disk = await DiskRefcounts.load(state.storage, header)
     counts = RefcountArray(-(-state.storage.size >> header.cluster_bits), order)
@@ -271,6 +295,9 @@ async def _change_refcount_order(state: Qcow2State, order: int) -> None:
     and only afterwards are the old table and blocks freed: a crash leaves either structure in
     charge, and at worst leaked clusters.
     """
+    from .check import reload_state
+    from .repair import REFT_OFFSET_MASK, DiskRefcounts, MetadataGuard, rebuild_refcount_structure
+
     async with state.lock:
         await state.write_back()
         header = state.header
@@ -285,8 +312,7 @@ async def _change_refcount_order(state: Qcow2State, order: int) -> None:
     table_clusters = -(-len(new.table) * 8 >> header.cluster_bits)
     await write_header(
         state,
-        attrs.evolve(
-            state.header,
+        state.header.__replace__(
             refcount_table_offset=new.table_offset,
             refcount_table_clusters=table_clusters,
             refcount_order=order,
@@ -336,7 +362,7 @@ async def _data_file(state: Qcow2State, plan: _Plan) -> None:
     autoclear |= AUTOCLEAR_DATA_FILE_RAW if plan.data_file_raw else 0
     if plan.data_file != header.data_file:
         await write_header(
-            state, attrs.evolve(header, data_file=plan.data_file, autoclear_features=autoclear), option="data_file"
+            state, header.__replace__(data_file=plan.data_file, autoclear_features=autoclear), option="data_file"
         )
     elif autoclear != header.autoclear_features:
         await state.update_header(autoclear_features=autoclear)
@@ -381,8 +407,7 @@ async def _downgrade(driver: Qcow2, state: Qcow2State) -> None:
     header = state.header
     await write_header(
         state,
-        attrs.evolve(
-            header,
+        header.__replace__(
             version=2,
             compatible_features=0,
             autoclear_features=0,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import attrs
-
 from imago import InvalidOptionError
 
 from .header_rewrite import write_header
@@ -51,5 +49,5 @@ async def change_backing_file(state: Qcow2State, filename: str | None, format: s
             raise InvalidOptionError("backing_fmt", "a backing format needs a backing file")
         if not format or "\0" in format or len(format.encode()) > MAX_NAME_BYTES:
             raise InvalidOptionError("backing_fmt", f"invalid backing format name {format!r}")
-    header = attrs.evolve(state.header, backing_file=filename, backing_format=format)
+    header = state.header.__replace__(backing_file=filename, backing_format=format)
     await write_header(state, header, option="backing_file")

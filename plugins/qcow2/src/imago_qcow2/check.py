@@ -219,7 +219,7 @@ class _Pass:
         if header.version >= 3 and not session.corrupt:
             features = header.incompatible_features | INCOMPAT_CORRUPT
             await write_header_fields(self.storage, {"incompatible_features": features})
-            self.header = attrs.evolve(header, incompatible_features=features)
+            self.header = header.__replace__(incompatible_features=features)
         session.corrupt = True
 
     async def refused(self, error: RepairWriteError) -> None:
@@ -870,8 +870,7 @@ class _Pass:
             except RefcountArrayTooLargeError as error:
                 self.check_error(f"ERROR allocating refblock: {_ENOMEM}")
                 raise _CheckFailedError(_ENOMEM) from error
-            self.header = attrs.evolve(
-                self.header,
+            self.header = self.header.__replace__(
                 refcount_table_offset=self.disk.table_offset,
                 refcount_table_clusters=-(-(len(self.disk.table) * 8) // cluster_size),
             )
@@ -944,7 +943,7 @@ async def check_pass(state: Qcow2State, fix: RepairMode | None, session: Session
     header, snapshots = await read_header(state.storage)
     if state.writable:
         # The features this driver declared invalid when opening for writing stay so.
-        header = attrs.evolve(header, autoclear_features=state.header.autoclear_features)
+        header = header.__replace__(autoclear_features=state.header.autoclear_features)
     check = _Pass(state, fix, header, snapshots, session or Session())
     result = _Counts()
     snapshot_res = _Counts()
@@ -1010,7 +1009,7 @@ async def rewrite_snapshot_table(storage: Storage, snapshots: list[Snapshot]) ->
 async def reload_state(state: Qcow2State) -> None:
     """After a repair: the header, tables and caches of the open image, from the disk again."""
     header, _ = await read_header(state.storage)
-    header = attrs.evolve(header, autoclear_features=state.header.autoclear_features)
+    header = header.__replace__(autoclear_features=state.header.autoclear_features)
     # (strictly, this time: what is still damaged keeps the image closed to writes)
     snapshots = await read_snapshot_table(state.storage, header, state.filename)
     l1, l1_copied = await read_l1(
@@ -1084,4 +1083,4 @@ async def check_image(state: Qcow2State, fix: RepairMode | None) -> CheckResult:
             result = _result(state, counts, second.failed, second.findings)
         else:
             result = _result(state, first.counts, first.failed, first.findings)
-        return attrs.evolve(result, repaired=first.findings)
+        return result.__replace__(repaired=first.findings)  # copy.replace: a core record

@@ -19,7 +19,6 @@ from imago import (
     Storage,
     StorageCreateOptions,
     check_local_file_name,
-    storage_driver,
 )
 
 from .header import Header, build_header
@@ -306,6 +305,8 @@ class Qcow2CreateBuilder(FormatCreateBuilder["Qcow2"]):
 
         data_storage = self._data_storage
         if self._data_file is not None and data_storage is None:
+            from imago import storage_driver  # the registry: imported when needed, not with the driver
+
             name = storage.resolve_relative_path(self._data_file)
             data_storage = await storage_driver("file").create(StorageCreateOptions(filename=name, overwrite=True))
             created_data = True

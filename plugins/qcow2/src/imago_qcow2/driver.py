@@ -9,8 +9,9 @@ opening is :mod:`~imago_qcow2.opening`, creating :mod:`~imago_qcow2.create`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from imago import (
     Capability,
@@ -31,21 +32,22 @@ from imago import (
 )
 
 from .allocation import Allocation
-from .amend import AMEND_OPTION_NAMES, amend_image
-from .backing_change import change_backing_file
-from .check import check_image, reload_state
-from .compressed import CompressedClusters
+from .amend import AMEND_OPTION_NAMES
 from .create import Qcow2CreateBuilder
 from .header import Header
 from .layout import INCOMPAT_CORRUPT, INCOMPAT_DIRTY, MAGIC
 from .mapping import Mapper
 from .opening import NOT_GIVEN, NotGiven, open_image
-from .references import References
-from .resize import Resizer
 from .snapshot_table import Snapshot
-from .snapshots import Snapshots
 from .state import Qcow2State
 from .zeroing import Zeroing
+
+# What only some operations need (compressed clusters and their codecs, resizing, snapshots,
+# check and repair, amend) is imported when first used: ``imago info`` needs none of it.
+if TYPE_CHECKING:
+    from .compressed import CompressedClusters
+    from .resize import Resizer
+    from .snapshots import Snapshots
 
 __all__ = ["Qcow2", "Qcow2Builder"]
 
@@ -151,13 +153,29 @@ class Qcow2(FormatDriver):
         self.get_mapping = self._mapper.get_mapping  # type: ignore[method-assign]
         self.ensure_data_mapping = self._allocation.ensure_data_mapping  # type: ignore[method-assign]
         self._zeroing = Zeroing(state, self, self._allocation)
-        self._compressed = CompressedClusters(state, self, self._allocation)
-        self._resizer = Resizer(state, self, self._allocation, self._zeroing)
-        self._snapshots = Snapshots(state, self, References(state))
         #: Why writes are refused until a repair (damaged metadata found when opening), if they are.
         self._damage: CorruptImageError | None = None
         #: Why snapshots cannot be read (a snapshot table entry naming an unusable L1 table).
         self._snapshot_damage: CorruptImageError | None = None
+
+    @functools.cached_property
+    def _compressed(self) -> CompressedClusters:
+        from .compressed import CompressedClusters
+
+        return CompressedClusters(self._state, self, self._allocation)
+
+    @functools.cached_property
+    def _resizer(self) -> Resizer:
+        from .resize import Resizer
+
+        return Resizer(self._state, self, self._allocation, self._zeroing)
+
+    @functools.cached_property
+    def _snapshots(self) -> Snapshots:
+        from .references import References
+        from .snapshots import Snapshots
+
+        return Snapshots(self._state, self, References(self._state))
 
     def refuse_writes(self, damage: CorruptImageError | None) -> None:
         """Refuse every write but a repair (:meth:`check` with a fix) with *damage*; ``None``: allow them.
@@ -362,11 +380,15 @@ class Qcow2(FormatDriver):
         write of its cluster, then flushed. See :mod:`~imago_qcow2.backing_change`.
         """
         self._require_intact()
+        from .backing_change import change_backing_file
+
         await change_backing_file(self._state, filename, format)
 
     async def amend(self, options: dict[str, Any], *, force: bool = False) -> None:
         """Change creation options of the image (``qemu-img amend -o``); see :mod:`~imago_qcow2.amend`."""
         self._require_intact()
+        from .amend import amend_image
+
         await amend_image(self, self._state, options, force=force)
 
     # --- snapshots -----------------------------------------------------------------------------
@@ -456,6 +478,8 @@ class Qcow2(FormatDriver):
         state = self._state
         if fix is not None and not state.writable:
             raise ReadOnlyError(f"{state.filename or 'qcow2 image'} (repairing needs an image opened for writing)")
+        from .check import check_image, reload_state
+
         result = await check_image(state, fix)
         if fix is not None:
             # The repair changed the metadata behind the open image's back: read it again.

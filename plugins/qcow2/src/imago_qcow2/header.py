@@ -9,9 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import attrs
-
-from imago import CorruptImageError, UnsupportedFeatureError
+from imago import CorruptImageError, Record, UnsupportedFeatureError
 
 from .layout import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -51,6 +49,9 @@ __all__ = [
     "parse_header",
 ]
 
+#: Sets a field of a frozen record, once, in its ``__init__``.
+_set = object.__setattr__
+
 _FEATURE_KINDS = {0: "incompatible", 1: "compatible", 2: "autoclear"}
 _BUILTIN_FEATURE_NAMES = {
     (0, 0): "dirty bit",
@@ -67,17 +68,47 @@ _V2 = header_struct(0, V2_HEADER_LENGTH)
 _V3 = header_struct(V2_HEADER_LENGTH, V3_HEADER_LENGTH)
 
 
-@attrs.frozen(kw_only=True)
-class HeaderExtension:
+class HeaderExtension(Record, kw_only=True):
     """A header extension kept as raw bytes (unknown ones are preserved for later writes)."""
+
+    __slots__ = ("data", "type")
 
     type: int
     data: bytes
 
+    def __init__(self, *, type: int, data: bytes) -> None:
+        _set(self, "type", type)
+        _set(self, "data", data)
 
-@attrs.frozen(kw_only=True)
-class Header:
+
+class Header(Record, kw_only=True):
     """The fields of a qcow2 header, validated."""
+
+    __slots__ = (
+        "autoclear_features",
+        "backing_file",
+        "backing_file_offset",
+        "backing_file_size",
+        "backing_format",
+        "cluster_bits",
+        "compatible_features",
+        "compression_type",
+        "crypt_method",
+        "data_file",
+        "extensions",
+        "feature_names",
+        "header_length",
+        "incompatible_features",
+        "l1_size",
+        "l1_table_offset",
+        "nb_snapshots",
+        "refcount_order",
+        "refcount_table_clusters",
+        "refcount_table_offset",
+        "size",
+        "snapshots_offset",
+        "version",
+    )
 
     version: int
     backing_file_offset: int
@@ -91,17 +122,68 @@ class Header:
     refcount_table_clusters: int
     nb_snapshots: int
     snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V2_HEADER_LENGTH
-    compression_type: int = 0
-    backing_file: str | None = None
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = attrs.field(factory=dict)
-    extensions: tuple[HeaderExtension, ...] = ()
+    incompatible_features: int
+    compatible_features: int
+    autoclear_features: int
+    refcount_order: int
+    header_length: int
+    compression_type: int
+    backing_file: str | None
+    backing_format: str | None
+    data_file: str | None
+    feature_names: dict[tuple[int, int], str]
+    extensions: tuple[HeaderExtension, ...]
+
+    def __init__(
+        self,
+        *,
+        version: int,
+        backing_file_offset: int,
+        backing_file_size: int,
+        cluster_bits: int,
+        size: int,
+        crypt_method: int,
+        l1_size: int,
+        l1_table_offset: int,
+        refcount_table_offset: int,
+        refcount_table_clusters: int,
+        nb_snapshots: int,
+        snapshots_offset: int,
+        incompatible_features: int = 0,
+        compatible_features: int = 0,
+        autoclear_features: int = 0,
+        refcount_order: int = 4,
+        header_length: int = V2_HEADER_LENGTH,
+        compression_type: int = 0,
+        backing_file: str | None = None,
+        backing_format: str | None = None,
+        data_file: str | None = None,
+        feature_names: dict[tuple[int, int], str] | None = None,
+        extensions: tuple[HeaderExtension, ...] = (),
+    ) -> None:
+        _set(self, "version", version)
+        _set(self, "backing_file_offset", backing_file_offset)
+        _set(self, "backing_file_size", backing_file_size)
+        _set(self, "cluster_bits", cluster_bits)
+        _set(self, "size", size)
+        _set(self, "crypt_method", crypt_method)
+        _set(self, "l1_size", l1_size)
+        _set(self, "l1_table_offset", l1_table_offset)
+        _set(self, "refcount_table_offset", refcount_table_offset)
+        _set(self, "refcount_table_clusters", refcount_table_clusters)
+        _set(self, "nb_snapshots", nb_snapshots)
+        _set(self, "snapshots_offset", snapshots_offset)
+        _set(self, "incompatible_features", incompatible_features)
+        _set(self, "compatible_features", compatible_features)
+        _set(self, "autoclear_features", autoclear_features)
+        _set(self, "refcount_order", refcount_order)
+        _set(self, "header_length", header_length)
+        _set(self, "compression_type", compression_type)
+        _set(self, "backing_file", backing_file)
+        _set(self, "backing_format", backing_format)
+        _set(self, "data_file", data_file)
+        _set(self, "feature_names", {} if feature_names is None else feature_names)
+        _set(self, "extensions", extensions)
 
     @property
     def cluster_size(self) -> int:
@@ -360,7 +442,7 @@ def parse_header(data: bytes, file_size: int, filename: str | None) -> Header:
         if not header.has_data_file:
             raise _corrupt(filename, header_length, "external data file named, but its feature bit is not set")
         data_file = _decode_name(known[EXT_DATA_FILE], "external data file name", filename, header_length)
-    header = attrs.evolve(header, backing_file=backing_file, backing_format=backing_format, data_file=data_file)
+    header = header.__replace__(backing_file=backing_file, backing_format=backing_format, data_file=data_file)
     _check_tables(header, file_size, filename)
     return header
 

@@ -10,8 +10,6 @@ must fit in the first cluster is checked to fit before anything is written.
 
 from __future__ import annotations
 
-import attrs
-
 from imago import InvalidOptionError, ReadOnlyError
 
 from .header import FEATURE_TABLE, Header, build_header, has_feature_table
@@ -29,14 +27,13 @@ def encode_header(header: Header, option: str = "backing_file") -> tuple[Header,
     :class:`~imago.InvalidOptionError` naming *option* when the header does not fit in one cluster.
     """
     header_length = CREATED_V3_HEADER_LENGTH if header.version >= 3 else V2_HEADER_LENGTH
-    header = attrs.evolve(header, header_length=header_length)
+    header = header.__replace__(header_length=header_length)
     try:
         data = build_header(header)
     except ValueError as error:
         raise InvalidOptionError(option, f"{error} (the backing file name and header extensions must fit)") from None
     name = header.backing_file.encode() if header.backing_file is not None else b""
-    written = attrs.evolve(
-        header,
+    written = header.__replace__(
         backing_file_offset=len(data) - len(name) if name else 0,
         backing_file_size=len(name),
         backing_file=header.backing_file if name else None,

@@ -177,6 +177,13 @@ class L2Entries(abc.ABC):
         the guest ranges to copy as they read now, and the entry updates to make afterwards.
         """
 
+    def apply_updates(self, table: L2Table, updates: Sequence[Update], release: Release | None) -> None:
+        """Make the entry updates of :meth:`write_updates`; with *release*, the descriptors replaced are released."""
+        for slot, descriptor, bitmap in updates:
+            if release is not None:
+                release(self.descriptor(table, slot))
+            self.set(table, slot, descriptor, bitmap)
+
     @abc.abstractmethod
     def zero_entries(self, table: L2Table, start: int, stop: int, mode: ZeroMode, release: Release) -> None:
         """Apply *mode* to the entries for guest ``[start, stop)`` (whole units of :attr:`zero_bits`)."""
@@ -254,10 +261,29 @@ class StandardL2(L2Entries):
 
     def write_run(self, table: L2Table, index: int, last: int) -> tuple[int | None, int]:
         """The clusters from *index* that are not ours: each gets a new host cluster."""
-        count = 1
-        while index + count <= last and not self._in_place_run(table, index + count, 1):
-            count += 1
-        return None, count
+        kinds, entries = table.kinds, table.entries
+        position = index + 1
+        while True:
+            # Ours: data entries with the COPIED flag; the kinds are searched in C.
+            found = kinds.find(DATA, position, last + 1)
+            if found < 0:
+                return None, last + 1 - index
+            if entries[found] & OFLAG_COPIED:
+                return None, found - index
+            position = found + 1
+
+    def apply_updates(self, table: L2Table, updates: Sequence[Update], release: Release | None) -> None:
+        """Make the updates in one pass; entries that held something are released first (with *release*)."""
+        entries, kinds, hosts = table.entries, table.kinds, table.hosts
+        if release is not None:
+            for slot, _, _ in updates:
+                if entries[slot]:
+                    release(entries[slot])
+        kind_of = table.kind_of
+        for slot, descriptor, _ in updates:
+            entries[slot] = descriptor
+            kinds[slot], hosts[slot] = kind_of(descriptor)
+        table.runs_valid = False
 
     def write_updates(
         self, table: L2Table, index: int, count: int, host: int, offset: int, write_end: int, owned: bool

@@ -12,9 +12,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Mapping
 
-import attrs
-
-from imago import Storage
+from imago import Record, Storage
 
 __all__ = [
     "AUTOCLEAR_BITMAPS",
@@ -56,6 +54,9 @@ __all__ = [
     "write_header_fields",
 ]
 
+#: Sets a field of a frozen record, once, in its ``__init__``.
+_set = object.__setattr__
+
 MAGIC = b"QFI\xfb"
 V2_HEADER_LENGTH = 72
 V3_HEADER_LENGTH = 104
@@ -95,12 +96,17 @@ COMPRESSION_TYPES = {0: "zlib", 1: "zstd"}
 NO_LIMIT = 1 << 63
 
 
-@attrs.frozen
-class HeaderField:
+class HeaderField(Record):
     """Where a header field lies: its byte offset and its (big-endian) struct format code."""
+
+    __slots__ = ("format", "offset")
 
     offset: int
     format: str
+
+    def __init__(self, offset: int, format: str) -> None:
+        _set(self, "offset", offset)
+        _set(self, "format", format)
 
     @property
     def end(self) -> int:
@@ -174,13 +180,25 @@ def l1_entries(size: int, cluster_bits: int, extended_l2: bool) -> int:
     return -(-size // (entries_per_table << cluster_bits))
 
 
-@attrs.frozen(kw_only=True)
-class ImageLayout:
+class ImageLayout(Record, kw_only=True):
     """Where a new image's metadata goes, in clusters from the start of the file.
 
     QEMU's order: header cluster, refcount table, refcount blocks, L1 table, then (when the
     disk is mapped from the start) the L2 tables and the data clusters, contiguously.
     """
+
+    __slots__ = (
+        "cluster_bits",
+        "data_clusters",
+        "data_in_file",
+        "entries_per_table",
+        "guest_clusters",
+        "l1_clusters",
+        "l1_entries",
+        "l2_tables",
+        "refcount_blocks",
+        "refcount_table_clusters",
+    )
 
     cluster_bits: int
     #: Guest clusters of the disk, and L2 entries per table.
@@ -195,6 +213,31 @@ class ImageLayout:
     #: Data clusters in the image file (0: none, or data in an external data file).
     data_clusters: int
     data_in_file: bool
+
+    def __init__(
+        self,
+        *,
+        cluster_bits: int,
+        guest_clusters: int,
+        entries_per_table: int,
+        refcount_table_clusters: int,
+        refcount_blocks: int,
+        l1_entries: int,
+        l1_clusters: int,
+        l2_tables: int,
+        data_clusters: int,
+        data_in_file: bool,
+    ) -> None:
+        _set(self, "cluster_bits", cluster_bits)
+        _set(self, "guest_clusters", guest_clusters)
+        _set(self, "entries_per_table", entries_per_table)
+        _set(self, "refcount_table_clusters", refcount_table_clusters)
+        _set(self, "refcount_blocks", refcount_blocks)
+        _set(self, "l1_entries", l1_entries)
+        _set(self, "l1_clusters", l1_clusters)
+        _set(self, "l2_tables", l2_tables)
+        _set(self, "data_clusters", data_clusters)
+        _set(self, "data_in_file", data_in_file)
 
     @property
     def refcount_table_offset(self) -> int:

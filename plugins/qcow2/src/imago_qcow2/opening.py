@@ -13,8 +13,6 @@ import enum
 from array import array
 from typing import TYPE_CHECKING
 
-import attrs
-
 from imago import (
     CorruptImageError,
     DirtyImageError,
@@ -27,11 +25,8 @@ from imago import (
     Storage,
     StorageOpenOptions,
     check_local_file_name,
-    format_driver,
-    probe,
 )
 
-from .check import check_pass, reload_state
 from .header import Header, header_cluster_size, parse_header
 from .layout import (
     AUTOCLEAR_DATA_FILE_RAW,
@@ -123,7 +118,7 @@ async def _open(
         _check_writable(storage, header)
     found_autoclear = header.autoclear_features
     if builder.writable:
-        header = attrs.evolve(header, autoclear_features=found_autoclear & AUTOCLEAR_DATA_FILE_RAW)
+        header = header.__replace__(autoclear_features=found_autoclear & AUTOCLEAR_DATA_FILE_RAW)
 
     l1, l1_copied, l1_damage = await _read_active_l1(storage, header)
     snapshot_damage: CorruptImageError | None = None
@@ -227,6 +222,8 @@ async def _repair_dirty(state: Qcow2State) -> CorruptImageError | None:
     As QEMU does when opening it: a check with ``-r all``, which rebuilds what the refcounts
     lack and clears the dirty bit.
     """
+    from .check import check_pass, reload_state  # only for images to repair: not on every open
+
     repair = await check_pass(state, RepairMode.ALL)
     counts = repair.counts
     if repair.failed is not None or counts.check_errors:
@@ -262,7 +259,7 @@ async def _open_data_file(builder: Qcow2Builder, gate: ImplicitOpenGate, storage
     name = storage.resolve_relative_path(check_local_file_name(header.data_file))
     # The image file's storage options (direct, no_flush, driver) apply to its data file too;
     # QEMU lets others write to a data file (not resize it), so imago locks it the same way.
-    options = attrs.evolve(builder.given_storage_options, filename=name, writable=builder.writable, share_write=True)
+    options = builder.given_storage_options.__replace__(filename=name, writable=builder.writable, share_write=True)
     return await gate.open_storage(options)
 
 
@@ -271,6 +268,8 @@ async def _open_backing(
 ) -> FormatAccess | None:
     if header.backing_file is None:
         return None
+    from imago import format_driver, probe  # the registry: imported by the first backing file, not with the driver
+
     name = storage.resolve_relative_path(check_local_file_name(header.backing_file))
     if header.backing_format is not None:
         # The recorded format is used as it is: never probed.

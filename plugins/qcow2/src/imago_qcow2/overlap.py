@@ -28,8 +28,6 @@ from bisect import bisect_left, insort
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-import attrs
-
 from imago import CorruptImageError
 
 from .layout import INCOMPAT_CORRUPT, write_header_fields
@@ -494,7 +492,7 @@ class MetadataGuard:
             if header.version >= 3 and not header.incompatible_features & INCOMPAT_CORRUPT:
                 features = header.incompatible_features | INCOMPAT_CORRUPT
                 await write_header_fields(state.storage, {"incompatible_features": features})
-                state.header = attrs.evolve(header, incompatible_features=features)
+                state.header = header.__replace__(incompatible_features=features)
         raise CorruptImageError(
             state.filename,
             offset,

@@ -28,6 +28,8 @@ REFTABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFTABLE_RESERVED = 0x1FF
 # Refcount blocks kept in memory at most.
 _BLOCK_CACHE_BYTES = 4 << 20
+# Array type codes of the byte-multiple refcount widths (a batch of them is decoded in C).
+_WORDS = {array(code).itemsize * 8: code for code in ("L", "Q", "I", "H", "B")}
 
 
 class RefcountBlock:
@@ -73,6 +75,58 @@ class RefcountBlock:
             return
         width = bits >> 3
         self.data[index * width : (index + 1) * width] = value.to_bytes(width, "big")
+
+    def values(self, index: int, count: int) -> list[int]:
+        """The refcounts of the *count* entries from *index*."""
+        bits = self.bits
+        if bits < 8 or bits not in _WORDS:
+            return [self.get(position) for position in range(index, index + count)]
+        width = bits >> 3
+        words = array(_WORDS[bits])
+        words.frombytes(self.data[index * width : (index + count) * width])
+        if bits > 8 and sys.byteorder == "little":
+            words.byteswap()
+        return words.tolist()
+
+    def store(self, index: int, values: list[int]) -> None:
+        """Set the refcounts of ``len(values)`` entries from *index* (each within :attr:`max_refcount`)."""
+        bits = self.bits
+        if bits < 8 or bits not in _WORDS:
+            for position, value in enumerate(values, index):
+                self.set(position, value)
+            return
+        width = bits >> 3
+        words = array(_WORDS[bits], values)
+        if bits > 8 and sys.byteorder == "little":
+            words.byteswap()
+        self.data[index * width : (index + len(values)) * width] = words.tobytes()
+
+    def free_run(self, index: int, limit: int) -> int:
+        """How many entries from *index* (at most *limit*) have refcount 0, in a row."""
+        bits = self.bits
+        if bits < 8:
+            run = 0
+            while run < limit and not self.get(index + run):
+                run += 1
+            return run
+        width = bits >> 3
+        segment = self.data[index * width : (index + limit) * width]
+        return (len(segment) - len(segment.lstrip(b"\0"))) // width
+
+    def next_free(self, index: int, end: int) -> int:
+        """The first entry from *index* (before *end*) with refcount 0; *end* if none."""
+        bits = self.bits
+        if bits < 8 or bits not in _WORDS:
+            while index < end and self.get(index):
+                index += 1
+            return index
+        width = bits >> 3
+        words = array(_WORDS[bits])  # zero reads as zero in either byte order: no byteswap
+        words.frombytes(self.data[index * width : end * width])
+        try:
+            return index + words.index(0)
+        except ValueError:
+            return end
 
 
 class Refcounts:
@@ -296,19 +350,31 @@ class Refcounts:
         Returns the clusters whose refcount dropped to zero (now free).
         """
         freed: list[int] = []
-        for current in range(cluster, cluster + count):
+        per_block = self.entries_per_block
+        current, end = cluster, cluster + count
+        # One block's share at a time: checked whole, then changed whole.
+        while current < end:
             block = await self._block_for(current, avoid)
-            index = current & (self.entries_per_block - 1)
-            value = block.get(index) + delta
-            if not 0 <= value <= block.max_refcount:
-                raise CorruptImageError(self._filename, current << self._cluster_bits, f"refcount would become {value}")
-            if value == 0 and self._guard is not None:
-                await self._guard.freeing(current)  # (refused, before anything changes, for metadata)
-            block.set(index, value)
+            index = current & (per_block - 1)
+            step = min(end - current, per_block - index)
+            values = [value + delta for value in block.values(index, step)]
+            if min(values) < 0 or max(values) > block.max_refcount:
+                position, value = next(
+                    (position, value) for position, value in enumerate(values) if not 0 <= value <= block.max_refcount
+                )
+                raise CorruptImageError(
+                    self._filename, (current + position) << self._cluster_bits, f"refcount would become {value}"
+                )
+            zeroes = [current + position for position, value in enumerate(values) if not value] if 0 in values else []
+            if zeroes and self._guard is not None:
+                for zeroed in zeroes:
+                    await self._guard.freeing(zeroed)  # (refused, before anything changes, for metadata)
+            block.store(index, values)
             self._blocks.mark_dirty(block.offset)
-            if value == 0:
-                freed.append(current)
-                self._free_hint = min(self._free_hint, current)
+            if zeroes:
+                freed += zeroes
+                self._free_hint = min(self._free_hint, zeroes[0])
+            current += step
         return freed
 
     async def allocate(self, count: int) -> tuple[int, int]:
@@ -317,10 +383,11 @@ class Refcounts:
         start = self._free_hint
         run = 0
         while run < count:
-            if await self._get_cluster(start + run) == 0:
-                run += 1
+            free = await self._free_from(start + run, count - run)
+            if free:
+                run += free
             else:
-                start += run + 1
+                start = await self._next_free(start + run)
                 run = 0
         if self._guard is not None:
             await self._guard.check_free(start, count)
@@ -355,6 +422,31 @@ class Refcounts:
         await self.flush()
         if freed and self._after_free is not None:
             await self._after_free(freed)
+
+    async def _free_from(self, cluster: int, limit: int) -> int:
+        """How many clusters from *cluster* (at most *limit*, within one refcount block's range) are free."""
+        table = await self.table()
+        index = cluster >> self._block_bits
+        within = cluster & (self.entries_per_block - 1)
+        limit = min(limit, self.entries_per_block - within)
+        if index >= len(table) or not table[index]:
+            return limit
+        block = await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
+        return block.free_run(within, limit)
+
+    async def _next_free(self, cluster: int) -> int:
+        """The first free cluster from *cluster* on."""
+        table = await self.table()
+        per_block = self.entries_per_block
+        while True:
+            index = cluster >> self._block_bits
+            if index >= len(table) or not table[index]:
+                return cluster
+            block = await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
+            found = block.next_free(cluster & (per_block - 1), per_block)
+            if found < per_block:
+                return (index << self._block_bits) + found
+            cluster = (index + 1) << self._block_bits
 
     async def _get_cluster(self, cluster: int) -> int:
         table = await self.table()

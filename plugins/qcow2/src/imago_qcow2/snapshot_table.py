@@ -5,9 +5,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-import attrs
-
-from imago import CorruptImageError, Storage
+from imago import CorruptImageError, Record, Storage
 
 from .header import Header, check_table
 from .layout import MAX_L1_BYTES, MAX_NAME_BYTES, MAX_SNAPSHOTS, field_offset
@@ -21,15 +19,32 @@ __all__ = [
     "snapshot_table_length",
 ]
 
+#: Sets a field of a frozen record, once, in its ``__init__``.
+_set = object.__setattr__
+
 _ENTRY = struct.Struct(">QIHHIIQII")
 # QEMU's caps: extra data per snapshot, and the whole table.
 MAX_EXTRA_DATA = 1024
 MAX_TABLE_BYTES = 64 << 20
 
 
-@attrs.frozen(kw_only=True)
-class Snapshot:
+class Snapshot(Record, kw_only=True):
     """One internal snapshot, as recorded in the snapshot table."""
+
+    __slots__ = (
+        "date_nsec",
+        "date_sec",
+        "disk_size",
+        "extra_data",
+        "icount",
+        "id",
+        "l1_size",
+        "l1_table_offset",
+        "name",
+        "table_offset",
+        "vm_clock_nsec",
+        "vm_state_size",
+    )
 
     id: str
     name: str
@@ -44,6 +59,35 @@ class Snapshot:
     extra_data: bytes
     #: Where the entry lies in the file.
     table_offset: int
+
+    def __init__(
+        self,
+        *,
+        id: str,
+        name: str,
+        l1_table_offset: int,
+        l1_size: int,
+        date_sec: int,
+        date_nsec: int,
+        vm_clock_nsec: int,
+        vm_state_size: int,
+        disk_size: int,
+        icount: int | None,
+        extra_data: bytes,
+        table_offset: int,
+    ) -> None:
+        _set(self, "id", id)
+        _set(self, "name", name)
+        _set(self, "l1_table_offset", l1_table_offset)
+        _set(self, "l1_size", l1_size)
+        _set(self, "date_sec", date_sec)
+        _set(self, "date_nsec", date_nsec)
+        _set(self, "vm_clock_nsec", vm_clock_nsec)
+        _set(self, "vm_state_size", vm_state_size)
+        _set(self, "disk_size", disk_size)
+        _set(self, "icount", icount)
+        _set(self, "extra_data", extra_data)
+        _set(self, "table_offset", table_offset)
 
     def describe(self) -> dict[str, Any]:
         """The snapshot as ``qemu-img info --output=json`` lists it, plus its virtual ``disk-size``."""
@@ -214,7 +258,7 @@ def encode_snapshot_table(snapshots: list[Snapshot]) -> tuple[bytes, list[Snapsh
     placed: list[Snapshot] = []
     for snapshot in snapshots:
         table += bytes(-len(table) % 8)
-        placed.append(attrs.evolve(snapshot, table_offset=len(table), extra_data=_extra_data(snapshot)))
+        placed.append(snapshot.__replace__(table_offset=len(table), extra_data=_extra_data(snapshot)))
         table += encode_snapshot(snapshot)
     return bytes(table), placed
 

@@ -80,7 +80,7 @@ class Snapshots:
         l1, l1_copied = await self._references.snapshot_l1(snapshot)
         return Qcow2State(
             storage=state.storage,
-            header=attrs.evolve(state.header, size=snapshot.disk_size),
+            header=state.header.__replace__(size=snapshot.disk_size),
             l1=l1,
             l1_copied=l1_copied,
             data_storage=state.data_storage,

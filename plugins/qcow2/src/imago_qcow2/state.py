@@ -33,8 +33,6 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
-
 from imago import CorruptImageError, FormatAccess, MetadataCache, Storage
 
 from .header import Header
@@ -182,7 +180,7 @@ class Qcow2State:
         await self.guard.check_write(Metadata.HEADER, 0, self.header.header_length)
         await write_header_fields(self.storage, values)
         fields: dict[str, Any] = dict(values)
-        self.header = attrs.evolve(self.header, **fields)
+        self.header = self.header.__replace__(**fields)
         if not TABLE_FIELDS.isdisjoint(values):
             self.guard.tables_switched()
 

@@ -78,7 +78,7 @@ class Switchover:
         if len(data) > MAX_TABLE_BYTES:
             raise AllocationError(state.filename, "a snapshot table", "it would exceed 64 MiB")
         table_offset = await refcounts.allocate_table(len(data))
-        placed = [attrs.evolve(s, table_offset=table_offset + s.table_offset) for s in placed]
+        placed = [s.__replace__(table_offset=table_offset + s.table_offset) for s in placed]
         shadow = await self._shadow(changes) if changes else None
 
         # Everything the header will point to reaches the disk before the header does (the
