@@ -23,16 +23,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+# The -c cases' data of bench_convert.py (the script's directory is on sys.path).
+from bench_convert import compressible_chunks
 
 from imago.cli import main as imago_main
 from imago_qcow2 import compression
@@ -53,18 +55,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.dir is None:
         args.dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
     return args
-
-
-def _compressible_chunks(size: int, seed: int = 1) -> Iterator[bytes]:
-    """Half random bytes, half a 16-letter alphabet (as ``bench_convert.py``'s data)."""
-    rng = random.Random(seed)
-    table = bytes(0x41 + (b & 15) for b in range(256))
-    done = 0
-    while done < size:
-        step = min(4 * MiB, size - done)
-        half = step // 2
-        yield rng.randbytes(half) + rng.randbytes(step - half).translate(table)
-        done += step
 
 
 def _qemu_img(*args: str | Path) -> None:
@@ -149,7 +139,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         source = work / "source.raw"
         with source.open("wb") as out:
-            for chunk in _compressible_chunks(size):
+            for chunk in compressible_chunks(size):
                 out.write(chunk)
         # A first conversion each way imports what the commands use: not timed.
         warm, warm_qcow2 = work / "warm.raw", work / "warm.qcow2"

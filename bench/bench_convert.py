@@ -94,7 +94,7 @@ def _random_chunks(size: int, chunk: int = 16 * MiB) -> Iterator[bytes]:
         done += step
 
 
-def _compressible_chunks(size: int, seed: int = 1) -> Iterator[bytes]:
+def compressible_chunks(size: int, seed: int = 1) -> Iterator[bytes]:
     """Half random bytes, half a 16-letter alphabet: compresses to about 70 %."""
     rng = random.Random(seed)
     table = bytes(0x41 + (b & 15) for b in range(256))
@@ -219,7 +219,7 @@ def run_directory(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
         compressible = work / "compressible.raw"
         packed = work / "packed.qcow2"
         if cases & {"compress-zlib", "compress-zstd", "read-compressed"}:
-            _write(compressible, _compressible_chunks(args.compressed_size))
+            _write(compressible, compressible_chunks(args.compressed_size))
             _qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", compressible, packed)
         sparse = work / "sparse.qcow2"
         if "sparse-1t-to-raw" in cases:
