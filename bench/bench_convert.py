@@ -19,7 +19,11 @@ target removed before each run; the best of ``--repeat`` runs is reported. Every
 is checked with ``qemu-img compare`` against the source. Ratio = imago time / qemu-img time:
 lower is better. CPU ratio = the same for CPU time (user + system, every thread; the least of
 the runs): on a machine busy with other work the wall clock follows it rather than what the
-tools could do alone. ``--case`` picks cases. The last output line is one JSON object with
+tools could do alone. For the two copy cases, a *floor* runs in the same rounds: a bare Python
+process (no imago) that copies the source file's bytes into a new file with ``copy_file_range``
+in 16 MiB requests, the least work any converter started as a Python process can do; its
+time over qemu-img's (``floor x``) says how close to qemu-img a Python tool can come on this
+machine. ``--case`` picks cases. The last output line is one JSON object with
 every figure. Exit status 0 unless an output differs from its source (1).
 """
 
@@ -196,6 +200,30 @@ def _convert_case(
     }
 
 
+# The floor of the copy cases: python started as imago is, then one kernel copy of every byte.
+_FLOOR_SCRIPT = """
+import os, sys
+source = os.open(sys.argv[1], os.O_RDONLY)
+target = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+size, offset = os.fstat(source).st_size, 0
+while offset < size:
+    offset += os.copy_file_range(source, target, min(16 << 20, size - offset), offset, offset) or size
+os.close(target)
+"""
+
+
+def _floor(case: dict[str, Any], source: Path, directory: Path, repeat: int) -> None:
+    """Add the bare copy of *source*'s bytes, and its ratio to qemu-img's time, to *case*."""
+    target = directory / "floor.out"
+    seconds, cpu = _best_measured([sys.executable, "-c", _FLOOR_SCRIPT, str(source), str(target)], target, repeat)
+    if target.stat().st_size != source.stat().st_size:
+        raise RuntimeError(f"the floor's copy of {source} is {target.stat().st_size} bytes long")
+    target.unlink()
+    case["floor_seconds"], case["floor_cpu_seconds"] = seconds, cpu
+    case["floor_ratio"] = seconds / case["qemu_img_seconds"]
+    progress(f"  floor (bare copy_file_range of the source): {seconds:.3f} s ({cpu:.3f} s CPU)")
+
+
 def _qemu_bench_read(image: Path, size: int, repeat: int) -> float:
     """``qemu-img bench`` reading the whole compressed image in 64 KiB requests: bytes per second."""
     count = max(1, size // (64 << 10))
@@ -233,8 +261,10 @@ def run_directory(directory: Path, args: argparse.Namespace) -> dict[str, Any]:
         repeat = args.repeat
         if "qcow2-to-raw" in cases:
             results["qcow2-to-raw"] = _convert_case(work, "q2r", full, ["-f", "qcow2"], "raw", repeat)
+            _floor(results["qcow2-to-raw"], full, work, repeat)
         if "raw-to-qcow2" in cases:
             results["raw-to-qcow2"] = _convert_case(work, "r2q", random_raw, ["-f", "raw"], "qcow2", repeat)
+            _floor(results["raw-to-qcow2"], random_raw, work, repeat)
         if "compress-zlib" in cases:
             results["compress-zlib"] = _convert_case(work, "cz", compressible, ["-f", "raw", "-c"], "qcow2", repeat)
         if "compress-zstd" in cases:
@@ -277,14 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = run_directory(Path(directory), args)
         report["directories"][directory] = results
         print(f"\n{directory}")
-        print(f"  {'case':<18} {'imago s':>9} {'qemu-img s':>11} {'ratio':>7} {'CPU ratio':>9}  goal")
+        print(f"  {'case':<18} {'imago s':>9} {'qemu-img s':>11} {'ratio':>7} {'CPU ratio':>9} {'floor x':>7}  goal")
         for name, entry in results.items():
             field, goal, sense = GOALS[name]
             value = entry[field]
             met = value <= goal if sense == "<=" else value >= goal
+            floor = f"{entry['floor_ratio']:.2f}" if "floor_ratio" in entry else "-"
             print(
                 f"  {name:<18} {entry['imago_seconds']:>9.3f} {entry['qemu_img_seconds']:>11.3f} "
-                f"{entry['ratio']:>7.2f} {entry['cpu_ratio']:>9.2f}  {field} {value:.2f} {sense} {goal} "
+                f"{entry['ratio']:>7.2f} {entry['cpu_ratio']:>9.2f} {floor:>7}  {field} {value:.2f} {sense} {goal} "
                 f"{'met' if met else 'NOT met'}"
             )
             correct = correct and entry["same_content"]

@@ -41,6 +41,9 @@ def test_bench_convert_quick(tmp_path: Path) -> None:
         assert entry["imago_seconds"] > 0
         assert entry["qemu_img_seconds"] > 0
     assert results["read-compressed"]["qemu_img_bench_bytes_per_second"] > 0
+    for case in ("qcow2-to-raw", "raw-to-qcow2"):  # the bare copy runs beside the copy cases
+        assert results[case]["floor_seconds"] > 0
+        assert results[case]["floor_ratio"] > 0
     assert list(tmp_path.iterdir()) == []  # the images are removed again
 
 

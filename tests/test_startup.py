@@ -237,7 +237,8 @@ def test_info_with_a_probed_format(run_python: RunPython, images: dict[str, Path
     status, out, modules = run_cli(run_python, "info", images[fmt])
     assert status == 0
     assert f"file format: {fmt}" in out
-    assert not modules & ({"tqdm", "json"} | subcommand_modules(but="info"))
+    # The entry points are read from the metadata directories, without importlib_metadata.
+    assert not modules & ({"tqdm", "json", "importlib_metadata", "importlib.metadata"} | subcommand_modules(but="info"))
 
 
 def test_info_json_output_needs_no_json_module(run_python: RunPython, images: dict[str, Path]) -> None:
@@ -442,6 +443,76 @@ def test_metadata_headers_are_read_like_importlib_metadata() -> None:
     lines = ["Metadata-Version: 2.1", "name: imago-x", "Summary: one", "  Version: 9 (continued)", "Version: 1.2", ""]
     assert manager._name_and_version([*lines, "Version: 3 (the body)"]) == ("imago-x", "1.2")
     assert manager._name_and_version([]) == (None, None)
+
+
+def summary(sources: Iterable[manager._Source]) -> list[tuple[object, ...]]:
+    return sorted((s.name, s.distribution, s.version, sorted(s.declared.items())) for s in sources)
+
+
+def test_entry_points_are_read_as_importlib_metadata_reads_them() -> None:
+    import importlib_metadata
+
+    read = manager._read_sources()
+    assert read is not None  # this environment's sys.path holds directories only
+    expected = [manager._entry_point_source(ep) for ep in importlib_metadata.entry_points(group="imago")]
+    assert summary(read) == summary(expected)
+    assert {"file", "null", "raw", "qcow2"} <= {source.name for source in read}
+
+
+def test_first_distribution_of_a_name_wins(install: Install) -> None:
+    install("imago-first", {"first": "imago_first"}, ["first"], storage_plugin("first"))
+    install("Imago.First", {"second": "imago_second"}, ["second"], storage_plugin("second"))
+    names = {source.name for source in manager._read_sources() or ()}
+    assert "first" in names
+    assert "second" not in names
+    assert imago.storage_driver("first").__module__ == "imago_first"
+
+
+def zipped_distribution(path: Path, driver: str) -> None:
+    """A zip file holding a distribution whose plugin registers the storage driver *driver*."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(
+            "imago_zipped-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: imago-zipped\nVersion: 1.0\n"
+        )
+        archive.writestr("imago_zipped-1.0.dist-info/entry_points.txt", "[imago]\nzipped = imago_zipped\n")
+        archive.writestr("imago_zipped.py", storage_plugin(driver))
+
+
+def test_zip_files_on_the_path_are_read_through_importlib_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, full_loads: mock.MagicMock, fresh_registry: None
+) -> None:
+    zipped_distribution(tmp_path / "plugins.zip", "zipped")
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "plugins.zip"), *sys.path])
+    monkeypatch.delitem(sys.modules, "imago_zipped", raising=False)
+    assert manager._read_sources() is None
+    assert imago.storage_driver("zipped").__module__ == "imago_zipped"
+    infos = {info.name: info for info in imago.plugins()}
+    assert (infos["zipped"].distribution, infos["zipped"].version) == ("imago-zipped", "1.0")
+    assert imago.storage_driver("null").name == "null"  # the directories' plugins too
+    sys.modules.pop("imago_zipped", None)
+
+
+def test_eggs_and_other_distribution_finders_are_left_to_importlib_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert manager._read_sources() is not None
+    (tmp_path / "old-1.0-py3.11.egg").mkdir()
+    monkeypatch.setattr(sys, "path", [*sys.path, str(tmp_path)])
+    assert manager._read_sources() is None
+    monkeypatch.setattr(sys, "path", [*sys.path[:-1], str(tmp_path / "missing"), 42])
+    assert manager._read_sources() is None  # an entry that is not a string
+    monkeypatch.setattr(sys, "path", sys.path[:-1])
+    assert manager._read_sources() is not None  # a missing directory holds nothing
+
+    class Finder:
+        @staticmethod
+        def find_distributions(context: object = None) -> Iterator[object]:
+            return iter(())
+
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, Finder])
+    assert manager._read_sources() is None
 
 
 # --- the value classes without attrs ------------------------------------------------------------

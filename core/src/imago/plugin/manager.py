@@ -13,12 +13,15 @@ driver (entry-point groups ``imago.storage_drivers`` / ``imago.format_drivers``)
 distribution of the installed driver whose name differs only in case, or else the
 convention ``imago-<name>``.
 
-Looking a driver up by name does not load every plugin: the entry-point files of the installed
-distributions are read directly (cheap, no :mod:`importlib_metadata`), and only the plugins of
-the distributions that declare the driver are loaded. Anything else (listing drivers or
-plugins, a driver nobody declares, a declared plugin that fails or clashes, plugins registered
-in-process) loads every plugin, through :mod:`importlib_metadata`, exactly as before; a plugin
-loaded for a single driver is then loaded again with the others.
+The installed distributions' entry points are read from their metadata directories directly,
+without :mod:`importlib_metadata` (whose import costs more than a command line tool may spend on
+starting), whenever every place distributions can come from is a plain directory; otherwise
+(zip files on :data:`sys.path`, eggs, finders of other distributions) through
+:mod:`importlib_metadata`. Looking a driver up by name does not load every plugin: only the
+plugins of the distributions that declare the driver are loaded. Anything else (listing drivers
+or plugins, a driver nobody declares, a declared plugin that fails or clashes, plugins
+registered in-process) loads every plugin; a plugin loaded for a single driver is then loaded
+again with the others.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pluggy
@@ -179,7 +182,8 @@ class _Manager:
             if self._registry is not None or self._extra:
                 return None
             if self._declarations is None:
-                self._declarations = _scan_declarations()
+                readable = _read_sources()
+                self._declarations = {} if readable is None else _scan_declarations(readable)
             sources = self._declarations.get((kind, name), ())
             partial = self._partial
             for source in sources:
@@ -210,7 +214,7 @@ class _Manager:
 
     def _load(self) -> _Registry:
         registry = _Registry()
-        sources = [_entry_point_source(entry_point) for entry_point in _entry_points()]
+        sources = _entry_points()
         sources += [_Source(name=name, distribution=None, version=None, load=_constant(p)) for name, p in self._extra]
         for source in sources:
             _add_plugin(registry, source)
@@ -230,7 +234,7 @@ def _add_plugin(registry: _Registry, source: _Source) -> None:
     registry.plugins[label] = _load_one(registry, label, source)
 
 
-# --- the declarations, read without importlib_metadata ------------------------------------------
+# --- the entry points, read without importlib_metadata ------------------------------------------
 
 _METADATA_SUFFIXES = (".dist-info", ".egg-info")
 _SECTION = re.compile(r"\[\s*([^\]]+?)\s*\]")
@@ -238,46 +242,101 @@ _SECTION = re.compile(r"\[\s*([^\]]+?)\s*\]")
 _TARGET = re.compile(r"([\w.]+)\s*(?::\s*([\w.]+))?\s*(?:\[.*\])?")
 
 
-def _scan_declarations() -> dict[tuple[str, str], list[_Source]]:
-    """(kind, driver name) -> the plugins of the distributions that declare the driver.
-
-    Reads the ``entry_points.txt`` of the distributions on :data:`sys.path` (directories
-    only; the first distribution of a name wins, as in :mod:`importlib_metadata`). Anything
-    this reader does not understand is left to the full load.
-    """
+def _scan_declarations(sources: Iterable[_Source]) -> dict[tuple[str, str], list[_Source]]:
+    """(kind, driver name) -> the plugins of the distributions that declare the driver."""
     found: dict[tuple[str, str], list[_Source]] = {}
-    seen: set[str] = set()
-    for directory, distribution in _metadata_directories():
-        if distribution in seen:
-            continue
-        seen.add(distribution)
-        groups = _read_entry_points(directory)
-        declared = {kind: tuple(sorted(groups.get(group, {}))) for kind, group in _DECLARATION_GROUPS.items()}
-        plugins = groups.get(hookspecs.PROJECT_NAME)
-        if not plugins or not any(declared.values()):
-            continue
-        name, version = _read_name_and_version(directory)
-        for plugin, target in plugins.items():
-            source = _Source(name=plugin, distribution=name, version=version, load=_loader(target), declared=declared)
-            for kind, names in declared.items():
-                for driver in names:
-                    found.setdefault((kind, driver), []).append(source)
+    for source in sources:
+        for kind, names in source.declared.items():
+            for driver in names:
+                found.setdefault((kind, driver), []).append(source)
     return found
 
 
-def _metadata_directories() -> Iterator[tuple[str, str]]:
-    """(metadata directory, normalised distribution name) of each distribution on :data:`sys.path`."""
+def _entry_points() -> list[_Source]:
+    """Every plugin of the group ``imago``, in :data:`sys.path` order.
+
+    Read from the metadata directories directly when :func:`_read_sources` understands every
+    place distributions can come from; through :mod:`importlib_metadata` otherwise.
+    """
+    sources = _read_sources()
+    if sources is not None:
+        return sources
+    import importlib_metadata
+
+    return [_entry_point_source(ep) for ep in importlib_metadata.entry_points(group=hookspecs.PROJECT_NAME)]
+
+
+def _read_sources() -> list[_Source] | None:
+    """The plugins of the distributions on :data:`sys.path`, read without :mod:`importlib_metadata`.
+
+    Reads the ``entry_points.txt`` of each ``.dist-info``/``.egg-info`` directory in the
+    :data:`sys.path` directories; the first distribution of a (normalised) name wins, as in
+    :mod:`importlib_metadata`, whose import costs more than a command line tool may spend on
+    starting. ``None`` when distributions may come from elsewhere: a :data:`sys.path` entry
+    that is a file (a zip) or not a string, an ``.egg`` inside a directory, or a finder on
+    :data:`sys.meta_path` that knows distributions of its own.
+    """
+    if not _standard_finders():
+        return None
+    sources: list[_Source] = []
+    seen: set[str] = set()
     for entry in sys.path:
-        if not isinstance(entry, str):
+        directory = _metadata_directories(entry)
+        if directory is None:
+            return None
+        for path, distribution in directory:
+            if distribution in seen:
+                continue
+            seen.add(distribution)
+            groups = _read_entry_points(path)
+            plugins = groups.get(hookspecs.PROJECT_NAME)
+            if not plugins:
+                continue
+            declared = {kind: tuple(sorted(groups.get(group, {}))) for kind, group in _DECLARATION_GROUPS.items()}
+            name, version = _read_name_and_version(path)
+            for plugin, target in plugins.items():
+                sources.append(
+                    _Source(name=plugin, distribution=name, version=version, load=_loader(target), declared=declared)
+                )
+    return sources
+
+
+def _standard_finders() -> bool:
+    """Whether only the standard path finders on :data:`sys.meta_path` find distributions."""
+    from importlib.machinery import PathFinder
+
+    for finder in sys.meta_path:
+        if getattr(finder, "find_distributions", None) is None or finder is PathFinder:
             continue
-        try:
-            with os.scandir(entry or ".") as children:
-                names = sorted(child.name for child in children if child.name.endswith(_METADATA_SUFFIXES))
-        except OSError:  # missing directories, zip files: importlib_metadata handles them
-            continue
-        for name in names:
+        module = finder.__module__ if isinstance(finder, type) else type(finder).__module__
+        if module != "importlib_metadata":  # its own finder reads the same directories
+            return False
+    return True
+
+
+def _metadata_directories(entry: object) -> list[tuple[str, str]] | None:
+    """(metadata directory, normalised distribution name) of each distribution in the :data:`sys.path` *entry*.
+
+    Empty for a missing directory; ``None`` for anything else this reader cannot read.
+    """
+    if not isinstance(entry, str):
+        return None
+    base = entry or "."
+    try:
+        with os.scandir(base) as children:
+            names = sorted(child.name for child in children)
+    except FileNotFoundError:
+        return []
+    except OSError:  # a zip file, a file, a directory we may not list
+        return None if os.path.exists(base) else []
+    found = []
+    for name in names:
+        if name.endswith(".egg"):  # an old-style egg: importlib_metadata looks inside
+            return None
+        if name.endswith(_METADATA_SUFFIXES):
             distribution = re.sub(r"[-_.]+", "_", name.rpartition(".")[0].partition("-")[0]).lower()
-            yield os.path.join(entry or ".", name), distribution
+            found.append((os.path.join(base, name), distribution))
+    return found
 
 
 def _read_entry_points(directory: str) -> dict[str, dict[str, str]]:
@@ -341,12 +400,6 @@ def _loader(target: str) -> Callable[[], object]:
         return value
 
     return load
-
-
-def _entry_points() -> importlib_metadata.EntryPoints:
-    import importlib_metadata
-
-    return importlib_metadata.entry_points(group=hookspecs.PROJECT_NAME)
 
 
 def _entry_point_source(entry_point: importlib_metadata.EntryPoint) -> _Source:
