@@ -4,6 +4,8 @@
 Each contender is a fresh process (wall clock of ``subprocess.run``, output discarded):
 
 * ``python -c pass``: the floor, the interpreter and ``site`` alone (the reference of every ratio);
+* ``python -c "import typing, argparse, pluggy"``: what any typed command line tool built on
+  argparse and pluggy pays before its own code runs (the floor under imago's figures);
 * ``python -c "import imago"``;
 * ``imago --help`` (lists the plugins' subcommands too, so it loads every plugin);
 * ``imago info`` of a small raw and a small qcow2 image (made by ``qemu-img create``), with the
@@ -88,6 +90,7 @@ def contenders(directory: str, qemu: bool, baseline: str | None) -> dict[str, Co
     imago = imago_command()
     argvs = {
         "python -c pass": [sys.executable, "-c", "pass"],
+        "import typing,argparse,pluggy": [sys.executable, "-c", "import typing, argparse, pluggy"],
         "import imago": [sys.executable, "-c", "import imago"],
         "imago --help": [*imago, "--help"],
         "imago info raw": [*imago, "info", raw],
