@@ -110,7 +110,7 @@ async def open_async(
     except BaseException:
         await storage.close()
         raise
-    return FormatAccess(image)
+    return FormatAccess(image, probed=format is None)
 
 
 def open(
@@ -133,6 +133,8 @@ def open(
         format: the format driver's name (``"raw"``, ``"qcow2"``, ...). ``None`` probes the
             file's content, which is unsafe for untrusted images: a guest can write another
             format's header into a raw disk (see :func:`probe`). Name the format when you know it.
+            A disk probed as raw refuses writes that would make it probe as another format
+            (:mod:`imago.format.probe_guard`).
         write: open for writing (default: read-only).
         gate: the :class:`ImplicitOpenGate` deciding which files the image may make us open
             (its backing file, an external data file). The default is a

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import runtime
 from ..errors import ClosedError, DriverContractError, InvalidRequestError, ReadOnlyError, UnsupportedFeatureError
@@ -37,6 +37,9 @@ from .mapping import (
     ShallowSpecial,
     ShallowZero,
 )
+
+if TYPE_CHECKING:
+    from .probe_guard import ProbeGuard
 
 __all__ = ["FormatAccess", "SyncFormatAccess", "read_through"]
 
@@ -68,8 +71,20 @@ class FormatAccess:
     the next write or destructive operation on their range.
     """
 
-    def __init__(self, driver: FormatDriver) -> None:
+    _probe_guard: ProbeGuard | None
+
+    def __init__(self, driver: FormatDriver, *, probed: bool = False) -> None:
+        """Wrap the open *driver*; *probed*: its format was guessed from the disk's content.
+
+        A probed disk of the format probing falls back to (raw) keeps its format: writes that
+        would make its first sector look like another format are refused (see
+        :mod:`imago.format.probe_guard`).
+        """
         self._setup(driver)
+        if probed and type(driver).probe_fallback:
+            from .probe_guard import ProbeGuard
+
+            self._probe_guard = ProbeGuard(driver.name)
         self._finalizer = unclosed.track(self, driver)
 
     def _setup(self, driver: FormatDriver) -> None:
@@ -78,6 +93,7 @@ class FormatAccess:
         self._driver = driver
         self._cache = ExtentCache(driver.mapping_epoch)
         self._closed = False
+        self._probe_guard = None
 
     @classmethod
     def _engine(cls, driver: FormatDriver) -> FormatAccess:
@@ -286,6 +302,8 @@ class FormatAccess:
     async def _writev_mapped(self, iov: IoVector, offset: int) -> None:
         length = iovec_length(iov)
         self._check_write(offset, length)
+        if self._probe_guard is not None:
+            await self._probe_guard.check(self, offset, length, iov)
         pos = 0
         while pos < length:
             mapping, step = await self._data_mapping(offset + pos, length - pos, overwrite=True)
@@ -296,9 +314,15 @@ class FormatAccess:
         """Write *buf* compressed, where the format can (whole clusters; see the driver)."""
         view = byte_view(buf, writable=False)
         self._check_write(offset, view.nbytes)
+        if self._probe_guard is not None:
+            await self._probe_guard.check(self, offset, view.nbytes, [view])
         if view.nbytes:
             await self._driver.write_compressed(view, offset)
             self._driver.mappings_changed()
+
+    async def _guard_zeroes(self, offset: int, length: int) -> None:
+        if self._probe_guard is not None:  # what reads as zero afterwards, or may
+            await self._probe_guard.check(self, offset, length, None)
 
     async def _data_mapping(self, offset: int, length: int, *, overwrite: bool) -> tuple[ShallowRaw, int]:
         driver = self._driver
@@ -332,6 +356,7 @@ class FormatAccess:
         """Make ``[offset, offset + length)`` read as zero, keeping it allocated where it is."""
         _non_negative("length", length)
         self._check_write(offset, length)
+        await self._guard_zeroes(offset, length)
         if length:
             await self._zero_range(
                 offset, length, await self._driver.ensure_zero_mapping(offset, length), explicit=True
@@ -341,6 +366,7 @@ class FormatAccess:
         """Make the range read as zero, freeing the space behind it where possible."""
         _non_negative("length", length)
         self._check_write(offset, length)
+        await self._guard_zeroes(offset, length)
         if length:
             await self._zero_range(offset, length, await self._driver.discard_to_zero(offset, length), explicit=True)
 
@@ -348,6 +374,7 @@ class FormatAccess:
         """Free what can be freed of the range; its content afterwards is undefined."""
         _non_negative("length", length)
         self._check_write(offset, length)
+        await self._guard_zeroes(offset, length)
         if length:
             await self._zero_range(offset, length, await self._driver.discard_to_any(offset, length), explicit=False)
 
@@ -359,6 +386,7 @@ class FormatAccess:
         """
         _non_negative("length", length)
         self._check_write(offset, length)
+        await self._guard_zeroes(offset, length)
         if not length:
             return
         start, count = await self._driver.discard_to_backing(offset, length)
