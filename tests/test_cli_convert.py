@@ -455,6 +455,27 @@ def test_backing_outside_sandbox(tmp_path: Path) -> None:
     assert done.status == 0, done.err
 
 
+def test_a_source_may_not_open_what_lies_next_to_the_target(tmp_path: Path) -> None:
+    # An uploaded image naming a file of the store it is converted into must not read it.
+    uploads, store = tmp_path / "uploads", tmp_path / "store"
+    uploads.mkdir()
+    store.mkdir()
+    _qcow2(store, "secret.qcow2", "1M", "write -P 7 0 64k")
+    evil = uploads / "evil.qcow2"
+    cli_run.qemu_img("create", "-q", "-f", "qcow2", "-b", str(store / "secret.qcow2"), "-F", "qcow2", evil)
+    done = cli_run.imago("convert", "-O", "raw", evil, store / "out.raw")
+    assert done.status == 1
+    assert "secret.qcow2" in done.err
+    assert "outside the allowed directories" in done.err
+    assert "--allow-dir" in done.err
+    assert not (store / "out.raw").exists() or 7 not in (store / "out.raw").read_bytes()
+    # The target's own backing file (-B) lies next to the target: allowed there.
+    out = store / "out.qcow2"
+    done = cli_run.imago("convert", "-O", "qcow2", "-B", "secret.qcow2", "-F", "qcow2", store / "secret.qcow2", out)
+    assert done.status == 0, done.err
+    assert cli_run.qemu_img("compare", "-q", store / "secret.qcow2", out).status == 0
+
+
 # --- Ctrl-C --------------------------------------------------------------------------------------
 
 

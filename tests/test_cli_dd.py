@@ -107,3 +107,18 @@ def test_existing_output_is_replaced(tmp_path: Path, source: Path) -> None:
     ours, theirs = _both(tmp_path, "if=in.raw", "bs=4k", "count=1")
     assert ours.status == theirs.status == 0
     assert (tmp_path / "imago.out").read_bytes() == (tmp_path / "qemu.out").read_bytes()
+
+
+def test_the_source_may_not_open_what_lies_next_to_the_target(tmp_path: Path) -> None:
+    uploads, store = tmp_path / "uploads", tmp_path / "store"
+    uploads.mkdir()
+    store.mkdir()
+    cli_run.qemu_img("create", "-q", "-f", "raw", store / "secret.raw", "64k")
+    evil = uploads / "evil.qcow2"
+    cli_run.qemu_img("create", "-q", "-f", "qcow2", "-b", str(store / "secret.raw"), "-F", "raw", evil)
+    done = cli_run.imago("dd", "-f", "qcow2", "-O", "raw", f"if={evil}", f"of={store / 'out.raw'}")
+    assert done.status == 1
+    assert "secret.raw" in done.err
+    assert "--allow-dir" in done.err
+    done = cli_run.imago("dd", "-f", "qcow2", "-O", "raw", "--allow-dir", store, f"if={evil}", f"of={store / 'x.raw'}")
+    assert done.status == 0, done.err

@@ -225,7 +225,8 @@ def add_gate_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "implicit opens",
         "Files an image names (backing files, data files) are opened only inside the directories of "
-        "the images named on the command line, unless allowed here.",
+        "the images named on the command line (a source's in the sources' directories, a target's in the "
+        "target's), unless allowed here.",
     )
     group.add_argument(
         "--allow-dir",

@@ -142,8 +142,11 @@ def run(args: argparse.Namespace) -> int:
             f"{target}: error while converting {output.name}: Backing format cannot be used without backing file"
         )
     values = option_values(output, options)
-    images = [*sources, target] + ([] if backing is None else [_backing_path(target, backing)])
-    gate = gate_for(args, images)
+    # Each side's implicit opens stay in its own directories: a source may not read what lies
+    # next to the target (an image uploaded to one directory naming a file of the store it is
+    # converted into), nor the target's new backing file what lies next to the sources.
+    source_gate = gate_for(args, sources)
+    target_gate = gate_for(args, [target] + ([] if backing is None else [_backing_path(target, backing)]))
     plan = _Plan(
         args=args,
         sources=sources,
@@ -157,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         requests=requests,
         target_cache=target_cache,
         source_cache=source_cache,
-        gate=gate,
+        source_gate=source_gate,
+        target_gate=target_gate,
     )
     with interruptible():
         asyncio.run(plan.convert())
@@ -287,7 +291,8 @@ class _Plan:
         requests: int,
         target_cache: tuple[bool, bool],
         source_cache: tuple[bool, bool],
-        gate: ImplicitOpenGate,
+        source_gate: ImplicitOpenGate,
+        target_gate: ImplicitOpenGate,
     ) -> None:
         self.args = args
         self.sources = sources
@@ -301,7 +306,8 @@ class _Plan:
         self.requests = requests
         self.target_cache = target_cache
         self.source_cache = source_cache
-        self.gate = gate
+        self.source_gate = source_gate
+        self.target_gate = target_gate
 
     async def convert(self) -> None:
         args = self.args
@@ -312,7 +318,7 @@ class _Plan:
                     access = await open_async(
                         filename,
                         args.format,
-                        gate=self.gate,
+                        gate=self.source_gate,
                         direct=self.source_cache[0],
                         force_share=args.force_share,
                     )
@@ -329,7 +335,7 @@ class _Plan:
                     self.target,
                     self.output.name,
                     write=True,
-                    gate=self.gate,
+                    gate=self.target_gate,
                     direct=self.target_cache[0],
                     no_flush=self.target_cache[1],
                 )
@@ -389,7 +395,7 @@ class _Plan:
             options["backing_file"] = self.backing
             options["backing_fmt"] = self.backing_format
         try:
-            await create_async(self.target, self.output.name, size, gate=self.gate, **options)
+            await create_async(self.target, self.output.name, size, gate=self.target_gate, **options)
         except InvalidOptionError as error:
             raise CliError(f"{self.target}: error while converting {self.output.name}: {error}") from None
 

@@ -86,20 +86,21 @@ def run(args: argparse.Namespace) -> int:
         output = format_driver(args.output_format)
     except DriverNotFoundError:
         raise CliError(f"Unknown file format '{args.output_format}'") from None
-    gate = gate_for(args, [source, target])
-    with open(source, args.format, gate=gate, force_share=args.force_share) as disk:
+    # Each image's implicit opens stay in its own directory (see convert).
+    source_gate, target_gate = gate_for(args, [source]), gate_for(args, [target])
+    with open(source, args.format, gate=source_gate, force_share=args.force_share) as disk:
         # qemu sees every image as whole 512-byte sectors: the input's last one is padded with zeroes.
         end = -(-disk.size // 512) * 512
         if count is not None and count * block < end:
             end = count * block
         start = skip * block
         size = max(0, end - start)
-        create(target, output.name, -(-size // 512) * 512, gate=gate)
+        create(target, output.name, -(-size // 512) * 512, gate=target_gate)
         if start > end:
             # qemu-img creates an empty output, says so and succeeds.
             print(f"imago: {source}: cannot skip to specified offset", file=sys.stderr)
             return 0
-        with open(target, output.name, write=True, gate=gate) as out, interruptible():
+        with open(target, output.name, write=True, gate=target_gate) as out, interruptible():
             buffer = bytearray(max(block, _CHUNK // block * block))
             view = memoryview(buffer)
             position = start
