@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DISTS := core $(sort $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck pytest qemu bench clean dists
+.PHONY: setup run test lint typecheck pytest qemu bench clean dists fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ pytest: setup qemu
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Fuzzing (fuzz/README.md): TARGET (qcow2_read, qcow2_write, raw_read, cli_info, cli_check),
+# MINUTES per process, JOBS processes sharing one corpus.
+TARGET ?= qcow2_read
+MINUTES ?= 10
+JOBS ?= 1
+fuzz: setup qemu
+	$(BIN)/python -m fuzz $(TARGET) --minutes $(MINUTES) --jobs $(JOBS)
 
 bench: setup qemu
 	$(BIN)/python bench/bench_raw.py

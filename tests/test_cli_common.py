@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,19 @@ def _gate_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     common.add_gate_options(parser)
     return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("name", ["json:{}", "nbd://host/x", "a" * 300, "x/" + "b" * 256])
+def test_names_no_gate_opens_get_no_hint_to_widen_the_gate(tmp_path: Path, name: str) -> None:
+    top = tmp_path / "top.qcow2"  # qemu-img records any name (imago.create refuses protocol names)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", name, "-F", "raw", top, "1M"], check=True)
+    for gate in (common.gate_for(_gate_args(), [top]), common.gate_for(_gate_args("--allow-any"), [top])):
+        with pytest.raises(imago.ImplicitOpenDeniedError) as refused:
+            imago.open(top, "qcow2", gate=gate).close()
+        assert refused.value.allowable is False
+        message = common.describe_error(refused.value)
+        assert "denied" in message
+        assert "--allow" not in message
 
 
 def test_the_gate_covers_the_command_lines_directories(tmp_path: Path) -> None:

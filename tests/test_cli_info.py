@@ -194,6 +194,48 @@ def test_backing_chain_through_the_sandbox_gate(tmp_path: Path) -> None:
     cli_run.same_text_as_qemu(anything, reference)
 
 
+def data_file_image(tmp_path: Path) -> Path:
+    """A qcow2 image in ``in/`` whose external data file lies in ``out/`` (outside its sandbox)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    data, image = tmp_path / "out" / "data.raw", tmp_path / "in" / "img.qcow2"
+    cli_run.qemu_img("create", "-q", "-f", "raw", data, "1M")
+    cli_run.qemu_img("create", "-q", "-f", "qcow2", "-o", f"data_file={data}", image, "1M")
+    assert cli_run.qemu_io(image, "write -P 5 0 64k").status == 0
+    return image
+
+
+@pytest.mark.parametrize("chain", [False, True])
+def test_info_does_not_open_the_data_file(tmp_path: Path, chain: bool) -> None:
+    # As qemu-img info since CVE-2024-4467: the data file's name is reported, the file never opened.
+    image = data_file_image(tmp_path)
+    extra = ["--backing-chain"] if chain else []
+    ours = cli_run.imago("info", "--output=json", *extra, image)
+    assert ours.status == 0, ours.err
+    theirs = cli_run.qemu_img("info", "--output=json", *extra, image)
+    mine, reference = json.loads(ours.out), json.loads(theirs.out)
+    for info in (mine[0], reference[0]) if chain else (mine, reference):
+        info.pop("actual-size")
+    assert mine == reference
+    assert cli_run.imago("map", image).status == 1  # reading the data does open it: refused here
+
+
+def test_an_image_opened_for_its_metadata_only_reads_no_data(tmp_path: Path) -> None:
+    image = data_file_image(tmp_path)
+    with imago.open(image, "qcow2", metadata_only=True) as disk:
+        assert disk.driver.info()["format-specific"]["data"]["data-file"] == str(tmp_path / "out" / "data.raw")
+        with pytest.raises(imago.MissingStorageError, match="metadata only"):
+            disk.read(bytearray(512), 0)
+    with pytest.raises(imago.ImplicitOpenDeniedError):
+        imago.open(image, "qcow2").close()
+    with imago.open(image, "qcow2", gate=imago.PermissiveImplicitOpenGate()) as disk:
+        buf = bytearray(512)
+        disk.read(buf, 0)
+        assert buf == b"\x05" * 512
+    with pytest.raises(imago.InvalidOptionError, match="metadata_only"):
+        imago.format_driver("qcow2").builder_path(image).metadata_only("yes")  # type: ignore[arg-type]
+
+
 def test_backing_chain_loop_is_an_error(tmp_path: Path) -> None:
     qemu_img(tmp_path, "create", "-q", "-f", "qcow2", "a", "1M")
     qemu_img(tmp_path, "create", "-q", "-f", "qcow2", "-u", "-b", "a", "-F", "qcow2", "b", "1M")

@@ -70,6 +70,7 @@ async def open_async(
     for_check: bool = False,
     backing: bool = True,
     storage_driver_name: str = "file",
+    metadata_only: bool = False,
 ) -> FormatAccess:
     """Open the image file *filename*; the asynchronous form of :func:`open` (same parameters).
 
@@ -105,6 +106,7 @@ async def open_async(
     storage = await storage_driver(storage_driver_name).open(options)
     try:
         builder = driver.builder(storage).write(write).for_check(for_check).open_backing(backing)
+        builder.metadata_only(metadata_only)
         builder.storage_options(options)
         image = await builder.open(gate)
     except BaseException:
@@ -125,6 +127,7 @@ def open(
     for_check: bool = False,
     backing: bool = True,
     storage_driver_name: str = "file",
+    metadata_only: bool = False,
 ) -> SyncFormatAccess:
     """Open the image file *filename* and return a :class:`SyncFormatAccess` (blocking calls).
 
@@ -158,6 +161,9 @@ def open(
             alone, as ``qemu-img info`` does: the backing file is not opened (it need not
             exist), and what the image does not allocate reads as zeroes.
         storage_driver_name: the storage driver opening the files (default ``"file"``).
+        metadata_only: open for the image's metadata alone, as ``qemu-img info`` does: files it
+            names for its data (qcow2's external data file) are not opened nor shown to the gate,
+            and reading guest data kept there fails (:meth:`FormatDriverBuilder.metadata_only`).
 
     The result is a context manager: leaving it (or ``close()``) flushes and closes the image,
     its backing chain and its files. An image dropped without closing is flushed and closed
@@ -187,6 +193,7 @@ def open(
                 for_check=for_check,
                 backing=backing,
                 storage_driver_name=storage_driver_name,
+                metadata_only=metadata_only,
             )
         )
     )

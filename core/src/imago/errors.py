@@ -100,11 +100,16 @@ class DriverNotFoundError(ImagoError, LookupError):
 
 
 class ImplicitOpenDeniedError(ImagoError, PermissionError):
-    """An open gate refused to open a file that an image refers to."""
+    """An open gate refused to open a file that an image refers to.
 
-    def __init__(self, filename: str, reason: str) -> None:
+    ``allowable``: whether a wider gate would open it (``False`` for names no gate opens: over
+    the file system's limits, with NUL bytes, ...).
+    """
+
+    def __init__(self, filename: str, reason: str, *, allowable: bool = True) -> None:
         self.filename = filename
         self.reason = reason
+        self.allowable = allowable
         ImagoError.__init__(self, f"implicit open of {filename!r} denied: {reason}")
 
     def __str__(self) -> str:

@@ -260,7 +260,7 @@ def gate_for(args: argparse.Namespace, images: Iterable[str | os.PathLike[str]])
 
 def describe_error(error: BaseException) -> str:
     """One line for *error*: the file and the problem, with the option that allows a refused open."""
-    if isinstance(error, ImplicitOpenDeniedError):
+    if isinstance(error, ImplicitOpenDeniedError) and error.allowable:
         return f"{error} (allow it with --allow-dir DIR or --allow-any)"
     if isinstance(error, OSError) and not isinstance(error, ImagoError) and error.strerror:
         if error.filename is not None:

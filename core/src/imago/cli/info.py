@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
             backing=args.backing_chain,
             force_share=args.force_share,
             gate=gate_for(args, [filename]),
+            metadata_only=True,  # as qemu-img info: data files stay closed
         )
     except (ImagoError, OSError) as error:
         return _fail(f"Could not open '{filename}': {describe_error(error)}")

@@ -63,6 +63,7 @@ class FormatDriverBuilder(Generic[D]):
         self._writable = False
         self._for_check = False
         self._open_backing = True
+        self._metadata_only = False
         self._storage_options = StorageOpenOptions()
         self._chain: tuple[str, ...] = ()
 
@@ -100,6 +101,18 @@ class FormatDriverBuilder(Generic[D]):
         self._open_backing = open_backing
         return self
 
+    def metadata_only(self, metadata_only: bool = True) -> Self:
+        """Open the image for its metadata alone (QEMU's ``BDRV_O_NO_IO``, as ``qemu-img info`` opens).
+
+        Files the image names for its data (qcow2's external data file) are not opened and not
+        shown to the gate; reading or writing guest data stored there fails. Facts (``info()``,
+        mappings, snapshots) stay available.
+        """
+        if not isinstance(metadata_only, bool):
+            raise InvalidOptionError("metadata_only", f"must be True or False, got {metadata_only!r}")
+        self._metadata_only = metadata_only
+        return self
+
     def storage_options(self, options: StorageOpenOptions) -> Self:
         """Options for opening the file by path (driver, ``direct``, driver options).
 
@@ -129,10 +142,12 @@ class FormatDriverBuilder(Generic[D]):
         """Mark this image as referenced by *parent* (an image's builder or file name).
 
         Used by format drivers opening backing files: the chain of parents is how loops and
-        over-deep chains are detected.
+        over-deep chains are detected. A parent opened for its metadata only
+        (:meth:`metadata_only`) passes that on.
         """
         if isinstance(parent, FormatDriverBuilder):
             self._chain = (*parent._chain, parent.identity())
+            self._metadata_only = self._metadata_only or parent._metadata_only
         elif parent is not None:
             self._chain = (os.path.realpath(parent),)
         return self
@@ -153,6 +168,11 @@ class FormatDriverBuilder(Generic[D]):
     def opens_backing(self) -> bool:
         """Whether the driver should open the image's backing file (:meth:`open_backing`)."""
         return self._open_backing
+
+    @property
+    def opens_metadata_only(self) -> bool:
+        """Whether files the image names for its data stay closed (:meth:`metadata_only`)."""
+        return self._metadata_only
 
     @property
     def checking(self) -> bool:

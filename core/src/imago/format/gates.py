@@ -13,6 +13,7 @@ strings); chains of images are checked for loops and depth by the builders
 from __future__ import annotations
 
 import abc
+import errno
 import os
 import stat
 from collections.abc import Iterable
@@ -64,11 +65,19 @@ class ImplicitOpenGate(abc.ABC):
     async def open_storage(self, options: StorageOpenOptions) -> Storage:
         """Check, then open a storage implicitly."""
         check_local_file_name(options.filename)
+        check_name_limits(options.filename)
         options = await self.check_storage(options)
         # The registry (and pluggy with it) is imported by the first open, not by drivers importing this module.
         from ..plugin.manager import storage_driver
 
-        return await storage_driver(options.driver).open(options)
+        try:
+            return await storage_driver(options.driver).open(options)
+        except OSError as error:
+            # A name the file system refuses (its limits may be below Linux's usual ones) is the
+            # image's doing, not the system's: say so as a refusal naming it.
+            if error.errno in _NAME_ERRNOS:
+                raise _name_refused(str(options.filename), error) from error
+            raise
 
     async def open_format(self, builder: FormatDriverBuilder[D]) -> D:
         """Check, then open an image implicitly (a backing file)."""
@@ -99,6 +108,48 @@ class DenyImplicitOpenGate(ImplicitOpenGate):
         """Refuse."""
         raise ImplicitOpenDeniedError(
             str(builder.path or builder.identity()), "implicit opens are denied by DenyImplicitOpenGate"
+        )
+
+
+# Linux's limits (<linux/limits.h>): a component of NAME_MAX bytes, a path of PATH_MAX bytes with its NUL.
+NAME_MAX = 255
+PATH_MAX = 4096
+# Errors that a file name causes, whatever the file system holds.
+_NAME_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def _name_refused(name: str, error: OSError) -> ImplicitOpenDeniedError:
+    reason = "the file name is too long" if error.errno == errno.ENAMETOOLONG else "the file name cannot be resolved"
+    return ImplicitOpenDeniedError(name, f"{reason} ({os.strerror(error.errno or 0)})", allowable=False)
+
+
+def check_name_limits(name: str | os.PathLike[str] | None) -> None:
+    """Refuse a name no local file can have: not encodable, a component over NAME_MAX bytes, a path over PATH_MAX.
+
+    Names come from images: each failure is an :class:`ImplicitOpenDeniedError` naming the name,
+    never an ``OSError`` or ``UnicodeError`` from the system call that would have failed.
+    """
+    if name is None:
+        return
+    text = os.fspath(name)
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:
+        raise ImplicitOpenDeniedError(
+            repr(text), "the file name cannot be encoded for the file system (not valid text)", allowable=False
+        ) from None
+    if b"\0" in raw:
+        raise ImplicitOpenDeniedError(repr(text), "file name contains a NUL byte", allowable=False)
+    if len(raw) >= PATH_MAX:
+        raise ImplicitOpenDeniedError(
+            text, f"the file name of {len(raw)} bytes exceeds PATH_MAX ({PATH_MAX - 1} bytes)", allowable=False
+        )
+    longest = max(raw.split(b"/"), key=len)
+    if len(longest) > NAME_MAX:
+        raise ImplicitOpenDeniedError(
+            text,
+            f"a component of the file name has {len(longest)} bytes, more than NAME_MAX ({NAME_MAX})",
+            allowable=False,
         )
 
 
@@ -145,9 +196,16 @@ class SandboxImplicitOpenGate(ImplicitOpenGate, Record):
             raise ImplicitOpenDeniedError(
                 name, f"{real!r} is outside the allowed directories ({', '.join(self.directories)})"
             )
+        # (Resolving symbolic links can make the name longer than the limits.)
+        check_name_limits(real)
         # A missing file inside the allowed directories is the OS's FileNotFoundError (naming it),
         # as for any explicit open: nothing is revealed that the caller could not see anyway.
-        mode = os.stat(real).st_mode
+        try:
+            mode = os.stat(real).st_mode
+        except OSError as error:
+            if error.errno in _NAME_ERRNOS:
+                raise _name_refused(name, error) from error
+            raise
         if not stat.S_ISREG(mode):
             raise ImplicitOpenDeniedError(name, "not a regular file")
         # Open the resolved name, so that the file checked is the file opened.

@@ -14,10 +14,12 @@ def check_local_file_name(name: str | None) -> str:
     (``json:{...}``, ``nbd:...``, ``http://...``) and refused; write ``./a:b`` for such a file.
     """
     if name is None or name == "":
-        raise ImplicitOpenDeniedError(repr(name), "no file name given")
+        raise ImplicitOpenDeniedError(repr(name), "no file name given", allowable=False)
     if "\0" in name:
-        raise ImplicitOpenDeniedError(name, "file name contains a NUL byte")
+        raise ImplicitOpenDeniedError(name, "file name contains a NUL byte", allowable=False)
     colon = name.find(":")
     if colon >= 0 and "/" not in name[:colon]:
-        raise ImplicitOpenDeniedError(name, "not a plain local file name (looks like a protocol or json: string)")
+        raise ImplicitOpenDeniedError(
+            name, "not a plain local file name (looks like a protocol or json: string)", allowable=False
+        )
     return name

@@ -9,14 +9,17 @@ autoclear features it does not maintain invalid, as the specification asks of an
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from array import array
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from imago import (
     CorruptImageError,
     DirtyImageError,
     FormatAccess,
+    ImplicitOpenDeniedError,
     ImplicitOpenGate,
     InvalidOptionError,
     MissingStorageError,
@@ -39,6 +42,7 @@ from .references import References
 from .snapshot_table import read_snapshot_table
 from .state import Qcow2State
 from .tables import parse_l1
+from .unopened import UnopenedDataFile
 
 if TYPE_CHECKING:
     from .driver import Qcow2, Qcow2Builder
@@ -131,7 +135,9 @@ async def _open(
 
     data_storage = storage
     given_data_file = builder.given_data_file
-    if header.has_data_file:
+    if header.has_data_file and given_data_file is NOT_GIVEN and builder.opens_metadata_only:
+        data_storage = UnopenedDataFile(header.data_file, storage.filename)
+    elif header.has_data_file:
         data_storage = await _open_data_file(builder, gate, storage, header)
         if given_data_file is NOT_GIVEN:
             opened.append(data_storage)
@@ -256,11 +262,12 @@ async def _open_data_file(builder: Qcow2Builder, gate: ImplicitOpenGate, storage
             field_offset("incompatible_features"),
             "the image needs an external data file but does not name one",
         )
-    name = storage.resolve_relative_path(check_local_file_name(header.data_file))
-    # The image file's storage options (direct, no_flush, driver) apply to its data file too;
-    # QEMU lets others write to a data file (not resize it), so imago locks it the same way.
-    options = builder.given_storage_options.__replace__(filename=name, writable=builder.writable, share_write=True)
-    return await gate.open_storage(options)
+    with _naming_the_image(storage, "external data file", header.data_file):
+        name = storage.resolve_relative_path(check_local_file_name(header.data_file))
+        # The image file's storage options (direct, no_flush, driver) apply to its data file too;
+        # QEMU lets others write to a data file (not resize it), so imago locks it the same way.
+        options = builder.given_storage_options.__replace__(filename=name, writable=builder.writable, share_write=True)
+        return await gate.open_storage(options)
 
 
 async def _open_backing(
@@ -270,18 +277,37 @@ async def _open_backing(
         return None
     from imago import format_driver, probe  # the registry: imported by the first backing file, not with the driver
 
-    name = storage.resolve_relative_path(check_local_file_name(header.backing_file))
-    if header.backing_format is not None:
-        # The recorded format is used as it is: never probed.
-        driver = format_driver(header.backing_format)
-    else:
-        # Only the header is read: no lock that could stop a writer (the real open takes them).
-        probe_storage = await gate.open_storage(StorageOpenOptions(filename=name, force_share=True))
-        try:
-            driver = await probe(probe_storage)
-        finally:
-            await probe_storage.close()
-    child = driver.builder_path(name).below(builder)
-    # Backing files are opened read-only, locked as such unless the image is read with force_share.
-    child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
-    return FormatAccess(await gate.open_format(child))
+    with _naming_the_image(storage, "backing file", header.backing_file):
+        name = storage.resolve_relative_path(check_local_file_name(header.backing_file))
+        if header.backing_format is not None:
+            # The recorded format is used as it is: never probed.
+            driver = format_driver(header.backing_format)
+        else:
+            # Only the header is read: no lock that could stop a writer (the real open takes them).
+            probe_storage = await gate.open_storage(StorageOpenOptions(filename=name, force_share=True))
+            try:
+                driver = await probe(probe_storage)
+            finally:
+                await probe_storage.close()
+        child = driver.builder_path(name).below(builder)
+        # Backing files are opened read-only, locked as such unless the image is read with force_share.
+        child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
+        return FormatAccess(await gate.open_format(child))
+
+
+@contextlib.contextmanager
+def _naming_the_image(storage: Storage, role: str, recorded: str) -> Iterator[None]:
+    """A refusal of the file this image names (as *recorded*) also names the image and the role.
+
+    Refusals of files further down a chain pass unchanged (the image naming them is named there).
+    """
+    try:
+        yield
+    except ImplicitOpenDeniedError as error:
+        if error.filename not in (recorded, repr(recorded), storage.resolve_relative_path(recorded)):
+            raise
+        raise ImplicitOpenDeniedError(
+            error.filename,
+            f"{error.reason} (named as the {role} of {storage.filename or 'the image'})",
+            allowable=error.allowable,
+        ) from error

@@ -3,10 +3,11 @@
 Which host clusters hold metadata is kept in a :class:`MetadataMap` (kinds per cluster, and
 the clusters in order for range queries). It holds QEMU's default ("cached") overlap-check set
 (the header, the active L1 and L2 tables, the refcount table and blocks, the snapshot table,
-the inactive L1 tables) and the inactive L2 tables, which opening for writing reads anyway. It
-is built when an image is opened for writing, updated where metadata is placed or retired, and
-rebuilt from the header and tables after the header switched to other tables (resizing,
-snapshots, a moved refcount table).
+the inactive L1 tables) and the inactive L2 tables. It is built when an image is opened for
+writing (without the inactive L2 tables: opening reads no snapshot L1 table; they join before
+the first check, read as the union of the snapshots' L1 tables' file ranges, each byte once),
+updated where metadata is placed or retired, and rebuilt from the header and tables after the
+header switched to other tables (resizing, snapshots, a moved refcount table).
 
 :class:`MetadataGuard` asks it:
 
@@ -32,7 +33,16 @@ from imago import CorruptImageError
 
 from .layout import INCOMPAT_CORRUPT, write_header_fields
 from .snapshot_table import Snapshot, snapshot_table_length
-from .tables import OFLAG_COMPRESSED, L2Table, entry_clusters, read_l1, table_clusters
+from .tables import (
+    L1_OFFSET_MASK,
+    L1_RESERVED,
+    OFLAG_COMPRESSED,
+    L2Table,
+    decode_words,
+    entry_clusters,
+    parse_l1,
+    table_clusters,
+)
 
 if TYPE_CHECKING:
     from .state import Qcow2State
@@ -158,19 +168,77 @@ class MetadataMap:
         return None
 
 
+# Bytes of snapshot L1 tables read (and scanned) at a time.
+_L1_CHUNK = 1 << 20
+
+
 async def _snapshot_l2_clusters(state: Qcow2State, snapshots: Sequence[Snapshot]) -> list[int]:
-    """The clusters of the L2 tables the snapshots' L1 tables name (read from the file)."""
-    clusters: list[int] = []
-    for snapshot in snapshots:
-        l1, _ = await read_l1(
-            state.storage,
-            table_offset=snapshot.l1_table_offset,
-            entries=snapshot.l1_size,
+    """The clusters of the L2 tables the snapshots' L1 tables name (read from the file).
+
+    Snapshots may share L1 tables, or name overlapping ones: the union of their file ranges is
+    read, each byte once, so the work is bounded by the file's size, not by the number of
+    snapshots times their L1 tables' sizes. A damaged entry raises the error naming the first
+    snapshot whose table holds it.
+    """
+    cluster_bits = state.cluster_bits
+    cluster_mask = (1 << cluster_bits) - 1
+    file_size = state.storage.size
+    clusters: set[int] = set()
+    for start, end in _l1_ranges(snapshots):
+        for chunk_start in range(start, end, _L1_CHUNK):
+            raw = bytearray(min(_L1_CHUNK, end - chunk_start))
+            await state.storage.readv([memoryview(raw)], chunk_start)
+            if raw.count(0) == len(raw):
+                continue  # (all zero: nothing to look at, decided in C)
+            words = decode_words(raw)
+            # Each distinct entry once (the set is built in C): tables are mostly zeroes and repeats.
+            for entry in set(words):
+                if not entry:
+                    continue
+                l2_offset = entry & L1_OFFSET_MASK
+                if (
+                    entry & L1_RESERVED
+                    or l2_offset & cluster_mask
+                    or (l2_offset and l2_offset + cluster_mask >= file_size)
+                ):
+                    _snapshot_entry_damaged(state, snapshots, chunk_start + 8 * words.index(entry), entry)
+                if l2_offset:
+                    clusters.add(l2_offset >> cluster_bits)
+    return sorted(clusters)
+
+
+def _l1_ranges(snapshots: Sequence[Snapshot]) -> list[tuple[int, int]]:
+    """The file ranges ``[start, end)`` the snapshots' L1 tables cover, merged: each byte in one range."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(
+        (snapshot.l1_table_offset, snapshot.l1_table_offset + 8 * snapshot.l1_size)
+        for snapshot in snapshots
+        if snapshot.l1_size
+    ):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _snapshot_entry_damaged(state: Qcow2State, snapshots: Sequence[Snapshot], where: int, entry: int) -> NoReturn:
+    """Raise the error of the damaged snapshot L1 entry at file offset *where*, naming its snapshot."""
+    owner = next(s for s in snapshots if s.l1_table_offset <= where < s.l1_table_offset + 8 * s.l1_size)
+    index = (where - owner.l1_table_offset) // 8
+    # The same checks and words as for any L1 table (parse_l1), on this one entry.
+    try:
+        parse_l1(
+            entry.to_bytes(8, "big"),
+            table_offset=where,
             cluster_bits=state.cluster_bits,
+            file_size=state.storage.size,
             filename=state.filename,
         )
-        clusters += _l2_clusters(l1, state.cluster_bits)
-    return clusters
+    except CorruptImageError as error:
+        problem = error.problem.replace("L1 entry 0", f"snapshot {owner.id!r} L1 entry {index}", 1)
+        raise CorruptImageError(state.filename, where, problem) from None
+    raise AssertionError("unreachable: the entry was found damaged")  # pragma: no cover
 
 
 def _l2_clusters(l1: Iterable[int], cluster_bits: int) -> list[int]:
@@ -179,19 +247,20 @@ def _l2_clusters(l1: Iterable[int], cluster_bits: int) -> list[int]:
     return [offset >> cluster_bits for offset in l1 if offset and not offset & mask]
 
 
-async def collect_metadata(state: Qcow2State) -> MetadataMap:
+async def collect_metadata(state: Qcow2State, *, inactive_l2: bool = True) -> MetadataMap:
     """Every cluster metadata occupies, from the header and the tables it leads to.
 
     What is read from the file (the snapshots' L1 tables) is read first; what is in memory
     (header, active L1 table, refcount table, snapshot list) is taken at the end, without an
-    await in between, so that the map matches one moment of the state.
+    await in between, so that the map matches one moment of the state. Without *inactive_l2*
+    the snapshots' L1 tables are not read, and their L2 tables are left out.
     """
     cluster_bits = state.cluster_bits
     snapshots = state.snapshots
-    inactive = await _snapshot_l2_clusters(state, snapshots)
+    inactive = await _snapshot_l2_clusters(state, snapshots) if inactive_l2 else []
     blocks = await state.refcounts.block_offsets()
     if state.snapshots is not snapshots:  # changed meanwhile: read again
-        return await collect_metadata(state)
+        return await collect_metadata(state, inactive_l2=inactive_l2)
     header = state.header
     kinds: dict[int, int] = {}
 
@@ -211,8 +280,9 @@ async def collect_metadata(state: Qcow2State) -> MetadataMap:
     if snapshots:
         length = snapshot_table_length(snapshots, header.snapshots_offset)
         mark(Metadata.SNAPSHOT_TABLE, table_clusters(header.snapshots_offset, length, cluster_bits))
-        for snapshot in snapshots:
-            mark(Metadata.INACTIVE_L1, table_clusters(snapshot.l1_table_offset, snapshot.l1_size * 8, cluster_bits))
+        # (Shared or overlapping tables marked once: the work is bounded by the file, not the snapshot count.)
+        for start, end in _l1_ranges(snapshots):
+            mark(Metadata.INACTIVE_L1, table_clusters(start, end - start, cluster_bits))
         mark(Metadata.INACTIVE_L2, inactive)
     return MetadataMap(kinds)
 
@@ -240,6 +310,11 @@ class MetadataGuard:
         # (checked before the file first grows), or the error that showed it does.
         self._references_checked = False
         self._reference_error: CorruptImageError | None = None
+        # Opening reads no snapshot L1 table: their L2 tables join the map when it is first
+        # asked (the first write or metadata change), and their refcounts are checked then.
+        self._inactive_unchecked = False
+        # Why the snapshots' tables could not join the map (every later check raises it).
+        self._inactive_error: CorruptImageError | None = None
 
     # --- keeping the map ------------------------------------------------------------------------
 
@@ -260,7 +335,13 @@ class MetadataGuard:
         if not state.header.incompatible_features & INCOMPAT_CORRUPT:
             self.corrupt = None
         self.unsettled = self.corrupt is not None
-        self.map = await collect_metadata(state)
+        self._inactive_error = None
+        self.map = await collect_metadata(state, inactive_l2=False)
+        if state.snapshots:
+            # The snapshots' L2 tables are added by the first rebuild (see current()).
+            self._inactive_unchecked = True
+            self._stale = True
+            self.unsettled = True
         return self.map
 
     def tables_switched(self) -> None:
@@ -273,13 +354,39 @@ class MetadataGuard:
     async def current(self) -> MetadataMap:
         """The map, rebuilt first if the header switched tables."""
         while self._stale:
+            if self._inactive_error is not None:
+                raise self._inactive_error
             generation = self._generation
-            rebuilt = await collect_metadata(self._state)
+            try:
+                rebuilt = await collect_metadata(self._state)
+                if self._inactive_unchecked:
+                    await self._check_inactive(rebuilt)
+            except CorruptImageError as error:
+                self._inactive_error = error
+                raise
             if generation == self._generation:  # (else the tables switched again meanwhile)
                 self.map = rebuilt
                 self._stale = False
                 self.unsettled = self.corrupt is not None
         return self.map
+
+    async def _check_inactive(self, metadata: MetadataMap) -> None:
+        """The snapshots' L2 tables, now in the map, must not lie in clusters counted free.
+
+        (What opening checks for the rest of the metadata: allocation would hand them out.)
+        """
+        state = self._state
+        cluster_bits = state.cluster_bits
+        for cluster in metadata:
+            kinds = metadata.bits(cluster)
+            if kinds & Metadata.INACTIVE_L2 and not await state.refcounts.get(cluster << cluster_bits):
+                raise CorruptImageError(
+                    state.filename,
+                    cluster << cluster_bits,
+                    f"the {describe(kinds)} lies in a cluster whose refcount is 0; repair the image "
+                    "(qemu-img check -r all) before writing to it",
+                )
+        self._inactive_unchecked = False
 
     def placed(self, kind: Metadata, clusters: Iterable[int]) -> None:
         """New metadata of *kind* was placed in *clusters*."""

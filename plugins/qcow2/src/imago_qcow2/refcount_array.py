@@ -63,6 +63,9 @@ def encode_refcounts(values: array[int], refcount_order: int, length: int) -> by
     return raw + bytes(length - len(raw))
 
 
+_ZERO_CHUNK = bytes(1 << 20)
+
+
 class RefcountArray:
     """Counters per host cluster (``qemu-img check``'s in-memory refcount table)."""
 
@@ -105,6 +108,29 @@ class RefcountArray:
     def clear(self) -> None:
         """Every counter back to 0 (the size stays)."""
         self.values = array(self.values.typecode, bytes(self.values.itemsize * len(self.values)))
+
+    def next_used(self, start: int) -> int:
+        """The first cluster from *start* on with a nonzero count (``len(self)`` if none).
+
+        Zero runs are skipped with memory comparisons of growing windows, so that a sparse
+        array (a crafted table naming a cluster far out, a file grown to reach it) costs time
+        by its used clusters, not by its length.
+        """
+        values = self.values
+        if start >= len(values) or values[start]:
+            return min(start, len(values))
+        size = values.itemsize
+        with memoryview(values) as view, view.cast("B") as raw:
+            position, end, window = start * size, len(raw), 64
+            while position < end:
+                chunk = raw[position : position + window]
+                if _ZERO_CHUNK.startswith(chunk):
+                    position += len(chunk)
+                    window = min(window * 2, len(_ZERO_CHUNK))
+                    continue
+                zeroes = len(chunk) - len(chunk.tobytes().lstrip(b"\0"))
+                return (position + zeroes) // size
+        return len(values)
 
     def allocate(self, count: int, first_free: int) -> tuple[int, int]:
         """Take *count* contiguous clusters counted 0 from *first_free* on (growing as needed).

@@ -157,6 +157,13 @@ class Refcounts:
         # Told, once the refcounts are on disk, of the clusters an apply() freed.
         self._after_free = after_free
         self._free_hint = 0
+        # From this cluster on no refcount is anybody's: the file ended before it when the image
+        # was opened, nothing may refer there (the overlap guard checks that before the file
+        # first grows), and this object placed nothing there since. A refcount found there is
+        # a leak; allocation hands such clusters out as free, so that no free-cluster search
+        # looks at more refcounts than the file has clusters plus what it allocated itself,
+        # whatever the refcount table claims.
+        self._unclaimed_from = -(-storage.size >> self._cluster_bits)
         self._blocks: MetadataCache[int, RefcountBlock] = MetadataCache(
             max(_BLOCK_CACHE_BYTES // cluster_size, 4), self._load_block, self._write_block, storage.flush
         )
@@ -249,6 +256,7 @@ class Refcounts:
             bytearray(cluster_size), offset=place << self._cluster_bits, refcount_order=self._header.refcount_order
         )
         block.set(place - first, 1)  # it describes itself
+        self._unclaimed_from = max(self._unclaimed_from, place + 1)
         guard = self._guard
         entry_offset = self._table_offset + 8 * index
         if guard is not None:
@@ -305,6 +313,7 @@ class Refcounts:
             await guard.check_free(end, position - end)
             guard.placed(Metadata.REFCOUNT_TABLE, range(end, end + clusters))
             guard.placed(Metadata.REFCOUNT_BLOCK, (block.offset >> self._cluster_bits for block in blocks.values()))
+        self._unclaimed_from = max(self._unclaimed_from, position)
         for index, block in blocks.items():
             new_table[index] = block.offset
         for cluster in used:
@@ -352,6 +361,8 @@ class Refcounts:
         freed: list[int] = []
         per_block = self.entries_per_block
         current, end = cluster, cluster + count
+        if delta > 0:
+            self._unclaimed_from = max(self._unclaimed_from, end)
         # One block's share at a time: checked whole, then changed whole.
         while current < end:
             block = await self._block_for(current, avoid)
@@ -391,6 +402,9 @@ class Refcounts:
                 run = 0
         if self._guard is not None:
             await self._guard.check_free(start, count)
+        if start + count > self._unclaimed_from:
+            # Leaked refcounts there are dropped: the clusters become ours with refcount 1.
+            await self._drop_leaks(max(start, self._unclaimed_from), start + count)
         await self.change(start, count, +1, avoid=range(start, start + count))
         self._free_hint = start + count
         return start << self._cluster_bits, count
@@ -423,30 +437,54 @@ class Refcounts:
         if freed and self._after_free is not None:
             await self._after_free(freed)
 
+    async def _drop_leaks(self, first: int, stop: int) -> None:
+        """Set the refcounts of the unclaimed clusters ``[first, stop)`` (see ``__init__``) to 0."""
+        table = await self.table()
+        per_block = self.entries_per_block
+        current = first
+        while current < stop:
+            index = current >> self._block_bits
+            within = current & (per_block - 1)
+            step = min(stop - current, per_block - within)
+            if index < len(table) and table[index]:
+                block = await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
+                if any(block.values(within, step)):
+                    block.store(within, [0] * step)
+                    self._blocks.mark_dirty(block.offset)
+            current += step
+
     async def _free_from(self, cluster: int, limit: int) -> int:
         """How many clusters from *cluster* (at most *limit*, within one refcount block's range) are free."""
         table = await self.table()
         index = cluster >> self._block_bits
         within = cluster & (self.entries_per_block - 1)
         limit = min(limit, self.entries_per_block - within)
-        if index >= len(table) or not table[index]:
+        unclaimed = self._unclaimed_from
+        if index >= len(table) or not table[index] or cluster >= unclaimed:
             return limit
         block = await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
-        return block.free_run(within, limit)
+        # Only the refcounts before the unclaimed clusters count: free up to them is free on through them.
+        known = min(limit, unclaimed - cluster)
+        run = block.free_run(within, known)
+        return limit if run == known else run
 
     async def _next_free(self, cluster: int) -> int:
-        """The first free cluster from *cluster* on."""
+        """The first free cluster from *cluster* on (looking at no refcount of the unclaimed clusters)."""
         table = await self.table()
         per_block = self.entries_per_block
-        while True:
+        unclaimed = self._unclaimed_from
+        while cluster < unclaimed:
             index = cluster >> self._block_bits
             if index >= len(table) or not table[index]:
                 return cluster
             block = await self._blocks.get(table[index] & REFTABLE_OFFSET_MASK)
-            found = block.next_free(cluster & (per_block - 1), per_block)
-            if found < per_block:
-                return (index << self._block_bits) + found
-            cluster = (index + 1) << self._block_bits
+            first = index << self._block_bits
+            end = min(per_block, unclaimed - first)
+            found = block.next_free(cluster - first, end)
+            if found < end:
+                return first + found
+            cluster = first + end
+        return cluster
 
     async def _get_cluster(self, cluster: int) -> int:
         table = await self.table()
@@ -466,4 +504,6 @@ class Refcounts:
         self._table = None
         self._table_offset = header.refcount_table_offset
         self._free_hint = 0
+        # (Never lowered: clusters allocated before, whose data may not be written yet, stay claimed.)
+        self._unclaimed_from = max(self._unclaimed_from, -(-self._storage.size >> self._cluster_bits))
         self._blocks.clear()

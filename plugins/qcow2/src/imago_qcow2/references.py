@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 from imago import CorruptImageError
 
-from .overlap import describe
+from .overlap import Metadata, MetadataMap, describe
+from .refcounts import REFTABLE_OFFSET_MASK
 from .snapshot_table import Snapshot
 from .state import Qcow2State
 from .tables import L2_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, entry_clusters, read_l1, table_clusters
@@ -121,6 +122,7 @@ class References:
         state = self._state
         cluster_bits = state.cluster_bits
         metadata = await state.guard.start()
+        await self._check_refcount_blocks(metadata)
         for cluster in metadata:
             if not await state.refcounts.get(cluster << cluster_bits):
                 raise CorruptImageError(
@@ -128,4 +130,41 @@ class References:
                     cluster << cluster_bits,
                     f"the {describe(metadata.kinds(cluster))} lies in a cluster whose refcount is 0; repair the "
                     "image (qemu-img check -r all) before writing to it",
+                )
+
+    async def _check_refcount_blocks(self, metadata: MetadataMap) -> None:
+        """Each refcount block counts its own clusters: none named twice, none holding other metadata.
+
+        A block named by several refcount table entries (``qemu-img check`` counts it as used
+        more often than its refcount says) would make every entry's clusters share its
+        refcounts: allocation would scan the same block over and over, and one change would
+        change them all. The image is open for a repair only.
+        """
+        state = self._state
+        table = await state.refcounts.table()
+        offsets = [entry & REFTABLE_OFFSET_MASK for entry in table if entry]
+        table_offset = state.header.refcount_table_offset
+        if len(set(offsets)) != len(offsets):  # (decided in C; the walk below only names the pair)
+            seen: dict[int, int] = {}
+            for index, entry in enumerate(table):
+                offset = entry & REFTABLE_OFFSET_MASK
+                if not offset:
+                    continue
+                if offset in seen:
+                    raise CorruptImageError(
+                        state.filename,
+                        table_offset + 8 * index,
+                        f"refcount table entries {seen[offset]} and {index} both name the refcount block at "
+                        f"{offset:#x}; repair the image (qemu-img check -r all) before writing to it",
+                    )
+                seen[offset] = index
+        cluster_bits = state.cluster_bits
+        for offset in offsets:
+            others = metadata.bits(offset >> cluster_bits) & ~Metadata.REFCOUNT_BLOCK
+            if others:
+                raise CorruptImageError(
+                    state.filename,
+                    offset,
+                    f"the refcount block at {offset:#x} overlaps the {describe(others)}; repair the image "
+                    "(qemu-img check -r all) before writing to it",
                 )

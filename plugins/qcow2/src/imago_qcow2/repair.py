@@ -296,9 +296,9 @@ async def rebuild_refcount_structure(
         first_free = 0
         cluster = first
         while cluster < end:
-            if not counts[cluster]:
-                cluster += 1
-                continue
+            cluster = counts.next_used(cluster)
+            if cluster >= end:
+                break
             index = cluster >> block_bits
             block_start = index << block_bits
             if index < len(table) and table[index]:

@@ -114,7 +114,10 @@ class _Reader:
         self._position = offset
         self._start = offset
         self._filename = filename
+        # What was read ahead, and where in it the position is (an index, not a re-sliced
+        # remainder: taking an entry costs its own length, not the buffer's).
         self._buffer = b""
+        self._used = 0
 
     @property
     def position(self) -> int:
@@ -125,12 +128,16 @@ class _Reader:
             raise CorruptImageError(self._filename, self._position, "snapshot table exceeds 64 MiB")
         if self._position + length > self._storage.size:
             raise CorruptImageError(self._filename, self._position, f"{what} runs past the end of the file")
-        while len(self._buffer) < length:
-            chunk = bytearray(max(length - len(self._buffer), 65536))
-            chunk_start = self._position + len(self._buffer)
-            await self._storage.readv([memoryview(chunk)], chunk_start)
-            self._buffer += bytes(chunk)
-        data, self._buffer = self._buffer[:length], self._buffer[length:]
+        if len(self._buffer) - self._used < length:
+            rest = self._buffer[self._used :]
+            # (Never past the end of the file: checked above for what is taken.)
+            ahead = min(max(length - len(rest), 65536), self._storage.size - self._position - len(rest))
+            chunk = bytearray(ahead)
+            await self._storage.readv([memoryview(chunk)], self._position + len(rest))
+            self._buffer = rest + bytes(chunk)
+            self._used = 0
+        data = self._buffer[self._used : self._used + length]
+        self._used += length
         self._position += length
         return data
 

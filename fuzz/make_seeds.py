@@ -1,0 +1,201 @@
+"""Build the seed corpora with qemu-img and qemu-io: ``python -m fuzz.make_seeds [--out DIR]``.
+
+Small images of every kind the qcow2 driver reads (empty, written, zero clusters, discarded,
+backing file names, compressed clusters with deflate and zstd, internal snapshots, extended L2,
+lazy refcounts, a dirty image, version 2, refcount widths, an external data file name) go to
+``corpus/qcow2``; a few of them with operation trailers (:mod:`fuzz.targets.qcow2_write`) to
+``corpus/qcow2_write``; raw images to ``corpus/raw``. Virtual sizes are small and clusters 512
+bytes to 16 KiB, so that the committed corpus stays well under 2 MB. The output is committed
+(fuzzing needs no QEMU); run this again to refresh it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .targets import CORPUS_DIR
+from .targets.qcow2_write import Op, OpKind, encode
+
+__all__ = ["QCOW2_SEEDS", "main", "make_qcow2_seeds", "make_raw_seeds", "make_write_seeds"]
+
+
+def _qemu_img(*args: str, cwd: Path) -> None:
+    subprocess.run(["qemu-img", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _qemu_io(image: str, *commands: str, cwd: Path, fmt: str = "qcow2", check: bool = True) -> None:
+    argv = ["qemu-io", "-f", fmt]
+    for command in commands:
+        argv += ["-c", command]
+    subprocess.run([*argv, image], cwd=cwd, check=check, capture_output=True)
+
+
+_WRITES = ("write -P 0x11 0 4k", "write -P 0x22 64k 8k", "write -P 0x33 300k 1k")
+
+#: name -> (qemu-img create options, size, qemu-io commands run on it)
+QCOW2_SEEDS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
+    "empty-4k": (("cluster_size=4096",), "1M", ()),
+    "written-4k": (("cluster_size=4096",), "1M", _WRITES),
+    "written-512": (("cluster_size=512",), "256k", ("write -P 0x44 0 2k", "write -P 0x55 100k 1k")),
+    "zero-discard-4k": (
+        ("cluster_size=4096",),
+        "1M",
+        (*_WRITES, "write -z 0 4k", "write -z -u 64k 4k", "discard 300k 4k"),
+    ),
+    "backing-name": (("cluster_size=4096", "backing_file=base.qcow2", "backing_fmt=qcow2"), "1M", _WRITES[:1]),
+    "backing-raw-name": (("cluster_size=4096", "backing_file=base.raw", "backing_fmt=raw"), "1M", ()),
+    "snapshots-4k": (("cluster_size=4096",), "1M", ()),
+    "extended-l2-16k": (("cluster_size=16384", "extended_l2=on"), "1M", (*_WRITES, "write -z 16k 2k")),
+    "lazy-refcounts": (("cluster_size=4096", "lazy_refcounts=on"), "1M", _WRITES),
+    "dirty": (("cluster_size=4096", "lazy_refcounts=on"), "1M", ()),
+    "compat-0.10": (("cluster_size=4096", "compat=0.10"), "1M", _WRITES[:2]),
+    "refcount-1": (("cluster_size=4096", "refcount_bits=1"), "1M", _WRITES),
+    "refcount-64": (("cluster_size=4096", "refcount_bits=64"), "1M", _WRITES),
+    "data-file-name": (("cluster_size=4096", "data_file=disk.data"), "1M", _WRITES[:1]),
+}
+
+
+def make_qcow2_seeds(out: Path, work: Path) -> list[Path]:
+    """Write the qcow2 seeds into *out*; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    # The backing files the seeds name exist while qemu-io writes; they are not kept.
+    _qemu_img("create", "-f", "qcow2", "base.qcow2", "1M", cwd=work)
+    _qemu_img("create", "-f", "raw", "base.raw", "1M", cwd=work)
+    made = []
+    for name, (options, size, commands) in QCOW2_SEEDS.items():
+        image = f"{name}.qcow2"
+        _qemu_img("create", "-f", "qcow2", "-o", ",".join(options), image, size, cwd=work)
+        if commands:
+            _qemu_io(image, *commands, cwd=work)
+        if name == "snapshots-4k":
+            _qemu_io(image, "write -P 0x66 0 8k", cwd=work)
+            _qemu_img("snapshot", "-c", "first", image, cwd=work)
+            _qemu_io(image, "write -P 0x77 4k 8k", "discard 0 4k", cwd=work)
+            _qemu_img("snapshot", "-c", "second", image, cwd=work)
+            _qemu_io(image, "write -P 0x88 128k 4k", cwd=work)
+        if name == "dirty":
+            # Killed with lazy refcounts on: the dirty bit stays set and refcounts are stale.
+            _qemu_io(image, "write -P 0x99 0 12k", "sigraise 9", cwd=work, check=False)
+        made.append(_keep(work / image, out))
+    source = work / "source.raw"
+    source.write_bytes(b"compressible " * 20000 + bytes(range(256)) * 64)
+    for codec in ("zlib", "zstd"):
+        image = f"compressed-{codec}.qcow2"
+        settings = f"cluster_size=4096,compression_type={codec}"
+        _qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", settings, "source.raw", image, cwd=work)
+        made.append(_keep(work / image, out))
+    return made
+
+
+def make_raw_seeds(out: Path) -> list[Path]:
+    """Write the raw seeds into *out*; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = {
+        "empty.raw": b"",
+        "one-byte.raw": b"\x01",
+        "sector.raw": bytes(range(256)) * 2,
+        "sparse-64k.raw": b"\xaa" * 4096 + bytes(56 << 10) + b"\xbb" * 4096,
+    }
+    made = []
+    for name, data in seeds.items():
+        path = out / name
+        path.write_bytes(data)
+        made.append(path)
+    return made
+
+
+#: Operation sequences appended to some qcow2 seeds for the write target.
+WRITE_SEQUENCES: dict[str, tuple[str, list[Op]]] = {
+    "written-ops": (
+        "written-4k",
+        [
+            Op(OpKind.WRITE, 3, 300, 7, 1),
+            Op(OpKind.WRITE_ZEROES, 0, 4096, 0, 0),
+            Op(OpKind.SNAPSHOT_CREATE, 0, 0, 1, 0),
+            Op(OpKind.DISCARD_TO_ZERO, 128, 1024, 0, 1),
+            Op(OpKind.WRITE, 130, 9000, 3, 1),
+            Op(OpKind.FLUSH, 0, 0, 0, 0),
+        ],
+    ),
+    "snapshot-ops": (
+        "snapshots-4k",
+        [
+            Op(OpKind.WRITE, 0, 5000, 1, 0),
+            Op(OpKind.SNAPSHOT_CREATE, 0, 0, 2, 0),
+            Op(OpKind.WRITE, 8, 4096, 9, 1),
+            Op(OpKind.SNAPSHOT_APPLY, 0, 0, 2, 0),
+            Op(OpKind.SNAPSHOT_DELETE, 0, 0, 0, 0),
+        ],
+    ),
+    "resize-ops": (
+        "lazy-refcounts",
+        [
+            Op(OpKind.GROW, 0, 0, 15, 2),
+            Op(OpKind.WRITE, 2100, 4096, 5, 1),
+            Op(OpKind.SHRINK, 0, 0, 100, 0),
+            Op(OpKind.DISCARD_TO_ANY, 0, 8192, 0, 0),
+            Op(OpKind.REPAIR, 0, 0, 0, 0),
+        ],
+    ),
+    "compressed-ops": (
+        "compressed-zstd",
+        [
+            Op(OpKind.WRITE_COMPRESSED, 40, 0, 3, 1),
+            Op(OpKind.WRITE, 20, 100, 4, 1),
+            Op(OpKind.DISCARD_TO_BACKING, 0, 4096, 0, 0),
+        ],
+    ),
+    "extended-ops": (
+        "extended-l2-16k",
+        [
+            Op(OpKind.WRITE, 3, 700, 8, 1),
+            Op(OpKind.WRITE_ZEROES, 40, 3000, 0, 1),
+            Op(OpKind.DISCARD_TO_ZERO, 0, 2048, 0, 0),
+        ],
+    ),
+    "dirty-ops": ("dirty", [Op(OpKind.WRITE, 1, 100, 2, 1), Op(OpKind.REPAIR, 0, 0, 0, 1)]),
+    "backing-ops": ("backing-name", [Op(OpKind.DISCARD_TO_BACKING, 0, 4096, 0, 0), Op(OpKind.WRITE, 7, 10, 1, 1)]),
+}
+
+
+def make_write_seeds(out: Path, qcow2_dir: Path) -> list[Path]:
+    """Write the write target's seeds (qcow2 seeds with operation trailers) into *out*."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, (image, ops) in WRITE_SEQUENCES.items():
+        path = out / f"{name}.bin"
+        path.write_bytes(encode((qcow2_dir / f"{image}.qcow2").read_bytes(), ops))
+        made.append(path)
+    return made
+
+
+def _keep(image: Path, out: Path) -> Path:
+    target = out / image.name
+    shutil.copyfile(image, target)
+    return target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Rebuild the seed corpora (replacing the directories' files)."""
+    parser = argparse.ArgumentParser(prog="python -m fuzz.make_seeds", description=__doc__)
+    parser.add_argument("--out", type=Path, default=CORPUS_DIR, help="corpus root (default: %(default)s)")
+    args = parser.parse_args(argv)
+    out: Path = args.out
+    for kind in ("qcow2", "qcow2_write", "raw"):
+        shutil.rmtree(out / kind, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="imago-seeds-") as work:
+        made = make_qcow2_seeds(out / "qcow2", Path(work))
+    made += make_write_seeds(out / "qcow2_write", out / "qcow2")
+    made += make_raw_seeds(out / "raw")
+    total = sum(path.stat().st_size for path in made)
+    print(f"{len(made)} seeds, {total} bytes, in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
