@@ -52,18 +52,26 @@ class Allocation:
                 return await state.tables.get(current)
         host, _ = await state.refcounts.allocate(1)
         self._guard.placed(Metadata.ACTIVE_L2, (host >> state.cluster_bits,))
-        if current:
-            raw = (await state.tables.get(current)).to_bytes()
-            state.frees.append((current >> state.cluster_bits, 1))
-        else:
-            raw = bytes(state.cluster_size)
+        raw = (await state.tables.get(current)).to_bytes() if current else bytes(state.cluster_size)
         table = state.new_table(raw, host)
         state.tables.put(host, table, dirty=True)
         # The table (and the refcounts allocating it) reach the disk before the L1 entry.
         await state.tables.flush()
+        copied = state.l1_copied[l1_index]
         state.l1[l1_index] = host
         state.l1_copied[l1_index] = 1
-        await state.write_l1_entries(l1_index, l1_index + 1)
+        try:
+            await state.write_l1_entries(l1_index, l1_index + 1)
+        except BaseException:
+            # The L1 entry on disk may still name the old table: so does this one, and the copy
+            # is only a leak. (A failure before this point leaves the same.)
+            state.l1[l1_index] = current
+            state.l1_copied[l1_index] = copied
+            raise
+        if current:
+            # Released only once no L1 entry names it any more: a failed copy must not drop the
+            # reference the active table still holds.
+            state.frees.append((current >> state.cluster_bits, 1))
         if current and current not in state.l1:
             self._guard.retired(Metadata.ACTIVE_L2, (current >> state.cluster_bits,))
         return table
