@@ -62,6 +62,7 @@ bench: setup qemu
 	$(BIN)/python bench/bench_map.py
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_compressed.py
+	$(BIN)/python bench/bench_hostile.py
 
 # The list above, one per line (tests/test_workspace.py compares it with the tree).
 dists:
