@@ -95,24 +95,17 @@ def close_quietly(disk: SyncFormatAccess) -> None:
 
 def walk_mappings(disk: SyncFormatAccess, limit: int = MAX_MAPPINGS) -> int:
     """Ask for the mappings of the whole disk (at most *limit* look-ups, shallow and resolved); returns bytes mapped."""
-    size = disk.size
-    offset = 0
-    steps = 0
-    while offset < size and steps < limit:
-        _mapping, length = disk.get_mapping(offset, size - offset)
-        if length <= 0:
-            raise AssertionError(f"get_mapping({offset}) reported {length} bytes")
-        offset += length
-        steps += 1
-    offset = 0
-    steps = 0
-    while offset < size and steps < limit:
-        _shallow, length = disk.get_shallow_mapping(offset, size - offset)
-        if length <= 0:
-            raise AssertionError(f"get_shallow_mapping({offset}) reported {length} bytes")
-        offset += length
-        steps += 1
-    return offset
+    mapped = 0
+    for look_up in (disk.get_mapping, disk.get_shallow_mapping):
+        size = disk.size
+        mapped = steps = 0
+        while mapped < size and steps < limit:
+            _mapping, length = look_up(mapped, size - mapped)
+            if length <= 0:
+                raise AssertionError(f"{look_up.__name__}({mapped}) reported {length} bytes")
+            mapped += length
+            steps += 1
+    return mapped
 
 
 def read_range(disk: SyncFormatAccess, offset: int, length: int) -> int:
