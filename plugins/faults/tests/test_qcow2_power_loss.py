@@ -122,7 +122,7 @@ WORKLOADS = [
         "snapshots",
         4096,
         MiB,
-        {"write": 6, "snap-create": 2, "snap-delete": 2, "flush": 1},
+        {"write": 6, "snap-create": 2, "snap-delete": 2, "snap-apply": 1, "flush": 1},
         prepare=("write -P 0x44 0 512k",),
         ops=28,
     ),
@@ -149,7 +149,7 @@ WORKLOADS = [
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    kind: str  # write, zeroes, discard-zero, discard-any, compressed, snap-create, snap-delete, resize, flush
+    kind: str  # write, zeroes, discard-zero, discard-any, compressed, snap-create/-delete/-apply, resize, flush
     offset: int = 0
     length: int = 0
     data: bytes = b""
@@ -172,7 +172,7 @@ def workload_ops(workload: Workload, seed: int) -> list[Op]:
         kind = rng.choices(kinds, weights)[0]
         if kind == "snap-create" and len(snapshots) >= 3:
             kind = "snap-delete"
-        if kind == "snap-delete" and not snapshots:
+        if kind in ("snap-delete", "snap-apply") and not snapshots:
             kind = "snap-create"
         if kind == "flush":
             ops.append(Op("flush"))
@@ -183,6 +183,8 @@ def workload_ops(workload: Workload, seed: int) -> list[Op]:
             name = rng.choice(snapshots)
             snapshots.remove(name)
             ops.append(Op(kind, name=name))
+        elif kind == "snap-apply":
+            ops.append(Op(kind, name=rng.choice(snapshots)))
         elif kind == "resize":
             # Grow or shrink, to sizes around the starting one, whole sectors (qcow2 needs them).
             size = rng.randrange(workload.size // 2, 2 * workload.size) // 512 * 512
@@ -374,6 +376,8 @@ class Executor:
         """Record what *op* may change before it runs (a crash may leave it done or not)."""
         if op.kind in ("snap-create", "snap-delete"):
             self.snapshot_changes.add(op.name)
+        elif op.kind == "snap-apply":  # (the workloads applying snapshots do not resize)
+            self.touched.append((0, self.model.size))
         elif op.kind == "resize":
             old = self.model.size
             self.touched.append((min(old, op.length), abs(op.length - old)))
@@ -400,6 +404,8 @@ class Executor:
                 model.forget(min(model.size, failed.length), abs(failed.length - model.size))
             elif failed.kind in ("snap-create", "snap-delete"):
                 maybe.add(failed.name)
+            elif failed.kind == "snap-apply":
+                model.forget(0, model.size)
             elif failed.kind != "flush":
                 model.forget(failed.offset, failed.length)
         required = {name: snap for name, snap in self.snapshots.items() if name not in maybe}
@@ -433,6 +439,9 @@ class Executor:
         elif op.kind == "snap-delete":
             self.driver.delete_snapshot_sync(op.name)
             del self.snapshots[op.name]
+        elif op.kind == "snap-apply":
+            self.driver.apply_snapshot_sync(op.name)
+            self.model = copy_model(self.snapshots[op.name])
         else:
             assert op.kind == "flush", op
             image.flush()
@@ -759,10 +768,7 @@ def run_with_fault(base: Path, disk: Path, workload: Workload, ops: list[Op], st
 
 #: Known bugs of the qcow2 driver's error paths (see the strict xfail tests below), by what
 #: ``qemu-img check`` says of the image closed after the error.
-KNOWN_FAULT_BUGS: dict[str, Callable[[str], bool]] = {
-    # A cluster with one reference more than its refcount: the old L2 table's dropped refcount.
-    "data cluster bound though its write failed": lambda message: PAST_THE_END in message,
-}
+KNOWN_FAULT_BUGS: dict[str, Callable[[str], bool]] = {}
 
 
 def known_fault_bug(error: AssertionError) -> str | None:
@@ -844,26 +850,113 @@ def test_a_failed_l2_copy_leaves_only_a_leak(tmp_path: Path) -> None:
     qemu_check(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug in plugins/qcow2 (writes through FormatAccess): ensure_data_mapping binds a new data cluster in "
-    "the cached L2 table before the data is written, and a failed data write does not unbind it; the next flush "
-    "(close) writes the L2 entry: it points at a cluster never written (past the end of the file)",
-)
-def test_known_bug_failed_data_write_leaves_the_cluster_bound(tmp_path: Path) -> None:
-    """Found by the injected faults of the cow workload (storage calls 74, 117, 119: writes of new data clusters).
+def read_back(image: SyncFormatAccess, length: int, offset: int) -> bytes:
+    """*length* bytes of the disk at *offset*."""
+    buf = bytearray(length)
+    image.read(buf, offset)
+    return bytes(buf)
+
+
+def test_a_failed_data_write_unbinds_its_new_cluster(tmp_path: Path) -> None:
+    """Found by the injected faults of the cow workload (storage calls 74, 117, 119: new data clusters); fixed.
 
     A whole-cluster write into an existing L2 table: its only storage write is the data (the L2
-    entry waits for the flush). That write fails, the error reaches the caller; closing writes
-    the L2 entry binding the cluster, which lies past the end of the file: ``ERROR: counting
-    reference for region exceeding the end of the file by one cluster or more``. (Where the
-    new cluster lies inside the file, a freed cluster reused, the disk silently reads its old
-    bytes instead: the rest of a partly written cluster loses the data it had.)
+    entry waits for the flush). That write fails, the error reaches the caller. The binding made
+    for it is taken back (``FormatDriver.data_write_failed``); before the fix closing wrote the L2
+    entry naming a cluster past the end of the file: ``ERROR: counting reference for region
+    exceeding the end of the file by one cluster or more``.
     """
     path = small_image(tmp_path)
     write_failing_then_close(path, Fault(op="write", nth=1), 65536, b"\x33" * 4096, arm_after_flush=True)
-    qemu_check(path)
+    result = qemu_check(path)
+    assert not result.get("leaks", 0), result  # the new cluster was released again
+    assert json.loads(run("qemu-img", "map", "--output=json", path.name, cwd=tmp_path).stdout)[1] == {
+        "start": 4096,
+        "length": 1044480,
+        "depth": 0,
+        "present": False,
+        "zero": True,
+        "data": False,
+    }
+    with imago.open(path, "qcow2") as image:
+        assert read_back(image, 4096, 0) == b"\x01" * 4096
+        assert read_back(image, 4096, 65536) == bytes(4096)
+
+
+def test_a_failed_copy_on_write_keeps_the_old_data(tmp_path: Path) -> None:
+    """A partial write into a cluster shared with a snapshot: the copy is made, the data write fails.
+
+    The active L2 entry goes back to the shared cluster (its release cancelled), so the guest
+    keeps reading the old bytes, and the snapshot is untouched.
+    """
+    path = small_image(tmp_path, "write -P 0x11 0 64k", snapshot=True)
+    plan = FaultPlan()
+    image, _ = open_on(faulty_file(path, plan))
+    image.write(b"\x01" * 4096, 0)  # the L2 table copied and cluster 0 copied: ours from here on
+    image.flush()
+    # Cluster 1 is still shared: the write copies its head and tail (two writes), then the data fails.
+    plan.add(Fault(op="write", nth=3))
+    with pytest.raises(InjectedError):
+        image.write(b"\x22" * 512, 4096 + 1024)
+    plan.clear()
+    assert read_back(image, 4096, 4096) == b"\x11" * 4096
+    image.close()
+    assert not qemu_check(path).get("leaks", 0)
+    with imago.open(path, "qcow2") as reopened:
+        assert read_back(reopened, 4096, 4096) == b"\x11" * 4096
+    converted = tmp_path / "base.raw"
+    checked("qemu-img", "convert", "-l", "snapshot.name=base", "-O", "raw", path.name, converted.name, cwd=tmp_path)
+    assert converted.read_bytes()[:65536] == b"\x11" * 65536
+
+
+def test_a_failed_write_into_subclusters_of_a_new_cluster_is_undone(tmp_path: Path) -> None:
+    """Extended L2 entries: a 4 KiB write into a fresh cluster fails; the cluster is not bound afterwards."""
+    path = tmp_path / "extended.qcow2"
+    options = "cluster_size=65536,extended_l2=on"
+    checked("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, path.name, "1M", cwd=tmp_path)
+    checked("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 4k", path.name, cwd=tmp_path)
+    plan = FaultPlan(faults=[Fault(op="write", nth=1)])
+    image, _ = open_on(faulty_file(path, plan))
+    with pytest.raises(InjectedError):
+        image.write(b"\x22" * 4096, 131072 + 8192)
+    plan.clear()
+    image.close()
+    assert not qemu_check(path).get("leaks", 0)
+    mapped = json.loads(run("qemu-img", "map", "--output=json", path.name, cwd=tmp_path).stdout)
+    assert [extent["start"] for extent in mapped if extent["data"]] == [0], mapped
+    with imago.open(path, "qcow2") as reopened:
+        assert read_back(reopened, 65536, 131072) == bytes(65536)
+
+
+def test_a_binding_another_write_used_is_kept(tmp_path: Path) -> None:
+    """The contract under concurrency, step by step: a second write into the new cluster keeps its binding.
+
+    Write A binds a new cluster; write B (in flight at the same time) writes into it in place and
+    succeeds; A's data write then fails. Undoing A's binding would lose B's acknowledged data: it
+    stays. A binding a write-back (a flush) made permanent stays too.
+    """
+    path = small_image(tmp_path, "write -P 0x11 0 4k")
+    with imago.open(path, "qcow2", write=True) as image:
+        driver = image.driver
+        mapping_a, length_a = runtime.run_sync(driver.ensure_data_mapping(65536, 4096, True))
+        assert length_a == 4096
+        mapping_b, _ = runtime.run_sync(driver.ensure_data_mapping(65536 + 4096, 512, True))
+        assert mapping_b.offset == mapping_a.offset + 4096  # in place: the cluster A bound
+        runtime.run_sync(mapping_b.storage.writev([memoryview(b"\x44" * 512)], mapping_b.offset))
+        driver.data_write_failed(65536, 4096)  # A failed after B used the cluster
+        assert read_back(image, 512, 65536 + 4096) == b"\x44" * 512
+        # A binding flushed before its write failed stays (the range reads what the cluster holds).
+        mapping_c, _ = runtime.run_sync(driver.ensure_data_mapping(131072, 4096, True))
+        runtime.run_sync(mapping_c.storage.writev([memoryview(b"\x55" * 4096)], mapping_c.offset))
+        image.flush()
+        driver.data_write_failed(131072, 4096)
+        assert read_back(image, 4096, 131072) == b"\x55" * 4096
+        # Without either, the failed write's binding is taken back.
+        runtime.run_sync(driver.ensure_data_mapping(196608, 4096, True))
+        driver.data_write_failed(196608, 4096)
+        mapping, _ = runtime.run_sync(driver.get_mapping(196608, 4096))
+        assert not isinstance(mapping, imago.ShallowRaw)
+    assert not qemu_check(path).get("leaks", 0)
 
 
 # --- the live power loss, and the oracle itself ----------------------------------------------------

@@ -307,7 +307,11 @@ class FormatAccess:
         pos = 0
         while pos < length:
             mapping, step = await self._data_mapping(offset + pos, length - pos, overwrite=True)
-            await mapping.storage.writev(slice_iovec(iov, pos, step), mapping.offset)
+            try:
+                await mapping.storage.writev(slice_iovec(iov, pos, step), mapping.offset)
+            except BaseException:
+                self._driver.data_write_failed(offset + pos, step)
+                raise
             pos += step
 
     async def write_compressed(self, buf: Any, offset: int) -> None:
@@ -336,7 +340,11 @@ class FormatAccess:
         end = offset + length
         while offset < end:
             mapping, step = await self._data_mapping(offset, end - offset, overwrite=True)
-            await mapping.storage.write_zeroes(mapping.offset, step)
+            try:
+                await mapping.storage.write_zeroes(mapping.offset, step)
+            except BaseException:
+                self._driver.data_write_failed(offset, step)
+                raise
             offset += step
 
     async def _zero_range(self, offset: int, length: int, handled: tuple[int, int], *, explicit: bool) -> None:

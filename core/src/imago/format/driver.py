@@ -144,6 +144,18 @@ class FormatDriver(abc.ABC):
         """
         raise UnsupportedFeatureError(f"writing {self.name} images")
 
+    def data_write_failed(self, offset: int, length: int) -> None:
+        """Told that writing guest ``[offset, offset + length)`` through a mapping failed.
+
+        The mapping is one :meth:`ensure_data_mapping` returned for exactly that range; the
+        caller gets the error. A driver that bound new space for the write before its data
+        was written (to be recorded at the next flush) may take that binding back here, so
+        that the metadata never names space the failed write left unwritten, unless some
+        other request has used the space since. Called synchronously, right after the failure;
+        the default does nothing (the range's content is then undefined, as after any failed
+        write).
+        """
+
     async def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """Make what it can of the range read as zero through metadata alone.
 

@@ -11,18 +11,51 @@ clusters a write binds, and what it copies, is the L2 entry width's business
 No write lands on metadata, whatever the tables claim (:mod:`imago_qcow2.overlap`): guest data
 mapped onto a metadata cluster, an L2 table in a cluster holding other metadata, and an entry
 whose release would free metadata each mark the image corrupt before anything changes.
+
+The entries a write binds change in the cached L2 table before the engine writes the data. When
+that data write fails (:meth:`Allocation.data_write_failed`), the binding is taken back, as long
+as nothing made it permanent: no write-back ran since (it may have applied the releases of the
+replaced entries), the table is still the cached one, no other write used the clusters, and the
+entries are as the write left them. Otherwise the failed range keeps undefined content, but the
+next flush would record entries naming space never written (past the end of the file, or a
+freed cluster holding other bytes).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from imago import FormatDriver, ShallowRaw, read_through
 
-from .l2_entries import Fill
+from .l2_entries import Fill, Update
 from .overlap import Metadata
 from .state import Qcow2State
 from .tables import L2Table
 
 __all__ = ["Allocation"]
+
+#: How many guest clusters' unconfirmed bindings are remembered (the oldest are forgotten: far more
+#: than the requests a caller keeps in flight).
+_UNWRITTEN_LIMIT = 4096
+
+
+class _Unwritten:
+    """A binding made for a write whose data is not known to be written: what undoes it."""
+
+    __slots__ = ("bound", "frees", "live", "owned", "replaced", "table")
+
+    def __init__(
+        self, table: L2Table, bound: list[Update], replaced: list[Update], frees: list[tuple[int, int]], owned: bool
+    ) -> None:
+        self.table = table
+        self.bound = bound
+        self.replaced = replaced
+        #: The releases (of the replaced entries) it scheduled.
+        self.frees = frees
+        #: Whether the host clusters were ours before (only the bitmaps changed).
+        self.owned = owned
+        #: Still undoable: no other write used its clusters.
+        self.live = True
 
 
 class Allocation:
@@ -36,6 +69,9 @@ class Allocation:
         self._in_place = state.entries.in_place
         self._metadata_under = state.placement.metadata_under
         self._guard = state.guard
+        # Guest cluster -> the binding a write not yet seen to succeed made (see the module).
+        self._unwritten: OrderedDict[int, _Unwritten] = OrderedDict()
+        self._write_backs = state.write_backs
 
     async def writable_table(self, offset: int) -> L2Table:
         """The L2 table for *offset*, made ours: created, or copied when shared with a snapshot.
@@ -92,6 +128,8 @@ class Allocation:
         host, count = (0, 0) if table is None else self._in_place(table, offset, length)
         if count:
             mapping = ShallowRaw(state.data_storage, host, True)
+            if self._unwritten:
+                self._used(offset, count)
         else:
             async with state.lock:
                 mapping, count = await self._allocate(offset, length, table)
@@ -118,6 +156,8 @@ class Allocation:
         if current is not None:
             host, count = entries.in_place(current, offset, length)
             if count:  # allocated meanwhile
+                if self._unwritten:
+                    self._used(offset, count)
                 return ShallowRaw(state.data_storage, host, True), count
             owned_host, count = entries.write_run(current, index, last)
             if owned_host is None:
@@ -133,10 +173,84 @@ class Allocation:
         write_end = min(end, first_guest + (count << cluster_bits))
         fills, updates = entries.write_updates(table, index, count, host, offset, write_end, owned_host is not None)
         await self.copy_on_write(fills, host - first_guest)
+        replaced = [entries.update(table, slot) for slot, _, _ in updates]
+        scheduled = len(state.frees)
         entries.apply_updates(table, updates, state.placement.release if owned_host is None else None)
         state.tables.mark_dirty(table.offset)
         self._driver.mappings_changed()
+        self._remember(
+            first_guest >> cluster_bits,
+            _Unwritten(table, updates, replaced, state.frees[scheduled:], owned_host is not None),
+        )
         return ShallowRaw(state.data_storage, host + offset - first_guest, True), write_end - offset
+
+    # --- bindings whose data write may still fail ----------------------------------------------
+
+    def _current(self) -> bool:
+        """Whether the remembered bindings are still undoable (else forget them: a write-back ran)."""
+        if self._state.write_backs != self._write_backs:
+            self._write_backs = self._state.write_backs
+            for record in self._unwritten.values():
+                record.live = False
+            self._unwritten.clear()
+            return False
+        return True
+
+    def _remember(self, first_cluster: int, record: _Unwritten) -> None:
+        unwritten = self._unwritten
+        self._current()
+        for cluster in range(first_cluster, first_cluster + len(record.bound)):
+            earlier = unwritten.pop(cluster, None)
+            if earlier is not None:  # bound again since: undoing it would undo this write's binding too
+                earlier.live = False
+            unwritten[cluster] = record
+        while len(unwritten) > _UNWRITTEN_LIMIT:
+            unwritten.popitem(last=False)[1].live = False
+
+    def _used(self, offset: int, length: int) -> None:
+        """Another write uses the clusters of guest ``[offset, offset + length)``: their bindings stay."""
+        if not self._current():
+            return
+        bits = self._state.cluster_bits
+        unwritten = self._unwritten
+        for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
+            record = unwritten.pop(cluster, None)
+            if record is not None:
+                record.live = False
+
+    def data_write_failed(self, offset: int, length: int) -> None:
+        """The data write of guest ``[offset, offset + length)`` failed: undo the binding made for it, if it may be.
+
+        The replaced entries come back, their releases are cancelled and the new host clusters
+        released (at the next flush, as every release is).
+        """
+        if not self._unwritten or not self._current():
+            return
+        state = self._state
+        bits = state.cluster_bits
+        records: list[_Unwritten] = []
+        for cluster in range(offset >> bits, ((offset + length - 1) >> bits) + 1):
+            record = self._unwritten.pop(cluster, None)
+            if record is not None and record.live and record not in records:
+                records.append(record)
+        for record in records:
+            record.live = False
+            table = record.table
+            entries = state.entries
+            if state.tables.peek(table.offset) is not table:
+                continue  # written back and evicted: the entries on disk are the ones made
+            if any(entries.update(table, update[0]) != update for update in record.bound):
+                continue
+            if any(free not in state.frees for free in record.frees):
+                continue
+            entries.apply_updates(table, record.replaced, None)
+            for free in record.frees:
+                state.frees.remove(free)
+            if not record.owned:
+                for _, descriptor, _ in record.bound:
+                    state.placement.release(descriptor)
+            state.tables.mark_dirty(table.offset)
+            self._driver.mappings_changed()
 
     async def copy_on_write(self, fills: list[Fill], delta: int) -> None:
         """Copy each guest range, as it reads now, to its new place (host offset = guest offset + *delta*)."""

@@ -329,6 +329,10 @@ class Qcow2(FormatDriver):
         """
         return await self._allocation.ensure_data_mapping(offset, length, overwrite)  # (bound in __init__)
 
+    def data_write_failed(self, offset: int, length: int) -> None:
+        """A failed data write: the clusters bound for it are unbound again (unless something else used them)."""
+        self._allocation.data_write_failed(offset, length)
+
     async def ensure_zero_mapping(self, offset: int, length: int) -> tuple[int, int]:
         """Zero flag on whole clusters, keeping allocations (version 3; version 2 writes zeroes)."""
         self._require_intact()

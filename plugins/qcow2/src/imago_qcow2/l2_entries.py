@@ -149,6 +149,10 @@ class L2Entries(abc.ABC):
         """Every cluster descriptor of *table*, by entry index (a copy, or the live entries)."""
 
     @abc.abstractmethod
+    def update(self, table: L2Table, index: int) -> Update:
+        """Entry *index* as it is, as the update that would restore it (see :meth:`apply_updates`)."""
+
+    @abc.abstractmethod
     def set(self, table: L2Table, index: int, descriptor: int, bitmap: int | None = None) -> None:
         """Replace entry *index*: its descriptor and (extended entries) bitmap; ``None`` keeps the bitmap."""
 
@@ -229,6 +233,10 @@ class StandardL2(L2Entries):
     def descriptors(self, table: L2Table) -> Sequence[int]:
         """The live entries."""
         return table.entries
+
+    def update(self, table: L2Table, index: int) -> Update:
+        """The entry (standard entries have no bitmap: 0)."""
+        return index, table.entries[index], 0
 
     def set(self, table: L2Table, index: int, descriptor: int, bitmap: int | None = None) -> None:
         """Replace the entry (its classification follows; runs are recomputed lazily)."""
@@ -386,6 +394,10 @@ class ExtendedL2(L2Entries):
     def descriptors(self, table: L2Table) -> Sequence[int]:
         """The descriptors (a copy: the even words of the table)."""
         return table.entries[::2]
+
+    def update(self, table: L2Table, index: int) -> Update:
+        """The descriptor and the bitmap."""
+        return index, table.entries[2 * index], table.entries[2 * index + 1]
 
     def set(self, table: L2Table, index: int, descriptor: int, bitmap: int | None = None) -> None:
         """Replace the descriptor and (unless ``None``) the bitmap."""

@@ -112,6 +112,8 @@ class Qcow2State:
         #: Host clusters ``(first, count)`` to release once the metadata no longer pointing to
         #: them is on disk.
         self.frees: list[tuple[int, int]] = []
+        #: How many metadata write-backs ran: what a write-back wrote is no longer undone in memory.
+        self.write_backs = 0
         #: The overlap checks: which clusters hold metadata (from opening for writing on), and
         #: whether the image was marked corrupt.
         self.guard = MetadataGuard(self)
@@ -286,6 +288,7 @@ class Qcow2State:
             for storage in self.storages():
                 await storage.flush()
             return
+        self.write_backs += 1
         await self.refcounts.flush()
         await self.tables.flush()
         if self.frees:
