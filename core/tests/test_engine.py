@@ -437,3 +437,63 @@ def test_driver_misbehaviour_is_a_contract_error(mode: str, call, offset: int) -
     assert caught.value.driver == "blocktest"
     assert caught.value.offset == offset
     assert caught.value.problem in str(caught.value)
+
+
+class FailingDataWrites(BlockDriver):
+    """Records what the engine reports of failed data writes; the storage fails writes at chosen host blocks."""
+
+    def __init__(self) -> None:
+        super().__init__(FailingStorage(0), 16 * BLOCK, None, writable=True)
+        self.failed: list[tuple[int, int]] = []
+
+    def data_write_failed(self, offset: int, length: int) -> None:
+        self.failed.append((offset, length))
+
+
+class FailingStorage(MemoryStorage):
+    """Writes into host block ``fail_at`` fail (writes of zeroes too), but for the first ``let_through``."""
+
+    fail_at = -1
+    let_through = 0
+
+    async def writev(self, bufs: Sequence[memoryview], offset: int) -> None:
+        if offset // BLOCK == self.fail_at:
+            if not self.let_through:
+                raise OSError(5, "injected", "failing")
+            self.let_through -= 1
+        await super().writev(bufs, offset)
+
+    async def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
+        await self.writev([memoryview(bytes(length))], offset)
+
+
+def test_a_failed_data_write_is_reported_to_the_driver_and_raised() -> None:
+    driver = FailingDataWrites()
+    storage = driver.storage
+    assert isinstance(storage, FailingStorage)
+    access = SyncFormatAccess(driver)
+    access.write(b"\x01" * BLOCK, 0)  # host block 0
+    # The write spans guest blocks 1 and 2; the copy into new host block 1 succeeds, the data fails.
+    storage.fail_at, storage.let_through = 1, 1
+    with pytest.raises(OSError, match="injected"):
+        access.write(b"\x02" * (BLOCK + 100), BLOCK + 10)
+    assert driver.failed == [(BLOCK + 10, BLOCK - 10)]  # the one mapping whose write failed, as ensured
+    # The zeroing fallback (a partial block written as zeroes through its mapping) reports it too.
+    storage.fail_at, storage.let_through = 2, 1
+    with pytest.raises(OSError, match="injected"):
+        access.write_zeroes(3 * BLOCK + 7, 100)
+    assert driver.failed[1:] == [(3 * BLOCK + 7, 100)]
+    # Successful writes report nothing.
+    storage.fail_at = -1
+    access.write(b"\x03" * 10, 5 * BLOCK)
+    assert len(driver.failed) == 2
+
+
+def test_failed_data_writes_need_no_driver_support() -> None:
+    """The default does nothing: the error still reaches the caller."""
+    top = BlockDriver(FailingStorage(0), 4 * BLOCK, None, writable=True)
+    storage = top.storage
+    assert isinstance(storage, FailingStorage)
+    storage.fail_at = 0
+    with pytest.raises(OSError, match="injected"):
+        SyncFormatAccess(top).write(b"\x01" * 100, 0)
