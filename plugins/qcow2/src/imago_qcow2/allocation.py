@@ -23,8 +23,6 @@ freed cluster holding other bytes).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 from imago import FormatDriver, ShallowRaw, read_through
 
 from .l2_entries import Fill, Update
@@ -34,8 +32,8 @@ from .tables import L2Table
 
 __all__ = ["Allocation"]
 
-#: How many guest clusters' unconfirmed bindings are remembered (the oldest are forgotten: far more
-#: than the requests a caller keeps in flight).
+#: How many guest clusters' unconfirmed bindings are remembered; beyond, all are forgotten (far more
+#: than the requests a caller keeps in flight: a write succeeds or fails long before).
 _UNWRITTEN_LIMIT = 4096
 
 
@@ -70,7 +68,7 @@ class Allocation:
         self._metadata_under = state.placement.metadata_under
         self._guard = state.guard
         # Guest cluster -> the binding a write not yet seen to succeed made (see the module).
-        self._unwritten: OrderedDict[int, _Unwritten] = OrderedDict()
+        self._unwritten: dict[int, _Unwritten] = {}
         self._write_backs = state.write_backs
 
     async def writable_table(self, offset: int) -> L2Table:
@@ -186,26 +184,28 @@ class Allocation:
 
     # --- bindings whose data write may still fail ----------------------------------------------
 
+    def _forget(self) -> None:
+        for record in self._unwritten.values():
+            record.live = False
+        self._unwritten.clear()
+
     def _current(self) -> bool:
         """Whether the remembered bindings are still undoable (else forget them: a write-back ran)."""
         if self._state.write_backs != self._write_backs:
             self._write_backs = self._state.write_backs
-            for record in self._unwritten.values():
-                record.live = False
-            self._unwritten.clear()
+            self._forget()
             return False
         return True
 
     def _remember(self, first_cluster: int, record: _Unwritten) -> None:
         unwritten = self._unwritten
-        self._current()
+        if len(unwritten) > _UNWRITTEN_LIMIT or not self._current():
+            self._forget()
         for cluster in range(first_cluster, first_cluster + len(record.bound)):
-            earlier = unwritten.pop(cluster, None)
+            earlier = unwritten.get(cluster)
             if earlier is not None:  # bound again since: undoing it would undo this write's binding too
                 earlier.live = False
             unwritten[cluster] = record
-        while len(unwritten) > _UNWRITTEN_LIMIT:
-            unwritten.popitem(last=False)[1].live = False
 
     def _used(self, offset: int, length: int) -> None:
         """Another write uses the clusters of guest ``[offset, offset + length)``: their bindings stay."""
