@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Peak memory and time of opening hostile images: the fuzz corpora, the findings, a 1 EiB disk.
+"""Peak memory and time of opening hostile images: the malformed corpus, the fuzz corpora, a 1 EiB disk.
 
 Every image of ``fuzz/corpus/{qcow2,raw}`` and ``fuzz/regressions/*`` (crafted and mutated
-images, many malformed), plus a 1 EiB-virtual qcow2 made by ``qemu-img create`` (a 22 MiB file),
+images, many malformed), every image ``plugins/qcow2/tests/test_malformed.py`` opens (one per
+refusal rule: that test file runs first under the ``bench/_keep_opened.py`` pytest plugin, which
+keeps a copy of each), plus a 1 EiB-virtual qcow2 made by ``qemu-img create`` (a 22 MiB file),
 is opened in a fresh process with an explicit format and ``DenyImplicitOpenGate``: open,
 ``info()``, one mapping over the whole disk, and 1 MiB read at the start and at the end. The
 reference runs in the same loop: ``qemu-img info -f FMT`` of the same file. Each process runs
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,9 +50,24 @@ except imago.ImagoError as error:
 """
 
 
+def malformed(quick: bool, work: Path) -> list[tuple[str, Path, str]]:
+    """The images ``test_malformed.py`` opens (with ``--quick``, those of two of its tests)."""
+    kept = work / "malformed"
+    kept.mkdir()
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "_keep_opened"]
+    command.append(str(ROOT / "plugins" / "qcow2" / "tests" / "test_malformed.py"))
+    if quick:
+        command += ["-k", "bad_magic or l1_table_offset_past_eof"]
+    env = dict(os.environ, IMAGO_KEEP_OPENED=str(kept), PYTHONPATH=str(ROOT / "bench"))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"test_malformed.py failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return [(f"malformed/{p.name}", p, "qcow2") for p in sorted(kept.iterdir())]
+
+
 def images(quick: bool, work: Path) -> list[tuple[str, Path, str]]:
     """(label, path, format) of every image to open."""
-    found: list[tuple[str, Path, str]] = []
+    found: list[tuple[str, Path, str]] = malformed(quick, work)
     for directory, fmt in (("corpus/qcow2", "qcow2"), ("corpus/raw", "raw")):
         paths = sorted((ROOT / "fuzz" / directory).iterdir())
         found += [(f"{directory}/{p.name}", p, fmt) for p in paths[: 3 if quick else None]]

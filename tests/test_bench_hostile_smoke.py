@@ -28,3 +28,4 @@ def test_bench_hostile_quick() -> None:
         assert row["imago"]["outcome"] == "ok" or row["imago"]["outcome"].endswith("Error")
     assert summary["imago"]["max_rss_mib"] > summary["python_import_imago"]["rss_kib"] / 1024 / 2
     assert "qemu-img create" in summary["rows"][-1]["image"]
+    assert any(row["image"].startswith("malformed/") for row in summary["rows"])
