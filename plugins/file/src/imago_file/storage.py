@@ -9,6 +9,13 @@ holds, and the rest moves to imago's I/O threads. With ``direct=True`` the file 
 
 Opening takes QEMU's image locks (see :mod:`imago_file.locking`), so imago and QEMU processes
 sharing a host exclude each other as QEMU processes do; closing releases them.
+
+``driver_options={"file_identity": (st_dev, st_ino)}`` (what the sandbox gate passes) opens
+only that file: the name is first opened as a handle (``O_PATH``, never through a symbolic link
+in its last component: no device opened, no FIFO waited for), compared with the identity, and
+only then reopened for I/O through ``/proc/self/fd`` (the same file, whatever the name leads to
+by then). Without ``/proc`` the name itself is opened non-blocking and not following a link,
+and compared after opening. Another file is refused with :class:`~imago.ImplicitOpenDeniedError`.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from collections.abc import Sequence
 
 from imago import (
     ClosedError,
+    ImplicitOpenDeniedError,
     InvalidOptionError,
     PreallocateMode,
     RangeLock,
@@ -57,6 +65,10 @@ _FIRST_BLOCK = 4096
 _ALIGNMENTS = (1, 512, 1024, 2048, 4096)
 # End of the range a write locks when it must own everything from its start to the end of the file.
 _TO_EOF = 1 << 63
+# The driver option naming the only file an open may reach (imago.format.gates.FILE_IDENTITY).
+_FILE_IDENTITY = "file_identity"
+# Where a descriptor is reopened: the magic link reaches its very file, whatever its name now is.
+_PROC_FD = "/proc/self/fd/"
 
 
 def _file_kind(mode: int) -> str:
@@ -68,6 +80,70 @@ def _file_kind(mode: int) -> str:
     if stat.S_ISSOCK(mode):
         return "a socket"
     return "a special file"
+
+
+def _check_file_type(filename: str, mode: int) -> None:
+    """Refuse what is neither a regular file nor a block device."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filename)
+    raise UnsupportedFileTypeError(filename, _file_kind(mode), "a regular file or block device")
+
+
+def _file_identity(options: StorageOpenOptions) -> tuple[int, int] | None:
+    """The ``(st_dev, st_ino)`` the open must reach, if the options name one."""
+    identity = options.driver_options.get(_FILE_IDENTITY)
+    if identity is None:
+        return None
+    if (
+        not isinstance(identity, tuple)
+        or len(identity) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in identity)
+    ):
+        raise InvalidOptionError(
+            "driver_options", f"{_FILE_IDENTITY!r} must be a (st_dev, st_ino) pair of integers, got {identity!r}"
+        )
+    return identity
+
+
+def _changed(filename: str) -> ImplicitOpenDeniedError:
+    return ImplicitOpenDeniedError(filename, "the file changed while it was being opened", allowable=False)
+
+
+def _open_identified(filename: str, flags: int, identity: tuple[int, int]) -> int:
+    """Open *filename* with *flags* only if it is the file *identity* names; never blocks on a FIFO."""
+    # No controlling terminal, no waiting for a FIFO's other end (cleared again once the file is known).
+    flags |= os.O_NONBLOCK | os.O_NOCTTY
+    handle = os.open(filename, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(handle)
+        # (A symbolic link in the last component is its own file here, so it never matches.)
+        if (st.st_dev, st.st_ino) != identity:
+            raise _changed(filename)
+        # Refused before opening it for I/O: what the driver would refuse after a plain open.
+        _check_file_type(filename, st.st_mode)
+        try:
+            fd = os.open(f"{_PROC_FD}{handle}", flags)
+        except FileNotFoundError:
+            # No /proc: the name once more, compared after opening (a device put there meanwhile is opened, unread).
+            try:
+                fd = os.open(filename, flags | os.O_NOFOLLOW)
+            except OSError as error:
+                if error.errno == errno.ELOOP:
+                    raise _changed(filename) from error
+                raise
+    finally:
+        os.close(handle)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != identity:
+            raise _changed(filename)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class File(Storage):
@@ -145,17 +221,22 @@ class File(Storage):
         flags = (os.O_RDWR if options.writable else os.O_RDONLY) | os.O_CLOEXEC | extra_flags
         if options.direct:
             flags |= os.O_DIRECT
-        fd = os.open(filename, flags, 0o644)
+        identity = _file_identity(options)
+        if identity is None:
+            fd = os.open(filename, flags, 0o644)
+        elif extra_flags & os.O_CREAT:
+            raise InvalidOptionError(
+                "driver_options", f"{_FILE_IDENTITY!r} opens an existing file; it cannot create one"
+            )
+        else:
+            fd = _open_identified(filename, flags, identity)
         try:
             st = os.fstat(fd)
+            _check_file_type(filename, st.st_mode)
             if stat.S_ISBLK(st.st_mode):
                 block_device, size = True, syscalls.block_device_size(fd)
-            elif stat.S_ISREG(st.st_mode):
-                block_device, size = False, st.st_size
-            elif stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), filename)
             else:
-                raise UnsupportedFileTypeError(filename, _file_kind(st.st_mode), "a regular file or block device")
+                block_device, size = False, st.st_size
             locking.lock_image(
                 fd,
                 filename,
