@@ -49,36 +49,46 @@ def input_random(data: bytes) -> random.Random:
     return random.Random(zlib.crc32(data))
 
 
-def _builder(format_name: str, data: bytes, *, writable: bool, no_backing: bool, data_file: bool, check: bool) -> Any:
+#: The label of the in-memory data file :func:`open_image` gives an image that names one.
+DATA_FILE_LABEL = "fuzz-data-file"
+
+
+def _builder(
+    format_name: str, data: bytes, *, writable: bool, no_backing: bool, data_file: bytes | None, check: bool
+) -> Any:
     storage = MemoryStorage(data, writable=writable)
     builder: Any = imago.format_driver(format_name).builder(storage).write(writable).open_backing(not no_backing)
-    if data_file:
+    if data_file is not None:
         # qcow2's builder option (Qcow2Builder.data_file); open_image asks hasattr first.
-        builder.data_file(MemoryStorage(b"", writable=writable, label="fuzz-data-file"))
+        builder.data_file(MemoryStorage(data_file, writable=writable, label=DATA_FILE_LABEL))
     return builder.for_check(check)
 
 
-def open_image(format_name: str, data: bytes, *, writable: bool = False, for_check: bool = False) -> SyncFormatAccess:
+def open_image(
+    format_name: str, data: bytes, *, writable: bool = False, for_check: bool = False, data_file: bytes = b""
+) -> SyncFormatAccess:
     """Open *data* as a *format_name* image held in memory.
 
     The first attempt opens the image as it is (its backing file through the deny gate); an
-    image the gate refuses is opened again without its backing file, then also with an empty
-    in-memory data file. With *for_check*, an image refused as corrupt is opened again as
+    image the gate refuses is opened again without its backing file, then also with an
+    in-memory data file holding *data_file* (empty by default; a reopened image gets the bytes
+    its data file held). With *for_check*, an image refused as corrupt is opened again as
     ``qemu-img check`` opens damaged images.
     """
     gate = DenyImplicitOpenGate()
-    no_backing = data_file = check = False
+    no_backing = check = False
+    given_data_file: bytes | None = None
     while True:
         builder = _builder(
-            format_name, data, writable=writable, no_backing=no_backing, data_file=data_file, check=check
+            format_name, data, writable=writable, no_backing=no_backing, data_file=given_data_file, check=check
         )
         try:
             return SyncFormatAccess(runtime.run_sync(builder.open(gate)))
         except ImplicitOpenDeniedError:
             if not no_backing:
                 no_backing = True
-            elif not data_file and hasattr(builder, "data_file"):
-                data_file = True
+            elif given_data_file is None and hasattr(builder, "data_file"):
+                given_data_file = data_file
             else:
                 raise
         except imago.CorruptImageError:

@@ -29,7 +29,7 @@ from imago import (
 
 from ..memory import MemoryStorage
 from ..verdict import DataMismatch, acceptable
-from .common import close_quietly, open_image
+from .common import DATA_FILE_LABEL, close_quietly, open_image
 
 __all__ = [
     "ALLOWED_OS_ERRORS",
@@ -311,6 +311,8 @@ def apply_input(data: bytes) -> Outcome:
     image, ops = decode(data)
     disk = open_image("qcow2", image, writable=True)
     storage = disk.driver.storage
+    # An image naming a data file got an in-memory one: its bytes go with the image when reopened.
+    data_files = [s for s in disk.driver.storages() if isinstance(s, MemoryStorage) and s.filename == DATA_FILE_LABEL]
     try:
         clean = _clean(disk)
         model = _Model(disk) if clean else None
@@ -334,12 +336,12 @@ def apply_input(data: bytes) -> Outcome:
         raise AssertionError(f"the image's storage is {storage!r}, not the input's memory storage")
     final = bytes(storage.data)
     if model is not None:
-        _verify_reopened(final, model)
+        _verify_reopened(final, model, bytes(data_files[0].data) if data_files else b"")
     return Outcome(final, model is not None)
 
 
-def _verify_reopened(image: bytes, model: _Model) -> None:
-    disk = open_image("qcow2", image)
+def _verify_reopened(image: bytes, model: _Model, data_file: bytes) -> None:
+    disk = open_image("qcow2", image, data_file=data_file)
     try:
         model.verify(disk, "after reopening")
         result = disk.check()
