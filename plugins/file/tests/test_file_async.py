@@ -425,3 +425,70 @@ def test_run_sync_and_async_requests_in_one_loop(image, data, open_file):
         apply(model, b"async", i * 1000)
     apply(model, b"sync", 100_000)
     assert image.read_bytes() == model
+
+
+# --- memory file systems -------------------------------------------------------------------------
+
+
+def mount_type(path: str) -> str:
+    """The file system type of the mount holding *path*, from ``/proc/self/mountinfo`` (longest mount point)."""
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    with open("/proc/self/mountinfo") as mounts:
+        for line in mounts:
+            fields = line.split()
+            point = fields[4].replace("\\040", " ")
+            fstype = fields[fields.index("-") + 1]
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, kind = point, fstype
+    return kind
+
+
+@pytest.mark.parametrize("where", ["/dev/shm", "tmp_path"])
+def test_memory_file_systems_are_recognised(where, tmp_path):
+    from imago_file import syscalls
+
+    directory = str(tmp_path) if where == "tmp_path" else where
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        found = syscalls.in_memory_file_system(fd)
+    finally:
+        os.close(fd)
+    assert found == (mount_type(directory) in ("tmpfs", "ramfs", "hugetlbfs")), mount_type(directory)
+
+
+@pytest.fixture
+def shm_image():
+    assert mount_type("/dev/shm") == "tmpfs", "these tests need /dev/shm on tmpfs"
+    path = f"/dev/shm/imago-test-{os.getpid()}-{threading.get_ident()}.img"
+    with open(path, "wb") as file:
+        file.write(pattern(1 << 20, seed=3))
+    yield path
+    os.unlink(path)
+
+
+def test_small_requests_in_memory_need_no_thread(shm_image, spy):
+    """tmpfs has no RWF_NOWAIT: small reads and writes there are done in place, never in a thread."""
+    storage = File.open_sync(StorageOpenOptions(filename=shm_image, writable=True))
+    data = pattern(1 << 20, seed=3)
+
+    async def main():
+        reads = await asyncio.gather(*(read_async(storage, i * 4096, 4096) for i in range(32)))
+        await asyncio.gather(*(storage.writev([memoryview(b"\x11" * 4096)], i * 8192) for i in range(16)))
+        return reads
+
+    try:
+        assert asyncio.run(main()) == [data[i * 4096 : (i + 1) * 4096] for i in range(32)]
+        assert spy.count("preadv", nowait=True) == spy.count("pwritev", nowait=True) == 0
+        assert spy.count("preadv", in_pool=True) == spy.count("pwritev", in_pool=True) == 0
+        assert spy.count("preadv") == 32
+        assert spy.count("pwritev") == 16
+        # Large requests still go to the I/O threads (many of them run on all cores).
+        asyncio.run(read_async(storage, 0, 1 << 20))
+        assert spy.count("preadv", in_pool=True) >= 1
+    finally:
+        runtime.run_sync(storage.close())
+    with open(shm_image, "rb") as file:
+        content = file.read()
+    assert all(content[i * 8192 : i * 8192 + 4096] == b"\x11" * 4096 for i in range(16))

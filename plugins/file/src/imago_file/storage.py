@@ -3,7 +3,9 @@
 Reads and writes go with ``os.preadv``/``os.pwritev`` straight between the file and the
 caller's buffers. Without a running event loop (or under the synchronous API) I/O happens in
 place; under a loop a non-blocking attempt (``RWF_NOWAIT``) serves what the page cache
-holds, and the rest moves to imago's I/O threads. With ``direct=True`` the file is opened
+holds, and the rest moves to imago's I/O threads. In a memory file system (tmpfs, where
+``RWF_NOWAIT`` is unsupported and nothing waits for a device) requests up to 256 KiB are done
+in place under a loop too. With ``direct=True`` the file is opened
 ``O_DIRECT``; requests that miss the alignment are served through aligned bounce buffers
 (read-modify-write for writes, serialised against overlapping writes).
 
@@ -164,6 +166,9 @@ class File(Storage):
         self._size = size
         self._nowait_read = True
         self._nowait_write = True
+        # tmpfs and the like: no request waits for a device, so under a loop small ones are done in
+        # place (where RWF_NOWAIT is unsupported and would send every one to a thread).
+        self._in_memory = not direct and not block_device and syscalls.in_memory_file_system(fd)
         self._mem_align = 1
         self._req_align = 1
         self._locks = RangeLock()
@@ -388,6 +393,8 @@ class File(Storage):
         """Read what the page cache holds without blocking; returns the bytes read."""
         if not self._nowait_read or len(bufs) > _IOV_MAX or iovec_length(bufs) > _NOWAIT_MAX:
             return 0
+        if self._in_memory:
+            return os.preadv(fd, bufs, offset)
         try:
             return os.preadv(fd, bufs, offset, os.RWF_NOWAIT)
         except BlockingIOError:
@@ -523,6 +530,8 @@ class File(Storage):
     def _try_nowait_write(self, fd: int, bufs: Sequence[memoryview], offset: int) -> int:
         if not self._nowait_write or len(bufs) > _IOV_MAX or iovec_length(bufs) > _NOWAIT_MAX:
             return 0
+        if self._in_memory:
+            return os.pwritev(fd, bufs, offset)
         try:
             return os.pwritev(fd, bufs, offset, os.RWF_NOWAIT)
         except BlockingIOError:

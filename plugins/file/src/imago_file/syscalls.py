@@ -17,6 +17,7 @@ __all__ = [
     "block_device_size",
     "direct_io_alignment",
     "fallocate",
+    "in_memory_file_system",
 ]
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -34,6 +35,27 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+# f_type of the file systems that keep files in memory: tmpfs, ramfs, hugetlbfs (statfs(2)).
+_MEMORY_FILE_SYSTEMS = frozenset({0x01021994, 0x858458F6, 0x958458F6})
+_fstatfs = getattr(_libc, "fstatfs", None)
+if _fstatfs is not None:
+    _fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]
+    _fstatfs.restype = ctypes.c_int
+
+
+def in_memory_file_system(fd: int) -> bool:
+    """Whether the file of *fd* lives in a memory file system (tmpfs, ramfs, hugetlbfs).
+
+    I/O there never waits for a device. ``False`` when ``fstatfs(2)`` is unavailable or fails.
+    """
+    if _fstatfs is None:
+        return False
+    buf = ctypes.create_string_buffer(256)  # struct statfs is 120 bytes on 64-bit Linux
+    if _fstatfs(fd, buf) != 0:
+        return False
+    return ctypes.c_long.from_buffer(buf).value in _MEMORY_FILE_SYSTEMS  # f_type, the first field (a long)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
