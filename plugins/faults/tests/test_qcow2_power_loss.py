@@ -19,9 +19,9 @@ made by qemu-img/qemu-io and runs as a seeded list of operations through ``imago
   completed flush (bytes changed since then may hold either content; snapshots created or deleted
   since may or may not exist; snapshots that existed at the flush must keep their content).
 
-Bugs these tests found in the qcow2 driver are pinned by strict xfail tests at the end (each
-made as small as it goes); when a sampled run meets one of them (recognised by what ``qemu-img
-check`` reports), it is counted, the run goes on, and the test ends as an xfail naming it.
+The qcow2 bugs these tests found are fixed; each has a small regression test at the end
+(a failed L2 copy, a failed data write's binding, and in ``plugins/qcow2/tests/test_repair_past_end.py``
+the repair of an L2 entry a power loss left pointing past the end of the file).
 
 The number of crash points explored is printed (``-s``). ``IMAGO_POWER_LOSS_POINTS`` sets the
 number of crash points per workload (``all``: every one), ``IMAGO_FAULT_POINTS`` the number of
@@ -38,7 +38,7 @@ import random
 import shutil
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -449,29 +449,16 @@ class Executor:
         self.current = None
 
 
-#: A known bug (see :func:`test_known_bug_lazy_repair_with_an_l2_entry_past_the_end`): the message
-#: of ``qemu-img check`` (and imago's) for an L2 entry pointing a whole cluster or more past the end.
-PAST_THE_END = "exceeding the end of the file by one cluster or more"
-
-
-class KnownRepairBugError(AssertionError):
-    """A dirty image the repair on opening cannot mend: an L2 entry points past the end of the file."""
-
-
 def verify_image(path: Path, expectation: Expectation, workload: Workload, what: str) -> bool:
     """Check a crashed image as the module says; whether it was dirty (and repaired on opening)."""
     dirty = is_dirty(path)
     if dirty:
         # Only lazy refcounts mark an image dirty; opening it for writing repairs it (as QEMU does).
         assert workload.lazy, f"{what}: a dirty image without lazy refcounts"
-        before = path.with_name(f"{path.stem}-before-repair{path.suffix}")
-        shutil.copyfile(path, before)
+        # (An L2 entry the power loss left pointing past the end of the file is unmapped by the
+        # repair: its data write never reached the disk. QEMU 7.2 cannot repair that.)
         with imago.open(path, "qcow2", write=True):
             pass
-        if is_dirty(path):
-            findings = run("qemu-img", "check", "-f", "qcow2", before.name, cwd=before.parent)
-            if PAST_THE_END in findings.stdout + findings.stderr:
-                raise KnownRepairBugError(f"{what}: the repair on opening failed, an L2 entry points past the end")
         assert not is_dirty(path), f"{what}: still dirty after imago opened it for writing"
     try:
         qemu = qemu_check(path)
@@ -571,13 +558,11 @@ def explore_power_loss(
     points: int | None = POWER_LOSS_POINTS,
     only: set[int] | None = None,
     losses: tuple[tuple[str, bool, int | None], ...] = LOSSES,
-    tolerate_known_bug: bool = True,
 ) -> collections.Counter[str]:
     """Run the workload with a volatile write cache, checking the images a power loss leaves at sampled points.
 
     *points* crash points are sampled (``None``: all of them), or *only* those given (numbers of
-    write calls). A dirty image the known repair bug leaves is counted, not failed, unless
-    *tolerate_known_bug* is false.
+    write calls).
     """
     base = make_base(workload, directory)
     start = start_state(base, workload)
@@ -632,14 +617,9 @@ def explore_power_loss(
     def verify_taken() -> None:
         for what, data, expectation in taken:
             crashed.write_bytes(data)
-            try:
-                explored["dirty, repaired on opening"] += verify_image(
-                    crashed, expectation, workload, f"{workload.name}: power loss before {what}"
-                )
-            except KnownRepairBugError:
-                if not tolerate_known_bug:
-                    raise
-                explored["dirty, known repair bug"] += 1
+            explored["dirty, repaired on opening"] += verify_image(
+                crashed, expectation, workload, f"{workload.name}: power loss before {what}"
+            )
             explored["images checked"] += 1
         taken.clear()
 
@@ -668,42 +648,6 @@ def explore_power_loss(
 def test_power_loss(workload: Workload, tmp_path: Path) -> None:
     explored = explore_power_loss(workload, tmp_path)
     EXPLORED[f"{workload.name}, power loss"].update(explored)
-    if explored["dirty, known repair bug"]:
-        pytest.xfail(f"{explored['dirty, known repair bug']} images hit the known repair bug (L2 entry past the end)")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known bug in plugins/qcow2 (the repair of a dirty image on opening, check.py/repair.py; QEMU 7.2's "
-    "check -r all fails the same way): an L2 entry pointing a whole cluster or more past the end of the file, which "
-    "a power loss leaves with lazy refcounts when the L2 table reached the disk and the data write that would have "
-    "extended the file did not, is a corruption no repair fixes: the image stays dirty, opened for writing it "
-    "refuses writes",
-)
-def test_known_bug_lazy_repair_with_an_l2_entry_past_the_end(tmp_path: Path) -> None:
-    """Found by the power losses of the lazy-refcounts workload (write call 94, a random subset kept).
-
-    Made here directly: a lazy-refcount image of 512-byte clusters whose second L2 entry points
-    at the cluster just past the end of the file, marked dirty as a crash leaves it. (In the
-    image the power loss left, the repair's rebuilt refcount block also landed on that cluster.)
-    """
-    path = tmp_path / "lazy.qcow2"
-    options = "cluster_size=512,lazy_refcounts=on"
-    checked("qemu-img", "create", "-q", "-f", "qcow2", "-o", options, path.name, "1M", cwd=tmp_path)
-    checked("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 512", path.name, cwd=tmp_path)
-    image = bytearray(path.read_bytes())
-    l1_offset = int.from_bytes(image[40:48], "big")
-    l2_offset = int.from_bytes(image[l1_offset : l1_offset + 8], "big") & 0x00FF_FFFF_FFFF_FE00
-    past_the_end = -(-len(image) // 512) * 512
-    image[l2_offset + 8 : l2_offset + 16] = (1 << 63 | past_the_end).to_bytes(8, "big")  # COPIED, past the end
-    image[79] |= 1  # the dirty bit (incompatible feature bit 0)
-    path.write_bytes(image)
-    assert PAST_THE_END in run("qemu-img", "check", "-f", "qcow2", path.name, cwd=tmp_path).stderr
-    with imago.open(path, "qcow2", write=True):
-        pass
-    assert not is_dirty(path), "the repair on opening failed: still dirty"
-    qemu_check(path)
 
 
 # --- injected faults -------------------------------------------------------------------------------
@@ -766,19 +710,6 @@ def run_with_fault(base: Path, disk: Path, workload: Workload, ops: list[Op], st
     return kind if closed else f"{kind}, close failed"
 
 
-#: Known bugs of the qcow2 driver's error paths (see the strict xfail tests below), by what
-#: ``qemu-img check`` says of the image closed after the error.
-KNOWN_FAULT_BUGS: dict[str, Callable[[str], bool]] = {}
-
-
-def known_fault_bug(error: AssertionError) -> str | None:
-    """The known bug an assertion of :func:`run_with_fault` shows, if any."""
-    message = str(error)
-    if "closed after the error" not in message.partition("\n")[0]:
-        return None
-    return next((bug for bug, shows in KNOWN_FAULT_BUGS.items() if shows(message)), None)
-
-
 def test_injected_faults(workload: Workload, tmp_path: Path) -> None:
     base = make_base(workload, tmp_path)
     start = start_state(base, workload)
@@ -791,22 +722,11 @@ def test_injected_faults(workload: Workload, tmp_path: Path) -> None:
     rng = random.Random(seed)
     count = total if FAULT_POINTS is None else min(total, FAULT_POINTS)
     explored = EXPLORED[f"{workload.name}, injected faults"]
-    known: collections.Counter[str] = collections.Counter()
     for nth in sorted(rng.sample(range(1, total + 1), count)):
         explored["faults injected"] += 1
-        try:
-            kind = run_with_fault(base, disk, workload, ops, start, nth)
-        except AssertionError as error:
-            bug = known_fault_bug(error)
-            if bug is None:
-                raise
-            known[bug] += 1
-            explored[f"known bug: {bug}"] += 1
-            continue
+        kind = run_with_fault(base, disk, workload, ops, start, nth)
         explored[f"fault: {kind}"] += 1
     print(f"\n{workload.name}: {count} of {total} calls failed in turn, {dict(explored)}")
-    if known:
-        pytest.xfail(f"known bugs: {dict(known)}")
 
 
 def small_image(directory: Path, *commands: str, snapshot: bool = False) -> Path:

@@ -365,9 +365,12 @@ def assert_repaired_like_qemu(path: Path, fix: str) -> CheckResult:
     return result
 
 
-@pytest.mark.parametrize("fix", ["leaks", "all"])
+# An L2 entry past the end of the file is the one damage `-r all` repairs where QEMU 7.2 cannot (the
+# entry is unmapped): plugins/qcow2/tests/test_repair_past_end.py compares that with qemu-img instead.
+@pytest.mark.parametrize(
+    ("damage", "fix"), [(d, f) for d in sorted(DAMAGES) for f in ("leaks", "all") if (d, f) != ("past-eof", "all")]
+)
 @pytest.mark.parametrize("shape", ["64k", "extended"])
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_repairs_as_qemu_does(tmp_path: Path, damage: str, shape: str, fix: str) -> None:
     path = tmp_path / "disk.qcow2"
     damaged(path, shape, DAMAGES[damage])

@@ -235,7 +235,9 @@ def repair_both(damaged: Damaged, directory: Path, mode: str) -> None:
     assert compared.returncode == 0, f"qemu-img compare: {compared.stdout}{compared.stderr}"
 
 
-@case_params(CASES)
+# An L2 entry past the end of the file is the one damage imago's `-r all` repairs where QEMU 7.2
+# cannot (the entry is unmapped): plugins/qcow2/tests/test_repair_past_end.py tests that instead.
+@case_params([case for case in CASES if case.builder is not dmg.l2_entry_past_eof])
 def test_repair_all_as_qemu(case: Case, tmp_path: Path) -> None:
     """``check("all")`` repairs as ``qemu-img check -r all`` does."""
     damaged = case.build(tmp_path)

@@ -11,12 +11,19 @@ follow QEMU 7.2 (``qcow2_co_check_locked``): a repair first fixes what its mode 
 with ``all`` refcounts too low, COPIED flags, misplaced refcount blocks, or the whole refcount
 structure rebuilt), and :func:`check_image` then checks again, as qemu-img does.
 
-Each metadata cluster is read once: L2 tables used by several L1 tables (snapshots) are kept
-while they are still needed (within a memory budget), instead of being read per snapshot.
+Each metadata cluster is read once or twice, so the work is bounded by the file, not by what
+its tables claim: L2 tables used by several L1 tables (snapshots) are kept while they are
+still needed (within a memory budget), and a snapshot's L2 table is walked once, its further
+uses replayed (the same findings) and counted together at the end; an L1 table is read only
+as far as the file reaches, and a snapshot whose L1 table overlaps one counted before is
+reported and not walked (:func:`overlapping_l1_tables`; a repair with ``all`` discards it).
+With ``all``, an active L2 entry naming a cluster past the end of the file (a power loss
+with lazy refcounts) is unmapped (:meth:`_Pass.unmap_past_end`), which QEMU 7.2 cannot repair.
 """
 
 from __future__ import annotations
 
+import bisect
 import sys
 from array import array
 from collections.abc import Iterator
@@ -48,7 +55,15 @@ from .snapshot_table import Snapshot, encode_snapshot_table, read_snapshot_table
 from .state import Qcow2State
 from .tables import decode_words, read_l1, table_clusters
 
-__all__ = ["PassResult", "Session", "check_image", "check_pass", "reload_state", "rewrite_snapshot_table"]
+__all__ = [
+    "PassResult",
+    "Session",
+    "check_image",
+    "check_pass",
+    "overlapping_l1_tables",
+    "reload_state",
+    "rewrite_snapshot_table",
+]
 
 L1E_OFFSET_MASK = 0x00FFFFFFFFFFFE00
 L1E_RESERVED = 0x7F000000000001FF
@@ -151,7 +166,13 @@ class _Pass:
     """One check (and repair) pass over the image as it is on disk."""
 
     def __init__(
-        self, state: Qcow2State, fix: RepairMode | None, header: Header, snapshots: list[Snapshot], session: Session
+        self,
+        state: Qcow2State,
+        fix: RepairMode | None,
+        header: Header,
+        snapshots: list[Snapshot],
+        session: Session,
+        dropped: frozenset[int] = frozenset(),
     ) -> None:
         self.state = state
         self.session = session
@@ -163,6 +184,10 @@ class _Pass:
         self.fix_errors = fix is RepairMode.ALL
         self.header = header
         self.snapshots = snapshots
+        #: Snapshots whose L1 table overlaps an L1 table counted before theirs (see :func:`overlapping_l1_tables`).
+        self.overlapping = overlapping_l1_tables(header, snapshots)
+        #: Snapshots this repair discards (their entries are dropped from the table after the pass).
+        self.dropped = dropped
         self.cluster_bits = header.cluster_bits
         self.cluster_size = header.cluster_size
         self.extended = header.extended_l2
@@ -179,6 +204,12 @@ class _Pass:
         self._l2_uses: dict[int, int] = {}
         self._l2_kept: dict[int, array[int]] = {}
         self._l2_kept_bytes = 0
+        # Snapshot L2 tables walked once: (the walk's findings, its corruptions), and how many
+        # further walks were replayed (see walk_inactive).
+        self._walked: dict[int, tuple[list[CheckFinding], int]] = {}
+        self._repeats: dict[int, int] = {}
+        #: Counters found full so far.
+        self.overflows = 0
         offset_bits = 62 - (header.cluster_bits - 8)
         self._compressed_offset_mask = (1 << offset_bits) - 1
         self._csize_shift = offset_bits
@@ -231,7 +262,9 @@ class _Pass:
         if self._guard is None:
             disk = self.disk
             assert disk is not None
-            self._guard = MetadataGuard(self.storage, self.header, self.snapshots, self.active_l1, disk.table)
+            # (the tables of discarded snapshots are not theirs: what they claim is free)
+            snapshots = [s for number, s in enumerate(self.snapshots) if number not in self.dropped]
+            self._guard = MetadataGuard(self.storage, self.header, snapshots, self.active_l1, disk.table)
         return self._guard
 
     # --- counting references -----------------------------------------------------------------
@@ -251,9 +284,52 @@ class _Pass:
             return
         for cluster in range(offset >> cluster_bits, ((offset + size - 1) >> cluster_bits) + 1):
             if not self.increment(cluster):
+                self.overflows += 1
                 self.corruption(
                     f"ERROR: overflow cluster offset={cluster << cluster_bits:#x}\n{_OVERFLOW_HINT}", cluster=cluster
                 )
+
+    def inc_regions(self, regions: list[tuple[int, int]]) -> None:
+        """:meth:`inc` for each ``(offset, size)`` of *regions*, at a cost bounded by the file.
+
+        65535 snapshots naming one 32 MiB L1 table would be 33 Mi increments one by one; here
+        each region costs O(1) and each cluster of the file they cover O(1) (a difference
+        array). Overflows are counted per failed increment, reported once per cluster.
+        """
+        cluster_bits = self.cluster_bits
+        starts: dict[int, int] = {}
+        for offset, size in regions:
+            if size <= 0:
+                continue
+            if offset + size - self.storage.size >= self.cluster_size:
+                self.inc(offset, size)  # (reports the region past the end, counts nothing)
+                continue
+            first, end = offset >> cluster_bits, ((offset + size - 1) >> cluster_bits) + 1
+            starts[first] = starts.get(first, 0) + 1
+            starts[end] = starts.get(end, 0) - 1
+        if not starts:
+            return
+        edges = sorted(starts)
+        try:
+            self.counts.grow(edges[-1])  # (at most one cluster: the regions end inside the file's last one)
+        except RefcountArrayTooLargeError as error:
+            self.res.check_errors += 1
+            raise _CheckFailedError(_ENOMEM) from error
+        values, maximum = self.counts.values, self.counts.maximum
+        depth = 0
+        for edge, following in zip(edges, [*edges[1:], edges[-1]], strict=True):
+            depth += starts[edge]
+            for cluster in range(edge, following) if depth else ():
+                total = values[cluster] + depth
+                values[cluster] = min(total, maximum)
+                if total > maximum:
+                    self.overflows += 1
+                    self.res.corruptions += total - maximum
+                    self.report(
+                        FindingKind.CORRUPTION,
+                        f"ERROR: overflow cluster offset={cluster << cluster_bits:#x}\n{_OVERFLOW_HINT}",
+                        cluster=cluster,
+                    )
 
     def increment(self, cluster: int) -> bool:
         """Count one reference to *cluster* (``False``: its counter is full)."""
@@ -264,8 +340,10 @@ class _Pass:
             raise _CheckFailedError(_ENOMEM) from error
 
     async def read_l1(self, offset: int, entries: int) -> array[int]:
+        """The entries of an L1 table that lie in the file (the rest read as zero: nothing to walk)."""
+        length = min(entries * 8, max(0, self.storage.size - offset) // 8 * 8)
         try:
-            return decode_words(await read_at(self.storage, offset, entries * 8))
+            return decode_words(await read_at(self.storage, offset, length))
         except OSError as error:
             self.check_error("ERROR: I/O error in check_refcounts_l1", offset=offset)
             raise _CheckFailedError(_strerror(error)) from error
@@ -300,11 +378,13 @@ class _Pass:
             return _NORMAL if self.data_file and entry & OFLAG_COPIED else _UNALLOCATED
         return _NORMAL
 
-    async def check_l1(self, l1_offset: int, l1: array[int], *, frag: bool, fix: bool, active: bool) -> None:
-        """check_refcounts_l1: the L1 table, its L2 tables and what they reference."""
-        if not len(l1):
+    async def check_l1(
+        self, l1_offset: int, l1_size: int, l1: array[int], *, frag: bool, fix: bool, active: bool
+    ) -> None:
+        """check_refcounts_l1: the L1 table (*l1_size* entries, *l1* those in the file), its L2 tables and theirs."""
+        if not l1_size:
             return
-        self.inc(l1_offset, len(l1) * 8)
+        self.inc(l1_offset, l1_size * 8)
         cluster_mask = self.cluster_size - 1
         for entry in l1:
             if not entry:
@@ -318,7 +398,89 @@ class _Pass:
                     f"ERROR l2_offset={l2_offset:x}: Table is not cluster aligned; L1 entry corrupted",
                     offset=l2_offset,
                 )
-            await self.check_l2(l2_offset, frag=frag, fix=fix, active=active)
+            if l2_offset >= self.storage.size:
+                continue  # (it would read as zeroes: nothing to walk; reading it is work a crafted L1 multiplies)
+            if active:
+                await self.check_l2(l2_offset, frag=frag, fix=fix, active=active)
+            else:
+                await self.walk_inactive(l2_offset, fix=fix)
+
+    async def walk_inactive(self, l2_offset: int, *, fix: bool) -> None:
+        """check_l2 for a snapshot's L2 table, whose walks after the first are replayed.
+
+        Walking a table again finds what the first walk found: the same findings and, for each
+        data cluster, one more reference. So the first walk's findings are kept and replayed
+        and the later walks only counted (:meth:`count_repeats`, after the last snapshot):
+        each L2 table is read at most twice however many L1 entries name it, and the work is
+        bounded by the file (65536 snapshots sharing one table, or a crafted 32 MiB L1 table of
+        4 Mi entries naming one cluster, were a read and a walk per entry). A walk that repaired
+        something or overflowed a counter is not kept: the next one walks again.
+        """
+        walk = self._walked.get(l2_offset)
+        res = self.res
+        if walk is not None:
+            for finding in walk[0]:
+                if len(self.findings) < _MAX_FINDINGS:
+                    self.findings.append(finding)
+            res.corruptions += walk[1]
+            self._repeats[l2_offset] = self._repeats.get(l2_offset, 0) + 1
+            return
+        findings, corruptions = len(self.findings), res.corruptions
+        fixed, errors, overflows = res.corruptions_fixed, res.check_errors, self.overflows
+        await self.check_l2(l2_offset, frag=False, fix=fix, active=False)
+        if (res.corruptions_fixed, res.check_errors, self.overflows) == (fixed, errors, overflows):
+            self._walked[l2_offset] = (self.findings[findings:], res.corruptions - corruptions)
+
+    async def count_repeats(self) -> None:
+        """The references of the L2 tables' later walks (:meth:`walk_inactive`), each read once more."""
+        extended, data_file = self.extended, self.data_file
+        step = 2 if extended else 1
+        cluster_size, cluster_bits = self.cluster_size, self.cluster_bits
+        file_size = self.storage.size
+        added: dict[int, int] = {}
+        for l2_offset, times in self._repeats.items():
+            words = await self.l2_entries(l2_offset, "ERROR: I/O error in check_refcounts_l2")
+            for position in range(0, len(words), step):
+                entry = words[position]
+                if not entry or data_file:
+                    continue  # (with a data file, check_l2 counts no data cluster)
+                kind = self.cluster_type(entry)
+                if kind == _COMPRESSED:
+                    if extended and words[position + 1]:
+                        continue
+                    host = entry & self._compressed_offset_mask
+                    size = (((entry >> self._csize_shift) & self._csize_mask) + 1) * 512 - (host & 511)
+                elif kind in (_NORMAL, _ZERO_ALLOC):
+                    host, size = entry & L2E_OFFSET_MASK, cluster_size
+                else:
+                    continue
+                if host + size - file_size >= cluster_size:
+                    continue  # (reported by the first walk, counted by none)
+                for cluster in range(host >> cluster_bits, ((host + size - 1) >> cluster_bits) + 1):
+                    added[cluster] = added.get(cluster, 0) + times
+        self._repeats.clear()
+        if added:
+            self.add_counts(added)
+
+    def add_counts(self, added: dict[int, int]) -> None:
+        """Count *added[cluster]* more references to each cluster (saturating, overflows reported)."""
+        try:
+            self.counts.grow(max(added) + 1)
+        except RefcountArrayTooLargeError as error:
+            self.res.check_errors += 1
+            raise _CheckFailedError(_ENOMEM) from error
+        values, maximum = self.counts.values, self.counts.maximum
+        for cluster in sorted(added):
+            total = values[cluster] + added[cluster]
+            values[cluster] = min(total, maximum)
+            if total > maximum:
+                self.overflows += 1
+                self.res.corruptions += total - maximum
+                self.report(
+                    FindingKind.CORRUPTION,
+                    f"ERROR: overflow cluster offset={cluster << self.cluster_bits:#x}\n{_OVERFLOW_HINT}",
+                    cluster=cluster,
+                )
 
     async def check_l2(self, l2_offset: int, *, frag: bool, fix: bool, active: bool) -> None:
         """check_refcounts_l2: the references of one L2 table, and its entries' sanity."""
@@ -335,6 +497,8 @@ class _Pass:
         # flag but COPIED, counter not full) is counted inline: a 10 GiB preallocated image has
         # 163840 of them. Anything else takes the general path below, as QEMU's check does.
         fast = not extended and not self.data_file
+        # Only an aligned active table is one a guest write (and the crash) can have left so.
+        repair_past_end = fix and self.fix_errors and active and not l2_offset & cluster_mask
         slow_bits = OFLAG_COMPRESSED | OFLAG_ZERO | L2E_STD_RESERVED | cluster_mask
         counts = self.counts
         for position in range(0, len(words), step):
@@ -375,13 +539,28 @@ class _Pass:
                     continue
                 host = entry & self._compressed_offset_mask
                 sectors = ((entry >> self._csize_shift) & self._csize_mask) + 1
-                self.inc(host, sectors * 512 - (host & 511))
+                size = sectors * 512 - (host & 511)
+                if (
+                    repair_past_end
+                    and host + size - file_size >= cluster_size
+                    and await self.unmap_past_end(l2_offset, words, position, kind, host, active)
+                ):
+                    continue
+                self.inc(host, size)
                 if frag:
                     res.allocated_clusters += 1
                     res.compressed_clusters += 1
                     res.fragmented_clusters += 1  # (compressed clusters are fragmented by nature)
             elif kind in (_NORMAL, _ZERO_ALLOC):
                 host = entry & L2E_OFFSET_MASK
+                if (
+                    repair_past_end
+                    and host >= file_size
+                    and not host & cluster_mask
+                    and not self.data_file
+                    and await self.unmap_past_end(l2_offset, words, position, kind, host, active)
+                ):
+                    continue
                 if (bitmap >> 32) & bitmap:
                     self.corruption(
                         f"ERROR offset={host:x}: Allocated cluster has corrupted subcluster allocation bitmap",
@@ -416,6 +595,7 @@ class _Pass:
                     if host & cluster_mask or host >= file_size:
                         self.inc(host, cluster_size)
                     elif not self.increment(host >> cluster_bits):
+                        self.overflows += 1
                         self.corruption(
                             f"ERROR: overflow cluster offset={host:#x}\n{_OVERFLOW_HINT}", cluster=host >> cluster_bits
                         )
@@ -427,12 +607,65 @@ class _Pass:
         if self.extended:
             bitmap = words[position + 1]
             bitmap = (bitmap | (bitmap << 32)) & BITMAP_ALL_ZEROES
-            words[position] = 0
-            words[position + 1] = bitmap
-            raw = words[position].to_bytes(8, "big") + bitmap.to_bytes(8, "big")
+            if not await self.write_entry(l2_offset, words, position, 0, bitmap, active):
+                return False
+        elif not await self.write_entry(l2_offset, words, position, OFLAG_ZERO, 0, active):
+            return False
+        self.res.corruptions -= 1
+        self.res.corruptions_fixed += 1
+        return True
+
+    async def unmap_past_end(
+        self, l2_offset: int, words: array[int], position: int, kind: int, host: int, active: bool
+    ) -> bool:
+        """Repair an L2 entry naming a cluster a whole cluster or more past the end of the file.
+
+        A power loss leaves one on an image with lazy refcounts when the L2 table reached the
+        disk and the write of the newly allocated cluster (which would have grown the file) did
+        not. That write was never flushed, so what the guest reads there is undefined; the
+        rule: the entry is unmapped, the cluster then reads as before its first allocation
+        (from the backing file, or as zeroes); a preallocated zero cluster stays a zero cluster
+        and loses only its host cluster; with extended L2 entries the subclusters marked zero
+        stay zero. The file is never grown to cover the cluster: a crafted entry may name
+        2^55, and the repair must not cost more than the bytes it reads. Unmapping takes one
+        8 (16) byte write. QEMU 7.2 does not repair this ("counting reference for region
+        exceeding the end of the file by one cluster or more").
+
+        Only entries of active L2 tables at aligned offsets are repaired so: a guest write
+        changes only those; an unaligned table or one lying on other metadata (a corrupted L1
+        entry) holds no L2 entries, and a snapshot's tables are never written by a guest, so
+        there the entry stays the corruption it is, as QEMU reports it.
+        """
+        if (await self.guard()).overlap(l2_offset, self.cluster_size, frozenset({MetadataGuard.ACTIVE_L2})):
+            return False  # (a table on other metadata is no L2 table: its "entries" are left as they are)
+        if kind == _ZERO_ALLOC:
+            entry, bitmap, what, action = OFLAG_ZERO, 0, "Preallocated zero cluster", "host cluster dropped"
+        elif kind == _COMPRESSED:
+            entry, bitmap, what, action = 0, 0, "Compressed cluster", "cluster unmapped"
         else:
-            words[position] = OFLAG_ZERO
-            raw = OFLAG_ZERO.to_bytes(8, "big")
+            bitmap = words[position + 1] & BITMAP_ALL_ZEROES if self.extended else 0
+            entry, what, action = 0, "Data cluster", "cluster unmapped"
+        if not await self.write_entry(l2_offset, words, position, entry, bitmap, active):
+            return False
+        self.res.corruptions_fixed += 1
+        self.report(
+            FindingKind.CORRUPTION,
+            f"Repairing offset={host:x}: {what} exceeds the end of the file by one cluster or more; L2 entry "
+            f"corrupted, {action}",
+            offset=host,
+            fixed=True,
+        )
+        return True
+
+    async def write_entry(
+        self, l2_offset: int, words: array[int], position: int, entry: int, bitmap: int, active: bool
+    ) -> bool:
+        """Write one L2 entry (and its bitmap with extended entries) in place; whether it was written."""
+        words[position] = entry
+        raw = entry.to_bytes(8, "big")
+        if self.extended:
+            words[position + 1] = bitmap
+            raw += bitmap.to_bytes(8, "big")
         where = l2_offset + position * 8
         ignore = frozenset({MetadataGuard.ACTIVE_L2 if active else "inactive L2 table"})
         try:
@@ -447,8 +680,6 @@ class _Pass:
         except OSError as error:
             self.check_error(f"ERROR: Failed to overwrite L2 table entry: {_strerror(error)}", offset=where)
             return False
-        self.res.corruptions -= 1
-        self.res.corruptions_fixed += 1
         return True
 
     # --- the other structures ----------------------------------------------------------------
@@ -580,9 +811,10 @@ class _Pass:
         """calculate_refcounts: every reference, counted in memory."""
         header = self.header
         self.inc(0, self.cluster_size)
-        await self.check_l1(header.l1_table_offset, self.active_l1, frag=True, fix=fix, active=True)
+        await self.check_l1(header.l1_table_offset, header.l1_size, self.active_l1, frag=True, fix=fix, active=True)
         if self.data_file and self.snapshots:
             self.corruption(f"ERROR {len(self.snapshots)} snapshots in image with data file")
+        shared: list[tuple[int, int]] = []  # (the overlapping tables, counted together below)
         for number, snapshot in enumerate(self.snapshots):
             if snapshot.l1_table_offset % self.cluster_size:
                 self.corruption(
@@ -596,10 +828,24 @@ class _Pass:
                     "L1 table is too large; snapshot table entry corrupted"
                 )
                 continue
+            if number in self.dropped:
+                continue  # (reported by check_pass; its entry goes, and so do its references)
+            if number in self.overlapping:
+                # Not its own table: its clusters count (the refcounts show the overlap), its
+                # entries are another table's or garbage, and are not walked.
+                self.corruption(
+                    f"ERROR snapshot {snapshot.id} ({snapshot.name}) l1_offset={_alt_hex(snapshot.l1_table_offset)}: "
+                    "L1 table overlaps another L1 table; snapshot table entry corrupted"
+                )
+                shared.append((snapshot.l1_table_offset, snapshot.l1_size * 8))
+                continue
             l1 = self.snapshot_l1.get(number)
             if l1 is None:
                 l1 = await self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)
-            await self.check_l1(snapshot.l1_table_offset, l1, frag=False, fix=fix, active=False)
+            await self.check_l1(snapshot.l1_table_offset, snapshot.l1_size, l1, frag=False, fix=fix, active=False)
+        await self.count_repeats()
+        self._walked.clear()
+        self.inc_regions(shared)
         self.inc(header.snapshots_offset, snapshot_table_length(self.snapshots, header.snapshots_offset))
         disk = self.disk
         assert disk is not None
@@ -739,6 +985,8 @@ class _Pass:
                     l1[index] = fixed_entry
                     res.corruptions -= 1
                     res.corruptions_fixed += 1
+            if l2_offset >= self.storage.size:
+                continue  # (zeroes: no entry to check)
             words = await self.l2_entries(l2_offset, "ERROR: Could not read L2 table")
             step = 2 if self.extended else 1
             dirty = 0
@@ -812,17 +1060,26 @@ class _Pass:
     # --- the whole check -----------------------------------------------------------------------
 
     def _plan_l2_reads(self, l1_tables: list[array[int]]) -> None:
-        """How often each L2 table will be needed (to keep it in memory between uses)."""
+        """How often each L2 table will be read (to keep it in memory between uses).
+
+        *l1_tables* are the active table, then snapshot tables. A snapshot's L2 table is read at
+        most twice (see :meth:`walk_inactive`), however many snapshots name it.
+        """
         uses = self._l2_uses
-        for l1 in l1_tables:
+        inactive: dict[int, int] = {}
+        for l1 in l1_tables[1:]:
             for entry in l1:
-                offset = entry & L1E_OFFSET_MASK
                 if entry:
-                    uses[offset] = uses.get(offset, 0) + 1
-        for entry in self.active_l1:
+                    offset = entry & L1E_OFFSET_MASK
+                    inactive[offset] = min(inactive.get(offset, 0) + 1, 2)
+        for entry in l1_tables[0] if l1_tables else ():
             offset = entry & L1E_OFFSET_MASK
+            if entry:
+                uses[offset] = uses.get(offset, 0) + 1
             if offset:
                 uses[offset] = uses.get(offset, 0) + 1  # (the COPIED pass reads it again)
+        for offset, count in inactive.items():
+            uses[offset] = uses.get(offset, 0) + count
 
     async def check_refcounts(self) -> None:
         """qcow2_check_refcounts: count, compare, repair what the mode allows, check COPIED."""
@@ -850,7 +1107,13 @@ class _Pass:
         for number, snapshot in enumerate(self.snapshots):
             # Snapshot L1 tables are kept (and their L2 tables' uses planned) within a budget;
             # past it they are read when walked.
-            if snapshot.l1_table_offset % cluster_size or kept + snapshot.l1_size * 8 > _L1_KEEP_BYTES:
+            if (
+                snapshot.l1_table_offset % cluster_size
+                or snapshot.l1_size > MAX_L1_BYTES // 8
+                or number in self.overlapping
+                or number in self.dropped
+                or kept + snapshot.l1_size * 8 > _L1_KEEP_BYTES
+            ):
                 continue
             kept += snapshot.l1_size * 8
             self.snapshot_l1[number] = await self.read_l1(snapshot.l1_table_offset, snapshot.l1_size)
@@ -913,6 +1176,44 @@ class _Pass:
         res.image_end_offset = (highest + 1) * cluster_size
 
 
+def overlapping_l1_tables(header: Header, snapshots: list[Snapshot]) -> frozenset[int]:
+    """The snapshots (by position) whose L1 table shares a cluster with an L1 table before it.
+
+    In a valid image every L1 table has clusters of its own (a snapshot gets a copy of the
+    active table). Tables are taken in the check's order (the active one, then the snapshots
+    in table order); the first to claim a cluster keeps it, and each later one overlapping it
+    is corrupt. Skipping those keeps the check's work bounded by the file: the tables it reads
+    do not overlap, and each is read only as far as the file reaches, so together they are no
+    larger than the file, whatever the snapshot table claims (65536 snapshots naming one 32 MiB
+    table would be 2 TiB). Misaligned, oversized and empty tables are not walked anyway and
+    claim nothing here.
+    """
+    cluster_size = header.cluster_size
+    starts: list[int] = []  # the claimed ranges, disjoint, sorted: [starts[i], ends[i])
+    ends: list[int] = []
+
+    def claim(offset: int, size: int) -> bool:
+        start = offset - offset % cluster_size
+        end = -(-(offset + size) // cluster_size) * cluster_size
+        before = bisect.bisect_left(starts, end)
+        if before and ends[before - 1] > start:
+            return False  # (disjoint and sorted: the range starting last before *end* ends last)
+        starts.insert(before, start)
+        ends.insert(before, end)
+        return True
+
+    if header.l1_size:
+        claim(header.l1_table_offset, header.l1_size * 8)
+    overlapping: set[int] = set()
+    for number, snapshot in enumerate(snapshots):
+        offset, size = snapshot.l1_table_offset, snapshot.l1_size * 8
+        if not size or offset % cluster_size or snapshot.l1_size > MAX_L1_BYTES // 8:
+            continue
+        if not claim(offset, size):
+            overlapping.add(number)
+    return frozenset(overlapping)
+
+
 def _bitmap_entry_valid(entry: int, cluster_size: int) -> bool:
     if entry & BME_TABLE_ENTRY_RESERVED:
         return False
@@ -945,15 +1246,38 @@ async def check_pass(state: Qcow2State, fix: RepairMode | None, session: Session
 
     The caller holds the state's lock with its metadata written back, and reloads the state
     after a repair.
+
+    A snapshot whose L1 table overlaps another L1 table (:func:`overlapping_l1_tables`) is
+    reported; its clusters are counted, its entries are not walked. A repair with ``all``
+    discards such a snapshot: its entry is dropped from the snapshot table (rewritten after
+    the refcounts are repaired, as for incomplete entries) and nothing of it is counted. That
+    is what keeps the repaired refcounts safe: the table it names belongs to another L1 table
+    (or straddles several), so counting its references and keeping it would leave a snapshot
+    whose deletion or application later frees or rewrites clusters other tables still use.
+    What it costs: the snapshot is gone; it had no L1 table of its own, so the disk it showed
+    was another snapshot's (or a mix of tables), not a state the guest ever had. A copy of the
+    table for it is no option: 65536 such entries of 32 MiB each would write 2 TiB. If the
+    pass fails, the table is left as it is (and the image is not marked clean).
     """
     header, snapshots = await read_header(state.storage)
     if state.writable:
         # The features this driver declared invalid when opening for writing stay so.
         header = header.__replace__(autoclear_features=state.header.autoclear_features)
-    check = _Pass(state, fix, header, snapshots, session or Session())
+    repairing = fix is RepairMode.ALL
+    dropped = overlapping_l1_tables(header, snapshots) if repairing else frozenset()
+    check = _Pass(state, fix, header, snapshots, session or Session(), dropped)
     result = _Counts()
     snapshot_res = _Counts()
-    repairing = fix is RepairMode.ALL
+    for number in sorted(dropped):
+        snapshot = snapshots[number]
+        snapshot_res.corruptions += 1
+        check.report(
+            FindingKind.CORRUPTION,
+            f"Repairing snapshot {snapshot.id} ({snapshot.name}) l1_offset={_alt_hex(snapshot.l1_table_offset)}: "
+            "L1 table overlaps another L1 table; snapshot discarded",
+            offset=snapshot.table_offset,
+            fixed=True,
+        )
     if header.version >= 3:
         for number, snapshot in enumerate(snapshots):
             if len(snapshot.extra_data) < 16:
@@ -972,7 +1296,8 @@ async def check_pass(state: Qcow2State, fix: RepairMode | None, session: Session
     result.add(check.res, allocation=True)
     if failed is None and snapshot_res.corruptions and repairing:
         try:
-            await rewrite_snapshot_table(state.storage, snapshots)
+            kept = [snapshot for number, snapshot in enumerate(snapshots) if number not in dropped]
+            await rewrite_snapshot_table(state.storage, kept, snapshots)
         except (OSError, CorruptImageError) as error:
             snapshot_res.check_errors += 1
             failed = _strerror(error)
@@ -995,8 +1320,14 @@ async def _mark_clean(storage: Storage) -> None:
         await write_header_fields(storage, {"incompatible_features": features})
 
 
-async def rewrite_snapshot_table(storage: Storage, snapshots: list[Snapshot]) -> None:
-    """Write the snapshot table anew (complete entries), switch the header, free the old one."""
+async def rewrite_snapshot_table(
+    storage: Storage, snapshots: list[Snapshot], old_snapshots: list[Snapshot] | None = None
+) -> None:
+    """Write the snapshot table anew (complete entries), switch the header, free the old one.
+
+    *old_snapshots* are the entries of the table on disk (default: *snapshots*), whose extent
+    is freed.
+    """
     header, _ = await read_header(storage)
     refcounts = Refcounts(storage, header)
     raw, _ = encode_snapshot_table(snapshots)
@@ -1007,7 +1338,9 @@ async def rewrite_snapshot_table(storage: Storage, snapshots: list[Snapshot]) ->
     await storage.flush()
     await write_header_fields(storage, {"nb_snapshots": len(snapshots), "snapshots_offset": new_offset})
     old = table_clusters(
-        header.snapshots_offset, snapshot_table_length(snapshots, header.snapshots_offset), header.cluster_bits
+        header.snapshots_offset,
+        snapshot_table_length(snapshots if old_snapshots is None else old_snapshots, header.snapshots_offset),
+        header.cluster_bits,
     )
     await refcounts.apply({cluster: -1 for cluster in old})
 
