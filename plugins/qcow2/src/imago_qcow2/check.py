@@ -146,6 +146,11 @@ class _CheckFailedError(Exception):
         self.strerror = strerror
 
 
+#: A repair grows the file to reach a refcount block outside it (as QEMU does) only if the block lies
+#: within this many times the file's size; beyond, the refcounts are rebuilt instead.
+_GROWTH_LIMIT = 2
+
+
 def _strerror(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
@@ -773,6 +778,17 @@ class _Pass:
                 self.rebuild = True
                 continue
             if cluster >= len(self.counts):
+                if self.fix_errors and offset >= _GROWTH_LIMIT * max(self.storage.size, cluster_size):
+                    # QEMU grows the file to reach the block. Far past the end that makes a tiny
+                    # crafted file a huge sparse one and the counts in memory as large: the
+                    # refcount structure is rebuilt instead, which leaves the block out.
+                    self.corruption(
+                        f"ERROR refcount block {index} is outside image, too far to grow the image to it",
+                        cluster=cluster,
+                        offset=offset,
+                    )
+                    self.rebuild = True
+                    continue
                 self.res.corruptions += 1
                 repairing = self.fix_errors
                 self.report(
