@@ -1006,3 +1006,27 @@ def test_resize_shrinks_only_when_asked(tmp_path: Path) -> None:
         assert image.size == 2 * MiB
     check_clean(path)
     assert _qemu.info(path)["virtual-size"] == 2 * MiB
+
+
+@pytest.mark.parametrize("prealloc", ["metadata", "falloc"])
+def test_preallocated_growth_over_freed_clusters_reads_zero(tmp_path: Path, prealloc: str) -> None:
+    # Found by fuzzing (qcow2_write): growing with metadata preallocation bound clusters a discard
+    # had freed inside the file, and the new area read their old bytes. Clusters inside the file
+    # are zeroed now; past its end they read zero by themselves.
+    path = tmp_path / "freed.qcow2"
+    _qemu.create(path, MiB, options={"cluster_size": 4096})
+    _qemu.qemu_io(path, "write -P 0xaa 0 256k")
+    # The L2 entries dropped (as a crash of a lazy-refcounts image can leave them): 64 leaked
+    # clusters still holding 0xaa; the leak repair frees them without touching their bytes.
+    raw = bytearray(path.read_bytes())
+    l2 = int.from_bytes(raw[int.from_bytes(raw[40:48], "big") :][:8], "big") & 0x00FF_FFFF_FFFF_FE00
+    raw[l2 : l2 + 64 * 8] = bytes(64 * 8)
+    path.write_bytes(raw)
+    size_before = path.stat().st_size
+    with open_rw(path) as image:
+        assert image.check("leaks").leaks_fixed == 64
+        image.resize(2 * MiB, prealloc)
+        assert read_all(image)[MiB:] == bytes(MiB)
+    check_clean(path, cwd=tmp_path)
+    assert path.stat().st_size < size_before + MiB  # the freed clusters were reused
+    assert convert(path, tmp_path, cwd=tmp_path) == bytes(2 * MiB)

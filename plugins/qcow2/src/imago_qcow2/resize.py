@@ -122,12 +122,17 @@ class Resizer:
         """
         storage = self._state.data_storage
         host_end = 0
+        # Past the file's end new clusters read as zero by themselves; inside it they may be freed
+        # clusters that still hold old data.
+        old_end = storage.size
         async for host, length in self._bind(start, end):
             if prealloc is PreallocateMode.FULL:
                 zeroes = memoryview(bytes(min(length, _ZERO_CHUNK)))
                 for done in range(0, length, zeroes.nbytes):
                     step = min(zeroes.nbytes, length - done)
                     await storage.writev([zeroes[:step]], host + done)
+            elif host < old_end:
+                await storage.write_zeroes(host, min(length, old_end - host))
             host_end = max(host_end, host + length)
         if host_end > storage.size:
             mode = PreallocateMode.FALLOC if prealloc is PreallocateMode.FALLOC else PreallocateMode.NONE
