@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them; at run time __g
     from ._record import Record
     from .annotated import AnnotatedStorage
     from .api import create, create_async, measure, open, open_async, probe, probe_sync
+    from .budget import MemoryBudget
     from .cache import MetadataCache
     from .errors import (
         AllocationError,
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them; at run time __g
         PluginError,
         PluginLoadError,
         ReadOnlyError,
+        ResourceLimitError,
         SnapshotNotFoundError,
         SuspendedInSyncModeError,
         UnsupportedFeatureError,
@@ -116,6 +118,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "probe",
         "probe_sync",
     ),
+    "budget": ("MemoryBudget",),
     "cache": ("MetadataCache",),
     "errors": (
         "AllocationError",
@@ -137,6 +140,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "PluginError",
         "PluginLoadError",
         "ReadOnlyError",
+        "ResourceLimitError",
         "SnapshotNotFoundError",
         "SuspendedInSyncModeError",
         "UnsupportedFeatureError",
@@ -285,6 +289,7 @@ __all__ = [
     "MappingSpecial",
     "MappingZero",
     "Measurement",
+    "MemoryBudget",
     "MetadataCache",
     "MissingStorageError",
     "PermissiveImplicitOpenGate",
@@ -296,6 +301,7 @@ __all__ = [
     "ReadOnlyError",
     "Record",
     "RepairMode",
+    "ResourceLimitError",
     "SandboxImplicitOpenGate",
     "ShallowEof",
     "ShallowIndirect",

@@ -71,6 +71,8 @@ async def open_async(
     backing: bool = True,
     storage_driver_name: str = "file",
     metadata_only: bool = False,
+    cache_size: int | None = None,
+    memory_limit: int | None = None,
 ) -> FormatAccess:
     """Open the image file *filename*; the asynchronous form of :func:`open` (same parameters).
 
@@ -107,6 +109,10 @@ async def open_async(
     try:
         builder = driver.builder(storage).write(write).for_check(for_check).open_backing(backing)
         builder.metadata_only(metadata_only)
+        if cache_size is not None:
+            builder.cache_size(cache_size)
+        if memory_limit is not None:
+            builder.memory_limit(memory_limit)
         builder.storage_options(options)
         image = await builder.open(gate)
     except BaseException:
@@ -128,6 +134,8 @@ def open(
     backing: bool = True,
     storage_driver_name: str = "file",
     metadata_only: bool = False,
+    cache_size: int | None = None,
+    memory_limit: int | None = None,
 ) -> SyncFormatAccess:
     """Open the image file *filename* and return a :class:`SyncFormatAccess` (blocking calls).
 
@@ -164,6 +172,13 @@ def open(
         metadata_only: open for the image's metadata alone, as ``qemu-img info`` does: files it
             names for its data (qcow2's external data file) are not opened nor shown to the gate,
             and reading guest data kept there fails (:meth:`FormatDriverBuilder.metadata_only`).
+        cache_size: the bytes the metadata caches (qcow2: L2 tables, refcount blocks) of the
+            image and its whole backing chain may hold together; ``None``: 32 MiB. Least
+            recently used entries are evicted beyond it (:meth:`FormatDriverBuilder.cache_size`).
+        memory_limit: the bytes the image and its chain may hold whole (qcow2: L1 and refcount
+            tables), summed over every layer; ``None``: 512 MiB. An image that would pass it is
+            refused with :class:`ResourceLimitError` naming the file
+            (:meth:`FormatDriverBuilder.memory_limit`).
 
     The result is a context manager: leaving it (or ``close()``) flushes and closes the image,
     its backing chain and its files. An image dropped without closing is flushed and closed
@@ -173,7 +188,8 @@ def open(
     :class:`ImageLockedError` when another process (QEMU, or imago) holds the image in a way
     that forbids this open (images are locked as QEMU locks them, until closed),
     :class:`CorruptImageError` / :class:`UnsupportedFeatureError` for bad or unsupported
-    images; OS errors (``FileNotFoundError``, ...) pass through unchanged.
+    images, :class:`ResourceLimitError` for a chain holding more than *memory_limit*; OS errors
+    (``FileNotFoundError``, ...) pass through unchanged.
 
     Example::
 
@@ -194,6 +210,8 @@ def open(
                 backing=backing,
                 storage_driver_name=storage_driver_name,
                 metadata_only=metadata_only,
+                cache_size=cache_size,
+                memory_limit=memory_limit,
             )
         )
     )

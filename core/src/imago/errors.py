@@ -30,6 +30,7 @@ __all__ = [
     "PluginError",
     "PluginLoadError",
     "ReadOnlyError",
+    "ResourceLimitError",
     "SnapshotNotFoundError",
     "SuspendedInSyncModeError",
     "UnsupportedFeatureError",
@@ -192,6 +193,26 @@ class AllocationError(ImagoError, RuntimeError):
         self.what = what
         self.problem = problem
         super().__init__(f"{describe(filename)}: cannot place {what}: {problem}")
+
+
+class ResourceLimitError(ImagoError, ValueError):
+    """Opening or using an image would hold more memory than the chain's limit allows.
+
+    ``filename`` is the image, ``what`` what it would have held (``"its L1 table"``),
+    ``nbytes`` how much, ``held`` what the chain held already and ``limit`` the limit
+    (:meth:`~imago.FormatDriverBuilder.memory_limit`, ``imago.open(memory_limit=...)``).
+    """
+
+    def __init__(self, filename: str | None, what: str, nbytes: int, *, held: int, limit: int) -> None:
+        self.filename = filename
+        self.what = what
+        self.nbytes = nbytes
+        self.held = held
+        self.limit = limit
+        super().__init__(
+            f"{describe(filename)}: {what} would take {nbytes} bytes of memory; with the {held} bytes the "
+            f"chain holds already that exceeds its memory limit of {limit} bytes"
+        )
 
 
 class DriverContractError(ImagoError, RuntimeError):

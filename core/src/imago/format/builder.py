@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, Self, TypeVa
 
 from .. import runtime
 from .._record import Record, evolve, init
+from ..budget import DEFAULT_CACHE_SIZE, DEFAULT_MEMORY_LIMIT, MIN_CACHE_SIZE, MemoryBudget, check_size
 from ..errors import BackingChainError, InvalidOptionError, UnsupportedFeatureError
 from ..storage import PreallocateMode, Storage, StorageOpenOptions
 from .measure import Measurement
@@ -40,6 +41,8 @@ class FormatDriverBuilder(Generic[D]):
     * :meth:`for_check` -- open a damaged image to check or repair it (``qemu-img check``);
     * :meth:`storage_options` (also :meth:`storage_open_options`) -- how files are opened by
       path: storage driver, ``direct``, ``no_flush``, driver options;
+    * :meth:`cache_size`, :meth:`memory_limit` -- the memory the image and its backing chain
+      may use (:attr:`budget`);
     * :meth:`below` -- for drivers opening backing files: the image above, for loop detection.
 
     ``open(gate)`` returns the format driver (wrap it in :class:`~imago.FormatAccess` or
@@ -66,6 +69,9 @@ class FormatDriverBuilder(Generic[D]):
         self._metadata_only = False
         self._storage_options = StorageOpenOptions()
         self._chain: tuple[str, ...] = ()
+        self._cache_size = DEFAULT_CACHE_SIZE
+        self._memory_limit = DEFAULT_MEMORY_LIMIT
+        self._budget: MemoryBudget | None = None
 
     # --- options ---------------------------------------------------------------------------
 
@@ -113,6 +119,45 @@ class FormatDriverBuilder(Generic[D]):
         self._metadata_only = metadata_only
         return self
 
+    def cache_size(self, nbytes: int) -> Self:
+        """Cap the metadata caches of the image and its whole backing chain at *nbytes* together.
+
+        Every layer's caches (qcow2: L2 tables and refcount blocks) count against this one cap,
+        whatever the cluster size, the chain's depth or the access pattern; what does not fit
+        is evicted, least recently used first. Default: 32 MiB (:data:`imago.budget.DEFAULT_CACHE_SIZE`).
+        At least 64 KiB; opening refuses a cap that cannot hold two of an image's largest cache
+        entries (two clusters, for qcow2). Errors name the option (:class:`~imago.InvalidOptionError`).
+        Smaller caches read metadata more often; larger ones let a crafted image use more memory.
+        """
+        self._cache_size = check_size("cache_size", nbytes, MIN_CACHE_SIZE)
+        self._budget = None
+        return self
+
+    def memory_limit(self, nbytes: int) -> Self:
+        """Cap what the image and its backing chain hold whole in memory at *nbytes* together.
+
+        Tables a driver keeps whole rather than cached (qcow2: each layer's L1 table and
+        refcount table) are summed over the chain; a layer that would pass the limit is refused
+        with :class:`~imago.ResourceLimitError` naming its file, before the table is read.
+        Default: 512 MiB (:data:`imago.budget.DEFAULT_MEMORY_LIMIT`), more than any legitimate
+        image needs (a 1 EiB qcow2 image with 2 MiB clusters holds an 18 MiB L1 table).
+        """
+        self._memory_limit = check_size("memory_limit", nbytes, 1)
+        self._budget = None
+        return self
+
+    @property
+    def budget(self) -> MemoryBudget:
+        """The memory budget of the image and its chain (:meth:`cache_size`, :meth:`memory_limit`).
+
+        Made on first use; a backing file's builder shares its parent's (:meth:`below`), and so
+        do images opened again with the same builder. Drivers make their caches in it and
+        charge the tables they hold whole to it.
+        """
+        if self._budget is None:
+            self._budget = MemoryBudget(cache_size=self._cache_size, memory_limit=self._memory_limit)
+        return self._budget
+
     def storage_options(self, options: StorageOpenOptions) -> Self:
         """Options for opening the file by path (driver, ``direct``, driver options).
 
@@ -143,11 +188,12 @@ class FormatDriverBuilder(Generic[D]):
 
         Used by format drivers opening backing files: the chain of parents is how loops and
         over-deep chains are detected. A parent opened for its metadata only
-        (:meth:`metadata_only`) passes that on.
+        (:meth:`metadata_only`) passes that on, and every parent its memory :attr:`budget`.
         """
         if isinstance(parent, FormatDriverBuilder):
             self._chain = (*parent._chain, parent.identity())
             self._metadata_only = self._metadata_only or parent._metadata_only
+            self._budget = parent.budget
         elif parent is not None:
             self._chain = (os.path.realpath(parent),)
         return self

@@ -58,6 +58,8 @@ class NotGiven(enum.Enum):
 
 #: The value of a builder option that was not set.
 NOT_GIVEN = NotGiven.NOT_GIVEN
+# What one parsed snapshot table entry is charged to the memory budget (its record and strings).
+_SNAPSHOT_BYTES = 512
 
 
 async def open_image(driver_class: type[Qcow2], builder: Qcow2Builder, gate: ImplicitOpenGate) -> Qcow2:
@@ -124,7 +126,11 @@ async def _open(
     if builder.writable:
         header = header.__replace__(autoclear_features=found_autoclear & AUTOCLEAR_DATA_FILE_RAW)
 
+    budget = builder.budget
+    # Held whole: the L1 table (8 bytes an entry, and its COPIED flag) and the snapshot table.
+    budget.hold(filename, "its L1 table", 9 * header.l1_size)
     l1, l1_copied, l1_damage = await _read_active_l1(storage, header)
+    budget.hold(filename, "its snapshot table", _SNAPSHOT_BYTES * header.nb_snapshots)
     snapshot_damage: CorruptImageError | None = None
     try:
         snapshots = await read_snapshot_table(storage, header, filename)
@@ -159,6 +165,7 @@ async def _open(
         snapshots=snapshots,
         writable=builder.writable,
         discard_freed=builder.discards_freed,
+        budget=budget,
     )
     state.l1_damage = l1_damage
     image = driver_class(state)

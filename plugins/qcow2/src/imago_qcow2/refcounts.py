@@ -17,7 +17,7 @@ import sys
 from array import array
 from collections.abc import Awaitable, Callable
 
-from imago import AllocationError, CorruptImageError, MetadataCache, Storage
+from imago import AllocationError, CorruptImageError, MemoryBudget, MetadataCache, Storage
 
 from .header import Header
 from .overlap import Metadata, MetadataGuard
@@ -26,8 +26,8 @@ __all__ = ["REFTABLE_OFFSET_MASK", "RefcountBlock", "Refcounts"]
 
 REFTABLE_OFFSET_MASK = 0xFFFFFFFFFFFFFE00
 REFTABLE_RESERVED = 0x1FF
-# Refcount blocks kept in memory at most.
-_BLOCK_CACHE_BYTES = 4 << 20
+# What one cached refcount block costs beyond its data (the objects around it).
+_BLOCK_OVERHEAD = 200
 # Array type codes of the byte-multiple refcount widths (a batch of them is decoded in C).
 _WORDS = {array(code).itemsize * 8: code for code in ("L", "Q", "I", "H", "B")}
 
@@ -38,7 +38,7 @@ class RefcountBlock:
     Sub-byte entries are packed least significant bits first; wider ones are big-endian.
     """
 
-    __slots__ = ("bits", "data", "offset")
+    __slots__ = ("__weakref__", "bits", "data", "offset")
 
     def __init__(self, data: bytearray, *, offset: int, refcount_order: int) -> None:
         self.data = data
@@ -140,8 +140,12 @@ class Refcounts:
         move_table: Callable[[int, int], Awaitable[None]] | None = None,
         guard: MetadataGuard | None = None,
         after_free: Callable[[list[int]], Awaitable[None]] | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._storage = storage
+        # The chain's memory: the block cache, and the refcount table (held whole).
+        self._budget = budget if budget is not None else MemoryBudget()
+        self._table_bytes = 0
         self._header = header
         self._filename = storage.filename
         self._table: array[int] | None = None
@@ -165,7 +169,13 @@ class Refcounts:
         # whatever the refcount table claims.
         self._unclaimed_from = -(-storage.size >> self._cluster_bits)
         self._blocks: MetadataCache[int, RefcountBlock] = MetadataCache(
-            max(_BLOCK_CACHE_BYTES // cluster_size, 4), self._load_block, self._write_block, storage.flush
+            None,
+            self._load_block,
+            self._write_block,
+            storage.flush,
+            budget=self._budget,
+            entry_size=cluster_size + _BLOCK_OVERHEAD,
+            name=f"the refcount block cache of {self._filename or 'the image'}",
         )
 
     @property
@@ -177,6 +187,7 @@ class Refcounts:
         """The refcount table: each entry a refcount block offset (0: none), validated."""
         if self._table is None:
             header = self._header
+            self._hold_table(header.refcount_table_clusters * header.cluster_size)
             raw = bytearray(header.refcount_table_clusters * header.cluster_size)
             await self._storage.readv([memoryview(raw)], header.refcount_table_offset)
             entries = array("Q")
@@ -204,6 +215,14 @@ class Refcounts:
                     )
             self._table = entries
         return self._table
+
+    def _hold_table(self, nbytes: int) -> None:
+        """Charge a refcount table of *nbytes* (parsed: as many bytes) to the budget, instead of the one held."""
+        if nbytes > self._table_bytes:
+            self._budget.hold(self._filename, "its refcount table", nbytes - self._table_bytes)
+        else:
+            self._budget.release(self._table_bytes - nbytes)
+        self._table_bytes = nbytes
 
     async def block_offsets(self) -> list[int]:
         """Where the refcount blocks lie (the refcount table's non-empty entries)."""
@@ -285,6 +304,7 @@ class Refcounts:
         end = max(-(-self._storage.size // cluster_size), avoid.stop)
         clusters = max(-(-entries // per_cluster), 2 * -(-len(table) // per_cluster))
         while True:
+            self._hold_table(clusters * cluster_size)
             new_table = array("Q", table)
             new_table.extend([0] * (clusters * per_cluster - len(table)))
             blocks: dict[int, RefcountBlock] = {}
@@ -502,6 +522,7 @@ class Refcounts:
         """Forget every cached table and block: a repair rewrote the structure *header* names."""
         self._header = header
         self._table = None
+        self._hold_table(0)  # (charged again when read)
         self._table_offset = header.refcount_table_offset
         self._free_hint = 0
         # (Never lowered: clusters allocated before, whose data may not be written yet, stay claimed.)

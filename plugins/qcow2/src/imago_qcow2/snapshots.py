@@ -88,6 +88,7 @@ class Snapshots:
             snapshots=state.snapshots,
             tables=state.tables,
             snapshot=snapshot,
+            budget=state.budget,
         )
 
     # --- the three operations ----------------------------------------------------------------

@@ -33,7 +33,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from imago import CorruptImageError, FormatAccess, MetadataCache, Storage
+from imago import CorruptImageError, FormatAccess, MemoryBudget, MetadataCache, Storage
 
 from .header import Header
 from .l2_entries import ExtendedL2, L2Entries, StandardL2
@@ -42,15 +42,13 @@ from .overlap import L2_TABLES, Metadata, MetadataGuard, MetadataMap
 from .placement import DataPlacement, ExternalDataFile, ImageFileData
 from .refcounts import Refcounts
 from .snapshot_table import Snapshot
-from .tables import L2Table, encode_l1
+from .tables import L2Table, encode_l1, l2_table_bytes
 
 if TYPE_CHECKING:
     import asyncio
 
 __all__ = ["TABLE_FIELDS", "Qcow2State"]
 
-# Raw L2 table bytes kept in memory at most (the classified form takes about 2.5 times that).
-_L2_CACHE_BYTES = 16 << 20
 #: Header fields that name tables: when one changes, the overlap guard's metadata map is rebuilt.
 TABLE_FIELDS = frozenset(
     {
@@ -69,6 +67,9 @@ class Qcow2State:
 
     The L2 entry width (:attr:`entries`) and the data placement (:attr:`placement`) are chosen
     here, once. A snapshot view shares the image's L2 table cache (*tables*).
+
+    The L2 table and refcount block caches count against *budget* (the chain's
+    :class:`~imago.MemoryBudget`, shared with every other layer; a new default one if not given).
     """
 
     def __init__(
@@ -85,11 +86,14 @@ class Qcow2State:
         discard_freed: bool = True,
         tables: MetadataCache[int, L2Table] | None = None,
         snapshot: Snapshot | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.storage = storage
         #: Where data clusters live: the image file, or the external data file.
         self.data_storage = data_storage
         self.filename = storage.filename
+        #: The chain's memory budget: caches and whole tables.
+        self.budget = budget if budget is not None else MemoryBudget()
         self.header = header
         #: The virtual disk size (the header's, kept at hand for the read path).
         self.size = header.size
@@ -112,8 +116,8 @@ class Qcow2State:
         #: Host clusters ``(first, count)`` to release once the metadata no longer pointing to
         #: them is on disk.
         self.frees: list[tuple[int, int]] = []
-        #: How many metadata write-backs ran: what a write-back wrote is no longer undone in memory.
-        self.write_backs = 0
+        # Flushes that wrote metadata back (see write_backs).
+        self._flushes = 0
         #: The overlap checks: which clusters hold metadata (from opening for writing on), and
         #: whether the image was marked corrupt.
         self.guard = MetadataGuard(self)
@@ -135,6 +139,7 @@ class Qcow2State:
             move_table=self._move_refcount_table,
             guard=self.guard if writable else None,
             after_free=self._forget_freed,
+            budget=self.budget,
         )
         # Lazy refcounts: refcount blocks may lag behind the L2 tables while the image is
         # marked dirty on disk; flushing writes them and marks the image clean again.
@@ -147,7 +152,14 @@ class Qcow2State:
         self.placement: DataPlacement = ExternalDataFile(self) if header.has_data_file else ImageFileData(self)
         if tables is None:
             tables = MetadataCache(
-                max(_L2_CACHE_BYTES // header.cluster_size, 16), self._load_l2, self._write_l2, storage.flush
+                None,
+                self._load_l2,
+                self._write_l2,
+                storage.flush,
+                budget=self.budget,
+                entry_size=l2_table_bytes(header.cluster_size),
+                sizeof=L2Table.nbytes,
+                name=f"the L2 table cache of {self.filename or 'the image'}",
             )
             if not self.lazy:
                 # Crash safety: refcount increments reach the disk before the L2 entries using them.
@@ -160,6 +172,15 @@ class Qcow2State:
         import asyncio
 
         return asyncio.Lock()
+
+    @property
+    def write_backs(self) -> int:
+        """How many metadata write-backs ran: what a write-back wrote is no longer undone in memory.
+
+        Flushes, and L2 tables written back to make room in the cache (the memory budget): an
+        evicted table a caller still holds comes back as the same object, written or not.
+        """
+        return self._flushes + self.tables.evictions_written
 
     @property
     def metadata(self) -> MetadataMap:
@@ -288,7 +309,7 @@ class Qcow2State:
             for storage in self.storages():
                 await storage.flush()
             return
-        self.write_backs += 1
+        self._flushes += 1
         await self.refcounts.flush()
         await self.tables.flush()
         if self.frees:

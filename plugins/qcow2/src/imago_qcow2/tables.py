@@ -43,6 +43,7 @@ __all__ = [
     "decode_compressed",
     "encode_l1",
     "entry_clusters",
+    "l2_table_bytes",
     "parse_l1",
     "read_l1",
     "table_clusters",
@@ -183,6 +184,21 @@ def _compressed_past(entry: int, cluster_bits: int, image_size: int) -> bool:
     return host >= image_size or (host + length - 1) >> cluster_bits << cluster_bits >= image_size
 
 
+# What a cached L2 table costs beyond its arrays (the objects, a few runs), and each run more.
+_TABLE_OVERHEAD = 512
+_RUN_BYTES = 40
+_TYPICAL_RUNS = 64
+
+
+def l2_table_bytes(cluster_size: int) -> int:
+    """What a cached L2 table of *cluster_size* bytes takes in memory, classified into a few runs.
+
+    (Entries and host offsets 8 bytes each, kinds 1 byte: about 2.1 times the table; tables
+    split into many more runs, fragmented ones, are counted at what they take, :meth:`L2Table.nbytes`.)
+    """
+    return 2 * cluster_size + cluster_size // 8 + _TABLE_OVERHEAD + _TYPICAL_RUNS * _RUN_BYTES
+
+
 class L2Table:
     """One L2 table, validated and classified.
 
@@ -193,6 +209,7 @@ class L2Table:
     """
 
     __slots__ = (
+        "__weakref__",
         "cluster_bits",
         "entries",
         "extended",
@@ -235,6 +252,16 @@ class L2Table:
         elif not self._classify(raw, image_size, data_size):
             # Something is wrong: the entry by entry walk names the first bad entry.
             self._classify_slowly(cluster_bits, zero_flag, external_data, image_size, data_size, filename)
+
+    def nbytes(self) -> int:
+        """The bytes this table takes in memory (its arrays and runs), as a cache counts it."""
+        return (
+            self.entries.itemsize * len(self.entries)
+            + self.hosts.itemsize * len(self.hosts)
+            + len(self.kinds)
+            + _RUN_BYTES * len(self.run_starts)
+            + _TABLE_OVERHEAD
+        )
 
     def _classify(self, raw: bytes | bytearray | memoryview, image_size: int, data_size: int) -> bool:
         """Validate and classify a standard table a whole table at a time; False if some entry is bad.
