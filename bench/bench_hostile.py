@@ -87,7 +87,12 @@ def measured(argv: list[str]) -> dict[str, Any]:
     """Peak RSS (KiB), wall clock and output of *argv* run under ``/usr/bin/time``."""
     try:
         done = subprocess.run(
-            ["/usr/bin/time", "-f", "%M %e", *argv], capture_output=True, text=True, timeout=TIMEOUT, check=False
+            ["/usr/bin/time", "-f", "%M %e", *argv],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=TIMEOUT,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         return {"rss_kib": 0, "seconds": TIMEOUT, "outcome": "timeout"}
