@@ -315,26 +315,14 @@ class _Pass:
         if not starts:
             return
         edges = sorted(starts)
-        try:
-            self.counts.grow(edges[-1])  # (at most one cluster: the regions end inside the file's last one)
-        except RefcountArrayTooLargeError as error:
-            self.res.check_errors += 1
-            raise _CheckFailedError(_ENOMEM) from error
-        values, maximum = self.counts.values, self.counts.maximum
+        added: dict[int, int] = {}
         depth = 0
         for edge, following in zip(edges, [*edges[1:], edges[-1]], strict=True):
             depth += starts[edge]
-            for cluster in range(edge, following) if depth else ():
-                total = values[cluster] + depth
-                values[cluster] = min(total, maximum)
-                if total > maximum:
-                    self.overflows += 1
-                    self.res.corruptions += total - maximum
-                    self.report(
-                        FindingKind.CORRUPTION,
-                        f"ERROR: overflow cluster offset={cluster << cluster_bits:#x}\n{_OVERFLOW_HINT}",
-                        cluster=cluster,
-                    )
+            if depth:
+                added.update(dict.fromkeys(range(edge, following), depth))
+        if added:
+            self.add_counts(added)
 
     def increment(self, cluster: int) -> bool:
         """Count one reference to *cluster* (``False``: its counter is full)."""
