@@ -352,12 +352,13 @@ def test_open_with_permissive_gate(disk: pathlib.Path) -> None:
 
 def test_open_protocol_like_name_is_a_file_name(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A name the caller gives is handed to the storage driver as it is: the file driver opens
-    # the file of that name, and interprets no protocol.
+    # the file of that name, and interprets no protocol. Only names written as URIs
+    # (scheme://...) go to the storage driver claiming the scheme (test_uri_open.py).
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError):
         imago.open('json:{"driver": "null-co"}', "raw", gate=PermissiveImplicitOpenGate())
-    with pytest.raises(FileNotFoundError):
-        imago.open("nbd://localhost/x")
+    with pytest.raises(imago.UnsupportedFeatureError, match="no installed storage driver"):
+        imago.open("gopher://localhost/x")
     pathlib.Path("nbd:x").write_bytes(bytes(512))
     with imago.open("nbd:x", "raw") as image:
         assert image.size == 512

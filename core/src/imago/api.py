@@ -11,11 +11,11 @@ from .errors import InvalidOptionError, UnsupportedFeatureError
 from .format.access import FormatAccess, SyncFormatAccess
 from .format.builder import FormatCreateBuilder
 from .format.driver import FormatDriver
-from .format.gates import ImplicitOpenGate, SandboxImplicitOpenGate
+from .format.gates import DenyImplicitOpenGate, ImplicitOpenGate, SandboxImplicitOpenGate
 from .format.measure import Measurement
 from .format.overlay import check_backing
-from .plugin.manager import format_driver, format_drivers, storage_driver
-from .storage import Storage, StorageCreateOptions, StorageOpenOptions
+from .plugin.manager import format_driver, format_drivers, storage_driver, storage_driver_for_uri
+from .storage import Storage, StorageCreateOptions, StorageOpenOptions, uri_scheme
 
 __all__ = ["create", "create_async", "measure", "open", "open_async", "probe", "probe_sync"]
 
@@ -44,17 +44,41 @@ def _explicit_file_name(filename: str | os.PathLike[str], storage_driver_name: s
     Local files are opened by their real path, so that the default gate's sandbox lies around
     the file that is opened.
     """
-    name = os.fspath(filename)
-    if not isinstance(name, str):
-        raise InvalidOptionError("filename", f"must be a str or os.PathLike[str] path, got {filename!r}")
-    if "\0" in name:
-        raise InvalidOptionError("filename", f"{name!r} contains a NUL byte")
+    name = _name(filename)
     if storage_driver_name == "file" and name:
         return os.path.realpath(name)
     return name
 
 
-def _default_gate(filename: str) -> ImplicitOpenGate:
+def _name(filename: str | os.PathLike[str]) -> str:
+    name = os.fspath(filename)
+    if not isinstance(name, str):
+        raise InvalidOptionError("filename", f"must be a str or os.PathLike[str] path, got {filename!r}")
+    if "\0" in name:
+        raise InvalidOptionError("filename", f"{name!r} contains a NUL byte")
+    return name
+
+
+def _storage_driver_name(filename: str | os.PathLike[str], requested: str | None) -> str:
+    """The storage driver for *filename*: *requested*, else the one claiming its URI scheme, else ``file``."""
+    if requested is not None:
+        return requested
+    name = _name(filename)
+    scheme = uri_scheme(name)
+    if scheme is None:
+        return "file"
+    driver = storage_driver_for_uri(scheme)
+    if driver is not None:
+        return driver.name
+    if os.path.lexists(name):  # a local file whose name merely looks like a URI
+        return "file"
+    raise UnsupportedFeatureError(f"{scheme}:// URIs (no installed storage driver opens them)", name)
+
+
+def _default_gate(filename: str, storage_driver_name: str) -> ImplicitOpenGate:
+    if storage_driver(storage_driver_name).uri_schemes:
+        # An image reached through a URI has no local directory to sandbox: it opens no file.
+        return DenyImplicitOpenGate()
     return SandboxImplicitOpenGate([os.path.dirname(os.path.realpath(filename)) or "."])
 
 
@@ -69,7 +93,7 @@ async def open_async(
     force_share: bool = False,
     for_check: bool = False,
     backing: bool = True,
-    storage_driver_name: str = "file",
+    storage_driver_name: str | None = None,
     metadata_only: bool = False,
     cache_size: int | None = None,
     memory_limit: int | None = None,
@@ -78,9 +102,10 @@ async def open_async(
 
     Returns a :class:`FormatAccess`, whose methods are coroutines.
     """
+    storage_driver_name = _storage_driver_name(filename, storage_driver_name)
     name = _explicit_file_name(filename, storage_driver_name)
     if gate is None:
-        gate = _default_gate(name)
+        gate = _default_gate(name, storage_driver_name)
     options = StorageOpenOptions(
         filename=name,
         writable=write,
@@ -132,7 +157,7 @@ def open(
     force_share: bool = False,
     for_check: bool = False,
     backing: bool = True,
-    storage_driver_name: str = "file",
+    storage_driver_name: str | None = None,
     metadata_only: bool = False,
     cache_size: int | None = None,
     memory_limit: int | None = None,
@@ -168,7 +193,12 @@ def open(
         backing: open the backing file the image names (default). ``False`` opens the image
             alone, as ``qemu-img info`` does: the backing file is not opened (it need not
             exist), and what the image does not allocate reads as zeroes.
-        storage_driver_name: the storage driver opening the files (default ``"file"``).
+        storage_driver_name: the storage driver opening *filename* (default: the driver whose
+            :attr:`Storage.uri_schemes` include the scheme of a *filename* written as a URI,
+            such as ``nbd+unix:///export?socket=/run/nbd.sock`` with imago-nbd installed;
+            otherwise ``"file"``). Through a driver with URI schemes the default gate is a
+            :class:`DenyImplicitOpenGate`, and files the image names are never opened through
+            that driver.
         metadata_only: open for the image's metadata alone, as ``qemu-img info`` does: files it
             names for its data (qcow2's external data file) are not opened nor shown to the gate,
             and reading guest data kept there fails (:meth:`FormatDriverBuilder.metadata_only`).
@@ -244,7 +274,7 @@ async def create_async(
     if not isinstance(unsafe, bool):
         raise InvalidOptionError("unsafe", f"must be True or False, got {unsafe!r}")
     if gate is None:
-        gate = _default_gate(name)
+        gate = _default_gate(name, "file")
     elif not isinstance(gate, ImplicitOpenGate):
         raise InvalidOptionError("gate", f"expected an ImplicitOpenGate, got {type(gate).__name__}")
     # Validate every option, and the backing file, before touching the file: bad input loses no data.

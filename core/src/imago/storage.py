@@ -205,6 +205,12 @@ class Storage(abc.ABC):
     #: Driver name, as registered and as named in :attr:`StorageOpenOptions.driver`.
     name: ClassVar[str] = ""
 
+    #: URI schemes the driver opens (``("nbd", "nbd+unix")``): a name given to :func:`imago.open`
+    #: (and so to the command line) that starts with one of them and ``://`` selects this
+    #: driver. A driver with schemes reaches other machines or services, so it is never used
+    #: for implicit opens (files an image names): the gates refuse it.
+    uri_schemes: ClassVar[tuple[str, ...]] = ()
+
     # --- construction -------------------------------------------------------------------
 
     @classmethod
@@ -350,3 +356,20 @@ class Storage(abc.ABC):
     def __repr__(self) -> str:
         name = self.filename
         return f"<{type(self).__name__} {name!r}>" if name else f"<{type(self).__name__}>"
+
+
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-.")
+
+
+def uri_scheme(name: str) -> str | None:
+    """The scheme of *name* if it is written as a URI (``scheme://...``, RFC 3986's scheme syntax), else ``None``.
+
+    Lower-cased, as schemes compare case-insensitively. Syntax only: whether a storage driver
+    opens that scheme is the plugin manager's to say (:attr:`Storage.uri_schemes`).
+    """
+    scheme, sep, _ = name.partition("://")
+    if not sep or not scheme or not scheme[0].isascii() or not scheme[0].isalpha():
+        return None
+    if not _SCHEME_CHARS.issuperset(scheme):
+        return None
+    return scheme.lower()

@@ -19,6 +19,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..errors import ImagoError, ImplicitOpenDeniedError
+from ..storage import uri_scheme
 
 if TYPE_CHECKING:  # the gates (and the plugin manager behind them) are imported when a gate is made
     from ..format.gates import ImplicitOpenGate
@@ -250,7 +251,9 @@ def gate_for(args: argparse.Namespace, images: Iterable[str | os.PathLike[str]])
 
     if getattr(args, "allow_any", False):
         return PermissiveImplicitOpenGate()
-    directories = {os.path.dirname(os.path.realpath(os.fspath(image))) or "." for image in images}
+    # A URI (nbd+unix:///...) has no directory of its own to allow.
+    names = [os.fspath(image) for image in images]
+    directories = {os.path.dirname(os.path.realpath(name)) or "." for name in names if uri_scheme(name) is None}
     directories.update(os.path.realpath(directory) for directory in getattr(args, "allow_dirs", ()))
     return SandboxImplicitOpenGate(sorted(directories))
 

@@ -77,8 +77,16 @@ class ImplicitOpenGate(abc.ABC):
         # The registry (and pluggy with it) is imported by the first open, not by drivers importing this module.
         from ..plugin.manager import storage_driver
 
+        driver = storage_driver(options.driver)
+        if driver.uri_schemes:
+            # Such a driver reaches other machines: a name an image records must never make us connect.
+            raise ImplicitOpenDeniedError(
+                str(options.filename),
+                f"files an image names are never opened through the {driver.name!r} storage driver",
+                allowable=False,
+            )
         try:
-            storage = await storage_driver(options.driver).open(options)
+            storage = await driver.open(options)
         except OSError as error:
             # A name the file system refuses (its limits may be below Linux's usual ones) is the
             # image's doing, not the system's: say so as a refusal naming it.

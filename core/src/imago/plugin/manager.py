@@ -65,6 +65,7 @@ __all__ = [
     "register_plugin",
     "reset",
     "storage_driver",
+    "storage_driver_for_uri",
     "storage_drivers",
     "unregister_plugin",
 ]
@@ -572,6 +573,19 @@ def storage_driver(name: str) -> type[Storage]:
     """
     found = _manager.declared("storage", name)
     return found if found is not None else _lookup("storage", name, _manager.registry().storage)
+
+
+def storage_driver_for_uri(scheme: str) -> type[Storage] | None:
+    """The storage driver that opens URIs of *scheme* (:attr:`~imago.Storage.uri_schemes`), or ``None``.
+
+    Every plugin is loaded to find it: a URI is named on purpose and rarely. Raises
+    :class:`~imago.DuplicateDriverError` if two plugins' drivers claim *scheme*.
+    """
+    scheme = scheme.lower()
+    claims = [(cls, owner) for cls, owner in _manager.registry().storage.values() if scheme in cls.uri_schemes]
+    if len(claims) > 1:
+        raise DuplicateDriverError("storage", f"{scheme}://", claims[0][1], claims[1][1])
+    return claims[0][0] if claims else None
 
 
 def format_driver(name: str) -> type[FormatDriver]:

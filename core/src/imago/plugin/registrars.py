@@ -21,7 +21,7 @@ from .._record import Record, init
 from ..errors import DuplicateDriverError, InvalidDriverError, PluginError
 from ..format.capabilities import Capability
 from ..format.driver import FormatDriver
-from ..storage import Storage
+from ..storage import Storage, uri_scheme
 
 if TYPE_CHECKING:  # argparse is for the command line tool: a library user loading plugins need not import it
     import argparse
@@ -173,12 +173,22 @@ class StorageRegistrar(_DriverRegistrar[Storage]):
     """Handed to ``imago_register_storage_drivers``: ``register(cls)`` for each storage driver.
 
     *cls* must subclass :class:`~imago.Storage` and set a non-empty ``name``, unique among
-    the storage drivers of every plugin.
+    the storage drivers of every plugin; its ``uri_schemes``, if any, must be a tuple of
+    lower-case URI schemes (two drivers claiming one scheme are reported when it is looked up).
     """
 
     kind = "storage"
     what = "storage driver"
     base = Storage
+
+    def _problem(self, cls: type[Storage]) -> str | None:
+        schemes: object = cls.uri_schemes
+        if not isinstance(schemes, tuple):
+            return f"storage driver {cls.__qualname__}: uri_schemes must be a tuple of strings, got {schemes!r}"
+        for scheme in schemes:
+            if not isinstance(scheme, str) or uri_scheme(f"{scheme}://") != scheme:
+                return f"storage driver {cls.__qualname__}: {scheme!r} in uri_schemes is not a lower-case URI scheme"
+        return None
 
 
 class FormatRegistrar(_DriverRegistrar[FormatDriver]):
