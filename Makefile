@@ -1,6 +1,6 @@
 # imago for Python: set-up, main job, tests.
 #   make run    set up .venv and run the main job (a tour of the imago command; DIR=path keeps its files)
-#   make test   set up .venv (and qemu-utils) and run every check: ruff, mypy, pytest
+#   make test   set up .venv (and the reference tools) and run every check: ruff, mypy, pytest
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DISTS := core $(sort $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml)))
 PYTEST_ARGS ?=
 
-.PHONY: setup run test lint typecheck pytest qemu bench clean dists fuzz
+.PHONY: setup run test lint typecheck pytest tools qemu bench clean dists fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,19 @@ setup: $(VENV)/.installed
 run: setup
 	$(BIN)/python examples/tour.py $(DIR)
 
-# qemu-img and qemu-io are the reference the tests compare against.
-qemu:
-	@command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || { \
-		echo "installing qemu-utils"; \
+# The reference the tests compare against, from Debian's packages: QEMU's tools (qemu-img,
+# qemu-io, qemu-nbd), and the NBD peers (nbdkit, nbd-server, nbdinfo/nbdcopy, python3-libnbd).
+TOOLS := qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils nbdkit:nbdkit nbd-server:nbd-server \
+	nbdinfo:libnbd-bin nbdcopy:libnbd-bin /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
+tools:
+	@missing=$$(for tool in $(TOOLS); do command -v $${tool%%:*} >/dev/null || [ -e $${tool%%:*} ] || echo $${tool#*:}; done | sort -u); \
+	[ -z "$$missing" ] || { \
+		echo "installing" $$missing; \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-utils >/dev/null; }
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; }
+
+# The older name of the target above.
+qemu: tools
 
 lint: setup
 	$(BIN)/ruff check .
@@ -41,7 +48,7 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup qemu
+pytest: setup tools
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
@@ -51,10 +58,10 @@ test: lint typecheck pytest
 TARGET ?= qcow2_read
 MINUTES ?= 10
 JOBS ?= 1
-fuzz: setup qemu
+fuzz: setup tools
 	$(BIN)/python -m fuzz $(TARGET) --minutes $(MINUTES) --jobs $(JOBS)
 
-bench: setup qemu
+bench: setup tools
 	$(BIN)/python bench/bench_raw.py
 	$(BIN)/python bench/bench_qcow2.py
 	$(BIN)/python bench/bench_qcow2_write.py
