@@ -525,7 +525,7 @@ def run_workload(config: Config, tmp_path: Path, *, resizing: bool, max_examples
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.name)
 def test_random_workload_matches_model(config: Config, tmp_path: Path) -> None:
-    run_workload(config, tmp_path, resizing=False, max_examples=12)
+    run_workload(config, tmp_path, resizing=False, max_examples=8)
 
 
 RESIZE_CONFIGS = [
@@ -552,7 +552,7 @@ RESIZE_CONFIGS = [
 
 @pytest.mark.parametrize("config", RESIZE_CONFIGS, ids=lambda c: c.name)
 def test_random_workload_with_resize_matches_model(config: Config, tmp_path: Path) -> None:
-    run_workload(config, tmp_path, resizing=True, max_examples=10)
+    run_workload(config, tmp_path, resizing=True, max_examples=7)
 
 
 # --- directed tests -----------------------------------------------------------------------------
