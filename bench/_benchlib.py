@@ -7,7 +7,9 @@ directory on ``sys.path``), so they run from any working directory.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import imago
-from imago import SyncFormatAccess
+from imago import FormatAccess, SyncFormatAccess
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -54,13 +56,38 @@ def parse_size(text: str) -> int:
 
 
 def add_read_options(parser: argparse.ArgumentParser, *, size_help: str, dir_help: str, repeat_help: str) -> None:
-    """``--size``, ``--dir``, ``--ops``, ``--ops-1m``, ``--qemu-ops`` and ``--repeat``, in this order."""
+    """``--size``, ``--dir``, ``--ops``, ``--ops-1m``, ``--qemu-ops``, ``--repeat`` and ``--loop``, in this order."""
     parser.add_argument("--size", type=parse_size, help=size_help)
     parser.add_argument("--dir", help=dir_help)
     parser.add_argument("--ops", type=int, help="4 KiB reads per run (default 200000; --quick: 20000)")
     parser.add_argument("--ops-1m", type=int, help="1 MiB reads per run (default 2000; --quick: 200)")
     parser.add_argument("--qemu-ops", type=int, help="4 KiB requests per qemu-img run (default 50000; --quick: 5000)")
     parser.add_argument("--repeat", type=int, help=repeat_help)
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="event loop of the async rows: asyncio's own (default) or uvloop (imported only when asked)",
+    )
+
+
+#: The event loops the async rows can run on.
+LOOPS = ("asyncio", "uvloop")
+
+
+def check_loop(parser: argparse.ArgumentParser, loop: str) -> None:
+    """Exit through *parser* if the event loop *loop* is not installed (looked up, not imported)."""
+    if loop != "asyncio" and importlib.util.find_spec(loop) is None:
+        parser.error(f"--loop {loop}: {loop} is not installed (pip install {loop}, or imago's '{loop}' extra)")
+
+
+def event_loop_runner(loop: str) -> asyncio.Runner:
+    """An ``asyncio.Runner`` on the event loop *loop* (``asyncio`` or ``uvloop``, imported only here)."""
+    if loop == "uvloop":
+        import uvloop
+
+        return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
 
 
 def add_final_options(parser: argparse.ArgumentParser, *, no_qemu_help: str, quick_help: str) -> None:
@@ -91,6 +118,7 @@ class ReadConfig:
     directory: str | None
     qemu: bool
     quick: bool
+    loop: str
 
     @staticmethod
     def values(args: argparse.Namespace) -> dict[str, Any]:
@@ -106,6 +134,7 @@ class ReadConfig:
             "directory": args.dir,
             "qemu": not args.no_qemu,
             "quick": args.quick,
+            "loop": args.loop,
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -117,14 +146,16 @@ class ReadConfig:
             "repeat": self.repeat,
             "seed": self.seed,
             "quick": self.quick,
+            "loop": self.loop,
             "statistic": "best",
         }
 
     def check_counts(self, parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
-        """Exit through *parser* unless every one of the named counts is at least 1."""
+        """Exit through *parser* unless every one of the named counts is at least 1 (and the loop is installed)."""
         for name in names:
             if getattr(self, name) < 1:
                 parser.error(f"--{name.replace('_', '-')} must be at least 1")
+        check_loop(parser, self.loop)
 
 
 # --- images and the page cache ---------------------------------------------------------------------
@@ -276,6 +307,27 @@ def imago_sync_loop(disk: SyncFormatAccess, buf: bytearray, offsets: Sequence[in
     return time.perf_counter() - start
 
 
+async def imago_async_round(access: FormatAccess, chunks: Sequence[Sequence[int]], bufs: Sequence[bytearray]) -> float:
+    """``len(chunks)`` tasks, each awaiting ``FormatAccess.read`` over its share of the offsets, in turn."""
+
+    async def worker(chunk: Sequence[int], buf: bytearray) -> None:
+        read = access.read
+        for off in chunk:
+            await read(buf, off)
+
+    start = time.perf_counter()
+    if len(chunks) == 1:  # one reader: no task around it
+        await worker(chunks[0], bufs[0])
+    else:
+        await asyncio.gather(*(worker(chunk, buf) for chunk, buf in zip(chunks, bufs, strict=True)))
+    return time.perf_counter() - start
+
+
+def partition(offsets: Sequence[int], parts: int) -> list[list[int]]:
+    """Deal the offsets round-robin into *parts* lists (every offset read exactly once)."""
+    return [list(offsets[i::parts]) for i in range(parts)]
+
+
 # --- qemu-img --------------------------------------------------------------------------------------
 
 
@@ -396,6 +448,36 @@ def imago_sync_runner(
         seconds = imago_sync_loop(disk, buf, offsets[:warm_ops] if warm else offsets)
         if not warm:
             check(buf, offsets[-1])
+        return seconds
+
+    return Runner("imago", len(offsets), block, run)
+
+
+def imago_async_runner(
+    loop: asyncio.Runner,
+    access: FormatAccess,
+    offsets: list[int],
+    block: int,
+    depth: int,
+    warm_ops: int,
+    check: Callable[[bytearray, int], None],
+) -> Runner:
+    """*depth* tasks on *loop* reading *offsets* (dealt round-robin) through *access*.
+
+    After each timed run, ``check(buf, last offset)`` for each task's buffer.
+    """
+    chunks = [c for c in partition(offsets, depth) if c]
+    warm_chunks = [c for c in partition(offsets[:warm_ops], depth) if c]
+    bufs = [bytearray(block) for _ in chunks]
+
+    def run(warm: bool) -> float:
+        for buf in bufs:
+            buf[:] = bytes(block)
+        todo = warm_chunks if warm else chunks
+        seconds = loop.run(imago_async_round(access, todo, bufs[: len(todo)]))
+        if not warm:
+            for chunk, buf in zip(chunks, bufs, strict=True):
+                check(buf, chunk[-1])
         return seconds
 
     return Runner("imago", len(offsets), block, run)

@@ -8,6 +8,10 @@ One run measures:
   the image file (the host offsets imago's ``get_mapping`` reports):
   ``1M sequential`` (target >= 0.80), ``4K random`` (target >= 0.40), ``4K sequential``, and
   ``qemu-img bench -f qcow2`` reference figures;
+* the same image through the async API (``imago.open_async``, on asyncio's own loop or on
+  uvloop with ``--loop uvloop``): ``async 4K random QD16`` against bare ``os.preadv`` (target
+  >= 0.30) and against ``qemu-img bench -f qcow2 -d 16`` (target >= 1.0), and ``async 1M
+  sequential`` against bare ``os.preadv`` (target >= 0.80);
 * compressed images (zlib and zstd) read whole with large requests, the driver decompressing the
   clusters of a request on all cores, against the same reads decompressing on one thread
   (target: >= 1.5 times faster), and ``qemu-img convert -O raw`` of the same image;
@@ -38,7 +42,7 @@ from typing import Any
 
 import imago
 import imago.runtime
-from imago import Mapping, SyncFormatAccess
+from imago import FormatAccess, Mapping, SyncFormatAccess
 
 # The shared machinery is the sibling module bench/_benchlib.py, found from any working directory.
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:
@@ -57,6 +61,7 @@ RSS_TARGET_MIB = 150.0
 
 @dataclass(frozen=True)
 class Config(lib.ReadConfig):
+    depth: int
     compressed_size: int
     request: int
     big_size: int
@@ -68,6 +73,7 @@ class Config(lib.ReadConfig):
     def as_dict(self) -> dict[str, Any]:
         return {
             **super().as_dict(),
+            "depth": self.depth,
             "cluster_size": CLUSTER,
             "compressed_size": self.compressed_size,
             "request_size": self.request,
@@ -90,6 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         dir_help="directory for the temporary images (default: the system temp dir)",
         repeat_help="timed runs per test, best is reported (default 5; --quick: 3)",
     )
+    parser.add_argument("--depth", type=int, default=16, help="reads in flight in the async test (default 16)")
     parser.add_argument("--seed", type=int, default=1, help="seed for offsets and generated data (default 1)")
     parser.add_argument(
         "--compressed-size", type=parse_size, help="virtual size of the compressed images (default 256M; --quick: 16M)"
@@ -119,6 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     pick = lib.picker(args)
     config = Config(
         **lib.ReadConfig.values(args),
+        depth=args.depth,
         compressed_size=pick(args.compressed_size, 256 * MiB, 16 * MiB),
         request=pick(args.request_size, 16 * MiB, 4 * MiB),
         big_size=pick(args.big_size, TiB, 4 * GiB),
@@ -127,7 +135,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         big_verify=args.big_verify,
         skip_big=args.skip_big,
     )
-    config.check_counts(parser, ("ops", "ops_1m", "qemu_ops", "repeat"))
+    config.check_counts(parser, ("ops", "ops_1m", "qemu_ops", "repeat", "depth"))
     if config.size % CLUSTER or config.compressed_size % CLUSTER:
         parser.error("image sizes must be multiples of the 64 KiB cluster size")
     if config.big_stride < 4 * MiB or config.big_stride > config.big_size:
@@ -201,12 +209,12 @@ class Qemu:
         note = None if reference else "qemu-img reference runs skipped (--no-qemu)"
         return cls(img, io, version, reference and img is not None, note)
 
-    def bench(self, path: str, count: int, size: int) -> tuple[float, float] | None:
-        """``qemu-img bench`` at QD1: its own "Run completed in" seconds and the process wall clock."""
+    def bench(self, path: str, count: int, size: int, depth: int) -> tuple[float, float] | None:
+        """``qemu-img bench -d DEPTH``: its own "Run completed in" seconds and the process wall clock."""
         if not self.reference or self.img is None:
             return None
         try:
-            return lib.run_qemu_bench(lib.qemu_bench_command(self.img, "qcow2", path, count, size, 1))
+            return lib.run_qemu_bench(lib.qemu_bench_command(self.img, "qcow2", path, count, size, depth))
         except lib.QemuError as error:
             self.disable(str(error))
             return None
@@ -299,6 +307,8 @@ class Allocated:
         self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.source_fd = os.open(self.source, os.O_RDONLY | os.O_CLOEXEC)
         self.disk = imago.open(self.path, format="qcow2")
+        self.loop = lib.event_loop_runner(config.loop)
+        self.access: FormatAccess = self.loop.run(imago.open_async(self.path, format="qcow2"))
         self.extents = self._extents()
         self._starts = [ext.guest for ext in self.extents]
         self.random_4k, self.seq_4k, self.seq_1m = lib.read_offsets(self.size, config.ops, config.ops_1m, config.seed)
@@ -307,6 +317,8 @@ class Allocated:
 
     def close(self) -> None:
         self.disk.close()
+        self.loop.run(self.access.close())
+        self.loop.close()
         os.close(self.fd)
         os.close(self.source_fd)
 
@@ -342,9 +354,12 @@ class Allocated:
         cases = lib.read_cases(self.size, random.Random(self.config.seed + 1), small=32, large=8, extra=across)
         for offset, length in cases:
             expected = lib.pread_exact(self.source_fd, length, offset)
-            for attempt in ("first", "again"):
+            for attempt in ("first", "again", "async"):
                 buf = bytearray(length)
-                self.disk.read(buf, offset)
+                if attempt == "async":
+                    self.loop.run(self.access.read(buf, offset))
+                else:
+                    self.disk.read(buf, offset)
                 if buf != expected:
                     self.failures.append(f"allocated: imago read ({attempt}) of {length} bytes at {offset} is wrong")
             ext = self.extents[bisect.bisect_right(self._starts, offset) - 1]
@@ -364,8 +379,19 @@ class Allocated:
             self.disk, offsets, block, self.warm_count, lambda buf, offset: self.check_last(what, buf, offset)
         )
 
-    def qemu_bench(self, count: int, block: int) -> Runner:
-        return lib.qemu_bench_runner(count, block, lambda n: self.qemu.bench(self.path, n, block))
+    def imago_async(self, what: str, offsets: list[int], block: int, depth: int) -> Runner:
+        return lib.imago_async_runner(
+            self.loop,
+            self.access,
+            offsets,
+            block,
+            depth,
+            self.warm_count,
+            lambda buf, offset: self.check_last(what, buf, offset),
+        )
+
+    def qemu_bench(self, count: int, block: int, depth: int = 1) -> Runner:
+        return lib.qemu_bench_runner(count, block, lambda n: self.qemu.bench(self.path, n, block, depth))
 
     def run(self) -> None:
         config = self.config
@@ -373,10 +399,19 @@ class Allocated:
             "1m_seq": [self.bare(self.seq_1m, LARGE), self.imago("1M sequential", self.seq_1m, LARGE)],
             "4k_random": [self.bare(self.random_4k, SMALL), self.imago("4K random", self.random_4k, SMALL)],
             "4k_seq": [self.bare(self.seq_4k, SMALL), self.imago("4K sequential", self.seq_4k, SMALL)],
+            "async": [
+                self.bare(self.random_4k, SMALL),
+                self.imago_async("async 4K random", self.random_4k, SMALL, config.depth),
+            ],
+            "async_1m": [
+                self.bare(self.seq_1m, LARGE),
+                self.imago_async("async 1M sequential", self.seq_1m, LARGE, 1),
+            ],
         }
         if self.qemu.reference:
             plan["1m_seq"].append(self.qemu_bench(config.ops_1m, LARGE))
             plan["4k_seq"].append(self.qemu_bench(config.qemu_ops, SMALL))
+            plan["async"].append(self.qemu_bench(config.qemu_ops, SMALL, config.depth))
         lib.measure_plan(plan, config.repeat, self.groups)
 
 
@@ -703,6 +738,16 @@ ROWS = (
     Row("sync_4k_sequential", "qcow2 4K sequential QD1", "IOPS", ("4k_seq", "imago"), ("4k_seq", "bare"), None),
     Row("qemu_4k_sequential", "qcow2 4K seq vs qemu-img", "IOPS", ("4k_seq", "imago"), ("4k_seq", "qemu-img"), None),
     Row("qemu_1m_sequential", "qcow2 1M seq vs qemu-img", "MiB/s", ("1m_seq", "imago"), ("1m_seq", "qemu-img"), None),
+    Row("async_4k_random_qd16", "qcow2 async 4K random QD16", "IOPS", ("async", "imago"), ("async", "bare"), 0.30),
+    Row(
+        "async_4k_random_qd16_qemu",
+        "qcow2 async 4K random QD16 vs qemu-img bench -d 16",
+        "IOPS",
+        ("async", "imago"),
+        ("async", "qemu-img"),
+        1.0,
+    ),
+    Row("async_1m_sequential", "qcow2 async 1M sequential", "MiB/s", ("async_1m", "imago"), ("async_1m", "bare"), 0.80),
     Row("zlib_parallel", "zlib all cores vs 1 thread", "MiB/s", ("zlib", "parallel"), ("zlib", "one-thread"), 1.5),
     Row("zstd_parallel", "zstd all cores vs 1 thread", "MiB/s", ("zstd", "parallel"), ("zstd", "one-thread"), 1.5),
     Row("zlib_qemu", "zlib vs qemu-img convert", "MiB/s", ("zlib", "parallel"), ("zlib", "qemu-img"), None),
@@ -721,7 +766,7 @@ def report(
     elapsed: float,
     load: tuple[float, float] | None,
 ) -> dict[str, Any]:
-    results = lib.group_results(groups, lambda group: "IOPS" if group.startswith("4k") else "MiB/s")
+    results = lib.group_results(groups, lambda group: "IOPS" if group.startswith("4k") or group == "async" else "MiB/s")
     ratios, lines = lib.ratio_rows(ROWS, groups, qemu=qemu.reference, overhead_column=False)
 
     memory: dict[str, Any] | None = None
@@ -753,7 +798,7 @@ def report(
 
     lib.print_table(
         f"imago qcow2 read benchmark: best of {config.repeat} interleaved runs, ratio = imago / reference"
-        f" (higher is better); {os.cpu_count()} CPUs",
+        f" (higher is better); {os.cpu_count()} CPUs; async rows on the {config.loop} loop",
         lib.HEADER,
         lines,
     )
@@ -795,7 +840,7 @@ def report(
     lib.print_qemu(
         qemu.note,
         qemu.version,
-        "bench timed by its own 'Run completed in' figure (QD1, -t writeback),"
+        "bench timed by its own 'Run completed in' figure (QD1, QD16 for the async row; -t writeback),"
         " convert by the wall clock of the process",
     )
     lib.print_verdict(failures, elapsed)

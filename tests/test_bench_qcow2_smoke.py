@@ -18,12 +18,18 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_qcow2.py"
 RATIO_LINES = (
     "qcow2 1M sequential QD1",
     "qcow2 4K random QD1",
+    "qcow2 async 4K random QD16",
+    "qcow2 async 4K random QD16 vs qemu-img bench -d 16",
+    "qcow2 async 1M sequential",
     "zlib all cores vs 1 thread",
     "zstd all cores vs 1 thread",
 )
 RATIO_KEYS = {
     "sync_1m_sequential": "bare",
     "sync_4k_random": "bare",
+    "async_4k_random_qd16": "bare",
+    "async_4k_random_qd16_qemu": "qemu-img",
+    "async_1m_sequential": "bare",
     "zlib_parallel": "one-thread",
     "zstd_parallel": "one-thread",
 }
@@ -83,4 +89,6 @@ def test_bench_qcow2_skip_big(tmp_path: Path) -> None:
     assert summary["correct"] is True
     assert summary["memory"] is None
     assert summary["ratios"]["qemu_4k_sequential"] is None
+    assert summary["ratios"]["async_4k_random_qd16_qemu"] is None
+    assert summary["ratios"]["async_1m_sequential"]["reference_name"] == "bare"
     assert list(tmp_path.iterdir()) == []

@@ -180,15 +180,26 @@ class FormatAccess:
         view = memoryview(buf) if type(buf) is bytearray else byte_view(buf, writable=True)
         length = view.nbytes
         cache = self._cache
+        driver = self._driver
+        epoch = driver.mapping_epoch
         # A hit needs no further checks: extents lie inside the disk, and closing or resizing
         # drops the cache.
-        if type(offset) is int and cache.epoch == self._driver.mapping_epoch:
+        if type(offset) is int and cache.epoch == epoch:
             extent = cache.find(offset, length)
             if extent is not None:
                 await extent.storage.readv([view], offset + extent.delta)
                 return
         self._check(offset, length)
-        await self._readv_mapped([view], offset, length)
+        if not length:
+            return
+        # The common miss lies in one raw mapping: one look-up, one storage read, no slicing.
+        mapping, mapped = await driver.get_mapping(offset, length)
+        if type(mapping) is ShallowRaw and mapped >= length:
+            assert isinstance(mapping, ShallowRaw)
+            await mapping.storage.readv([view], mapping.offset)
+            self._remember(offset, mapped, mapping, epoch)
+            return
+        await self._readv_mapped([view], offset, length, (mapping, mapped, epoch))
 
     async def readv(self, bufs: Sequence[Any], offset: int) -> None:
         """Fill the buffers of *bufs*, one after another, with the bytes at *offset*."""
@@ -197,13 +208,24 @@ class FormatAccess:
         self._check(offset, length)
         await self._readv_mapped(iov, offset, length)
 
-    async def _readv_mapped(self, iov: IoVector, offset: int, length: int) -> None:
+    async def _readv_mapped(
+        self, iov: IoVector, offset: int, length: int, first: tuple[ShallowMapping, int, int] | None = None
+    ) -> None:
+        """Read ``[offset, offset + length)`` into *iov*, mapping by mapping, one after another.
+
+        *first*: the mapping at *offset* already looked up (with its length and the epoch from
+        before the look-up), so that the caller's look-up is not repeated.
+        """
         driver = self._driver
         pos = 0
         while pos < length:
             guest = offset + pos
-            epoch = driver.mapping_epoch
-            mapping, mapped = await driver.get_mapping(guest, length - pos)
+            if first is None:
+                epoch = driver.mapping_epoch
+                mapping, mapped = await driver.get_mapping(guest, length - pos)
+            else:
+                mapping, mapped, epoch = first
+                first = None
             if mapped <= 0:
                 raise DriverContractError(driver.name, "get_mapping returned an empty mapping", guest)
             step = min(mapped, length - pos)
