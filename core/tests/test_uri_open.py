@@ -233,3 +233,12 @@ def test_the_command_line_gate_allows_no_directory_for_a_uri(tmp_path: Path) -> 
     gate = gate_for(args, ["nbd+unix:///e?socket=/tmp/s", str(tmp_path / "disk.qcow2")])
     assert isinstance(gate, imago.SandboxImplicitOpenGate)
     assert [str(d) for d in gate.directories] == [str(tmp_path)]
+
+
+def test_the_command_line_gate_for_uris_alone_denies_every_implicit_open(tmp_path: Path) -> None:
+    args = argparse.Namespace(allow_any=False, allow_dirs=())
+    assert isinstance(gate_for(args, ["nbd+unix:///e?socket=/tmp/s"]), imago.DenyImplicitOpenGate)
+    args = argparse.Namespace(allow_any=False, allow_dirs=(str(tmp_path),))
+    gate = gate_for(args, ["nbd+unix:///e?socket=/tmp/s"])
+    assert isinstance(gate, imago.SandboxImplicitOpenGate)
+    assert [str(d) for d in gate.directories] == [str(tmp_path)]

@@ -247,7 +247,7 @@ def add_gate_options(parser: argparse.ArgumentParser) -> None:
 
 def gate_for(args: argparse.Namespace, images: Iterable[str | os.PathLike[str]]) -> ImplicitOpenGate:
     """The gate for implicit opens: the images' directories plus ``--allow-dir``, or anything."""
-    from ..format.gates import PermissiveImplicitOpenGate, SandboxImplicitOpenGate
+    from ..format.gates import DenyImplicitOpenGate, PermissiveImplicitOpenGate, SandboxImplicitOpenGate
 
     if getattr(args, "allow_any", False):
         return PermissiveImplicitOpenGate()
@@ -255,6 +255,8 @@ def gate_for(args: argparse.Namespace, images: Iterable[str | os.PathLike[str]])
     names = [os.fspath(image) for image in images]
     directories = {os.path.dirname(os.path.realpath(name)) or "." for name in names if uri_scheme(name) is None}
     directories.update(os.path.realpath(directory) for directory in getattr(args, "allow_dirs", ()))
+    if not directories:  # only URIs, and no --allow-dir: nothing to open
+        return DenyImplicitOpenGate()
     return SandboxImplicitOpenGate(sorted(directories))
 
 
