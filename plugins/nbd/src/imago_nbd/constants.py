@@ -21,6 +21,7 @@ __all__ = [
     "REQUEST_MAGIC",
     "SIMPLE_REPLY_MAGIC",
     "STRUCTURED_REPLY_MAGIC",
+    "URI_SCHEMES",
     "ClientFlag",
     "Command",
     "CommandFlag",
@@ -37,6 +38,8 @@ __all__ = [
     "nbd_from_errno",
 ]
 
+#: The URI schemes of NBD (``doc/uri.md``): plain or TLS, over TCP or a Unix domain socket.
+URI_SCHEMES: Final = ("nbd", "nbd+unix", "nbds", "nbds+unix")
 #: ``NBDMAGIC``: the first 8 bytes a server sends.
 INIT_PASSWD: Final = 0x4E42444D41474943
 #: ``IHAVEOPT``: the newstyle magic after ``INIT_PASSWD``, and the start of every option.

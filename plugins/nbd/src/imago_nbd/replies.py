@@ -34,6 +34,7 @@ from .requests import Request
 __all__ = [
     "CHUNK_HEADER",
     "DEFAULT_MAX_DESCRIPTORS",
+    "DataHeader",
     "SIMPLE_REPLY_HEADER",
     "BlockStatusChunk",
     "ErrorChunk",
@@ -199,7 +200,23 @@ class ErrorChunk:
     chunk_type: int = ReplyType.ERROR
 
 
-ReplyEvent = SimpleReply | NoneChunk | OffsetDataChunk | OffsetHoleChunk | BlockStatusChunk | ErrorChunk
+@attrs.frozen(kw_only=True)
+class DataHeader:
+    """Zero-copy decoding: *length* bytes of READ data for *offset* come next in the stream.
+
+    The I/O layer moves them itself (``take_payload_into`` for what the decoder holds, its own
+    ``recv_into`` for the rest, reported by ``payload_received``). *simple* is true for a
+    simple reply's payload; *done* whether the reply is complete once the payload is in.
+    """
+
+    cookie: int
+    offset: int
+    length: int
+    done: bool
+    simple: bool = False
+
+
+ReplyEvent = SimpleReply | NoneChunk | OffsetDataChunk | OffsetHoleChunk | BlockStatusChunk | ErrorChunk | DataHeader
 
 
 # --- the decoder (client) -------------------------------------------------------------------
@@ -238,7 +255,9 @@ class ReplyDecoder:
 
     *structured* says whether structured replies were negotiated; *meta_contexts* are the
     context ids SET_META_CONTEXT selected (block status must come once for each);
-    *max_descriptors* caps a block-status chunk.
+    *max_descriptors* caps a block-status chunk. With *zero_copy*, READ data is not buffered:
+    a :class:`DataHeader` announces it and the caller moves the payload itself, so that it can
+    receive it straight into its own buffer (then calls ``receive_data(b"")`` to go on).
     """
 
     def __init__(
@@ -247,8 +266,14 @@ class ReplyDecoder:
         structured: bool,
         meta_contexts: Iterable[int] = (),
         max_descriptors: int = DEFAULT_MAX_DESCRIPTORS,
+        zero_copy: bool = False,
     ) -> None:
         self._buffer = ReceiveBuffer()
+        self.zero_copy = zero_copy
+        #: Zero-copy payload bytes announced by the last :class:`DataHeader` and not moved yet.
+        self.payload_left = 0
+        # What completes when that payload is in: (header start, request entry, simple reply, done).
+        self._payload_end: tuple[int, _InFlight, bool, bool] | None = None
         self.structured = structured
         self.meta_contexts = frozenset(meta_contexts)
         self.max_descriptors = max_descriptors
@@ -280,11 +305,38 @@ class ReplyDecoder:
                 return events
             events.append(event)
 
+    def take_payload_into(self, view: memoryview) -> int:
+        """Copy the announced payload the decoder already holds into *view*; returns the byte count."""
+        count = min(len(view), self.payload_left, len(self._buffer))
+        if count:
+            view[:count] = self._buffer.take(count) or b""
+            self.payload_received(count, _buffered=True)
+        return count
+
+    def payload_received(self, count: int, *, _buffered: bool = False) -> None:
+        """Say that *count* bytes of the announced payload were received by the caller itself."""
+        if count > self.payload_left or count < 0:
+            raise InvalidRequestError(f"{count} payload bytes received, {self.payload_left} announced")
+        if self._buffer and not _buffered:
+            raise InvalidRequestError("payload received past bytes the decoder holds: take_payload_into first")
+        self.payload_left -= count
+        if not _buffered:
+            self._buffer.position += count
+        if self.payload_left == 0 and self._payload_end is not None:
+            start, entry, simple, done = self._payload_end
+            self._payload_end = None
+            if simple:
+                del self.in_flight[entry.request.cookie]
+            elif done:
+                self._complete(start, entry)
+
     def _violation(self, problem: str, offset: int) -> ProtocolError:
         return ProtocolError(problem, offset=offset, sender="server")
 
     def _next(self) -> ReplyEvent | None:
         buffer = self._buffer
+        if self.payload_left:
+            return None  # the caller moves the announced payload first
         if self._header is None:
             start = buffer.position
             peeked = buffer.peek_unpack(_CONTEXT)
@@ -308,6 +360,8 @@ class ReplyDecoder:
             else:
                 raise self._violation(f"reply magic {magic:#010x} is wrong", start)
         start, cookie, chunk_type, flags, length = self._header
+        if self.zero_copy and (chunk_type == _OFFSET_DATA or (chunk_type is None and length)):
+            return self._data_header(start, cookie, chunk_type, flags, length)
         if len(buffer) < length:
             return None
         self._header = None
@@ -331,6 +385,28 @@ class ReplyDecoder:
             return self._chunk(start, cookie, chunk_type, bool(flags & _DONE), payload)
         except MalformedPayloadError as error:
             raise self._violation(str(error), start) from None
+
+    def _data_header(
+        self, start: int, cookie: int, chunk_type: int | None, flags: int, length: int
+    ) -> DataHeader | None:
+        """Announce READ data instead of buffering it (zero-copy decoding)."""
+        entry = self.in_flight[cookie]
+        if chunk_type is None:  # a simple reply's payload: the whole request
+            self._header = None
+            self.payload_left = length
+            self._payload_end = (start, entry, True, True)
+            return DataHeader(cookie=cookie, offset=entry.request.offset, length=length, done=True, simple=True)
+        fields = self._buffer.unpack(_OFFSET)
+        if fields is None:
+            return None
+        self._header = None
+        (offset,) = fields
+        data_length = length - _OFFSET.size
+        self._cover(start, entry, offset, data_length)
+        done = bool(flags & _DONE)
+        self.payload_left = data_length
+        self._payload_end = (start, entry, False, done)
+        return DataHeader(cookie=cookie, offset=offset, length=data_length, done=done)
 
     def _request(self, start: int, cookie: int) -> _InFlight:
         entry = self.in_flight.get(cookie)
