@@ -70,6 +70,8 @@ bench: setup tools
 	$(BIN)/python bench/bench_convert.py
 	$(BIN)/python bench/bench_compressed.py
 	$(BIN)/python bench/bench_hostile.py
+	$(BIN)/python bench/bench_nbd_server.py
+	$(BIN)/python bench/bench_nbd_client.py
 
 # The list above, one per line (tests/test_workspace.py compares it with the tree).
 dists:
