@@ -276,12 +276,12 @@ def test_imago_error_is_one_line(register_plugin: RegisterPlugin, capsys: pytest
 def test_missing_driver_in_a_subcommand_is_one_line(
     register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    register_plugin("needs-vmdk", cli_plugin(("vmdk-in", "x", no_arguments, lambda args: imago.format_driver("vmdk"))))
-    assert imago.cli.main(["vmdk-in"]) == 1
+    register_plugin("needs-qed", cli_plugin(("qed-in", "x", no_arguments, lambda args: imago.format_driver("qed"))))
+    assert imago.cli.main(["qed-in"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert err.startswith("imago: no format driver named 'vmdk' is installed")
-    assert "'imago-vmdk'" in err
+    assert err.startswith("imago: no format driver named 'qed' is installed")
+    assert "'imago-qed'" in err
     assert "Traceback" not in err
 
 
@@ -386,14 +386,14 @@ def test_plugins_shows_an_unknown_hook(register_plugin: RegisterPlugin, capsys: 
 def test_debug_anywhere_shows_the_traceback(
     register_plugin: RegisterPlugin, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    register_plugin("needs-vmdk", cli_plugin(("vmdk-in", "x", no_arguments, lambda args: imago.format_driver("vmdk"))))
-    assert imago.cli.main(["vmdk-in"]) == 1
+    register_plugin("needs-qed", cli_plugin(("qed-in", "x", no_arguments, lambda args: imago.format_driver("qed"))))
+    assert imago.cli.main(["qed-in"]) == 1
     assert "Traceback" not in capsys.readouterr().err
-    for argv in (["--debug", "vmdk-in"], ["vmdk-in", "--debug"]):
+    for argv in (["--debug", "qed-in"], ["qed-in", "--debug"]):
         assert imago.cli.main(argv) == 1
         err = capsys.readouterr().err
         assert "Traceback (most recent call last)" in err
-        assert err.rstrip("\n").splitlines()[-1].startswith("imago: no format driver named 'vmdk'")
+        assert err.rstrip("\n").splitlines()[-1].startswith("imago: no format driver named 'qed'")
 
 
 @pytest.mark.parametrize("name", ["plugins", "convert", "info", "check"])

@@ -650,7 +650,7 @@ def test_invalid_driver_is_a_load_error(
     ("lookup", "name", "distribution"),
     [
         (imago.storage_driver, "foo", "imago-foo"),
-        (imago.format_driver, "vmdk", "imago-vmdk"),
+        (imago.format_driver, "qed", "imago-qed"),
     ],
 )
 def test_missing_driver_names_the_distribution(lookup: Callable[[str], type], name: str, distribution: str) -> None:
@@ -1152,10 +1152,10 @@ def test_name_differing_only_in_case(
 
 def test_unknown_upper_case_name_follows_the_lower_case_convention() -> None:
     with pytest.raises(imago.DriverNotFoundError) as caught:
-        imago.format_driver("VMDK")
-    assert caught.value.distribution == "imago-vmdk"
+        imago.format_driver("QED")
+    assert caught.value.distribution == "imago-qed"
     assert caught.value.suggestion is None
-    assert "install the distribution 'imago-vmdk'" in str(caught.value)
+    assert "install the distribution 'imago-qed'" in str(caught.value)
 
 
 def test_case_hint_for_an_in_process_plugin(register_plugin: Callable[[str, object], None]) -> None:

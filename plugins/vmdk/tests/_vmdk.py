@@ -1,0 +1,322 @@
+"""Helpers for the vmdk tests: QEMU's tools as the reference, and images built by hand.
+
+``qemu_img``/``qemu_io`` run QEMU's tools with their status checked (missing tools fail the
+tests). The ``craft_*`` functions build VMDK files byte by byte, independently of the driver
+under test: hosted sparse extents (plain or stream-optimized, with the grain directory in the
+header or in a footer), VMFS sparse (COWD) extents and descriptor files, so that the subformats
+qemu-img cannot create, and hostile images, can be tested; QEMU reads the well-formed ones back
+as the check that they are what they claim to be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import struct
+import subprocess
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import imago
+from imago import PermissiveImplicitOpenGate, SyncFormatAccess
+from imago.cli import main as imago_main
+from imago_vmdk import Vmdk
+
+StrPath = str | os.PathLike[str]
+SECTOR = 512
+MiB = 1 << 20
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise AssertionError(f"{name} is required for the vmdk interoperability tests (Debian package qemu-utils)")
+    return path
+
+
+def run(argv: Sequence[StrPath], cwd: StrPath | None = None) -> str:
+    """Run a command; its stdout, or an AssertionError with its output when it fails."""
+    args = [os.fspath(a) for a in argv]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=cwd, check=False, timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc.stdout
+
+
+def qemu_img(*args: StrPath, cwd: StrPath | None = None) -> str:
+    """``qemu-img ARGS`` (checked)."""
+    return run([_tool("qemu-img"), *args], cwd=cwd)
+
+
+def qemu_io(image: StrPath, *commands: str) -> None:
+    """``qemu-io -f vmdk -c CMD ... IMAGE``; any failed command fails the call."""
+    argv: list[StrPath] = [_tool("qemu-io"), "-f", "vmdk"]
+    for command in commands:
+        argv += ["-c", command]
+    out = run([*argv, image])
+    for line in out.splitlines():
+        if "failed" in line or "error" in line.lower():
+            raise AssertionError(f"qemu-io on {image}: {line}")
+
+
+def qemu_raw(image: Path) -> bytes:
+    """The disk's bytes as ``qemu-img convert -f vmdk -O raw`` writes them."""
+    target = image.with_name(image.name + ".qemu.raw")
+    qemu_img("convert", "-f", "vmdk", "-O", "raw", image, target)
+    data = target.read_bytes()
+    target.unlink()
+    return data
+
+
+def qemu_json(*args: StrPath) -> Any:
+    """qemu-img's JSON output of ``ARGS --output=json``."""
+    return json.loads(qemu_img(*args, "--output=json"))
+
+
+def imago_cli(*args: StrPath) -> tuple[int, str, str]:
+    """``imago ARGS`` in this process: status, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = imago_main([os.fspath(a) for a in args])
+    return status, out.getvalue(), err.getvalue()
+
+
+def open_vmdk(path: StrPath, **options: Any) -> SyncFormatAccess:
+    """The image opened read-only with the permissive gate (the tests' own files)."""
+    driver = Vmdk.builder_path(path).open_sync(options.pop("gate", PermissiveImplicitOpenGate()))
+    return SyncFormatAccess(driver)
+
+
+def read_all(path: StrPath) -> bytes:
+    """Every byte of the disk, through imago."""
+    with imago.open(path, "vmdk", gate=PermissiveImplicitOpenGate()) as disk:
+        buf = bytearray(disk.size)
+        disk.read(buf, 0)
+        return bytes(buf)
+
+
+# --- crafting images ----------------------------------------------------------------------------
+
+
+def descriptor_text(
+    extents: Sequence[str],
+    *,
+    create_type: str,
+    cid: int = 0x12345678,
+    parent_cid: int = 0xFFFFFFFF,
+    parent: str | None = None,
+) -> str:
+    """A descriptor with the extent lines *extents* (``'RW 2048 FLAT "x-flat.vmdk" 0'``)."""
+    lines = [
+        "# Disk DescriptorFile",
+        "version=1",
+        f"CID={cid:08x}",
+        f"parentCID={parent_cid:08x}",
+        f'createType="{create_type}"',
+    ]
+    if parent is not None:
+        lines.append(f'parentFileNameHint="{parent}"')
+    lines += ["", "# Extent description", *extents, "", "# The Disk Data Base", "#DDB", "", 'ddb.adapterType = "ide"']
+    return "\n".join(lines) + "\n"
+
+
+def _kdmv_header(
+    *,
+    version: int,
+    flags: int,
+    capacity: int,
+    grain: int,
+    desc_offset: int,
+    desc_size: int,
+    gtes: int,
+    rgd: int,
+    gd: int,
+    overhead: int,
+    compress: int,
+) -> bytes:
+    head = struct.pack(
+        "<4sIIQQQQIQQQB4sH",
+        b"KDMV",
+        version,
+        flags,
+        capacity,
+        grain,
+        desc_offset,
+        desc_size,
+        gtes,
+        rgd,
+        gd,
+        overhead,
+        0,
+        b"\n \r\n",
+        compress,
+    )
+    return head.ljust(SECTOR, b"\0")
+
+
+def _pad(data: bytes) -> bytes:
+    return data + b"\0" * (-len(data) % SECTOR)
+
+
+def craft_sparse(
+    path: Path,
+    capacity: int,
+    grains: Mapping[int, bytes | None],
+    *,
+    grain_sectors: int = 16,
+    gtes: int = 512,
+    version: int = 1,
+    zero_grain: bool = False,
+    descriptor: str | None = None,
+    redundant: bool = True,
+    header_overrides: Mapping[str, int] | None = None,
+) -> None:
+    """A hosted sparse extent of *capacity* bytes: *grains* maps grain index -> data (``None``: zeroed entry)."""
+    grain_size = grain_sectors * SECTOR
+    n_gts = -(-capacity // (gtes * grain_size))
+    desc = _pad(descriptor.encode()) if descriptor is not None else b""
+    desc_sectors = max(len(desc) // SECTOR, 0)
+    gd_sectors = -(-n_gts * 4 // SECTOR)
+    gt_sectors = -(-gtes * 4 // SECTOR)
+    position = 1 + desc_sectors
+    rgd = position if redundant else 0
+    if redundant:
+        position += gd_sectors + n_gts * gt_sectors
+    gd = position
+    position += gd_sectors + n_gts * gt_sectors
+    overhead = -(-position // grain_sectors) * grain_sectors
+    tables = [[0] * gtes for _ in range(n_gts)]
+    body = bytearray()
+    for index in sorted(grains):
+        data = grains[index]
+        if data is None:
+            tables[index // gtes][index % gtes] = 1
+            continue
+        tables[index // gtes][index % gtes] = overhead + len(body) // SECTOR
+        body += data.ljust(grain_size, b"\0")
+    flags = (1 << 0) | (1 << 1 if redundant else 0) | (1 << 2 if zero_grain else 0)
+    fields = {
+        "version": version,
+        "flags": flags,
+        "capacity": capacity // SECTOR,
+        "grain": grain_sectors,
+        "desc_offset": 1 if desc else 0,
+        "desc_size": desc_sectors,
+        "gtes": gtes,
+        "rgd": rgd,
+        "gd": gd,
+        "overhead": overhead,
+        "compress": 0,
+    }
+    fields.update(header_overrides or {})
+    image = bytearray(_kdmv_header(**fields))
+    image += desc
+
+    def directory(start: int) -> bytes:
+        entries = [start + gd_sectors + i * gt_sectors for i in range(n_gts)]
+        out = _pad(struct.pack(f"<{n_gts}I", *entries))
+        for table in tables:
+            out += _pad(struct.pack(f"<{gtes}I", *table))
+        return out
+
+    if redundant:
+        image += directory(rgd)
+    image += directory(gd)
+    image += b"\0" * (overhead * SECTOR - len(image))
+    image += body
+    path.write_bytes(bytes(image))
+
+
+def _marker(value: int, size: int, marker_type: int) -> bytes:
+    return struct.pack("<QII", value, size, marker_type).ljust(SECTOR, b"\0")
+
+
+def craft_stream(
+    path: Path,
+    capacity: int,
+    grains: Mapping[int, bytes],
+    *,
+    grain_sectors: int = 128,
+    footer: bool = True,
+    descriptor: str | None = None,
+    raw_grains: Mapping[int, tuple[int, bytes]] | None = None,
+    footer_overrides: Mapping[str, int] | None = None,
+) -> None:
+    """A stream-optimized extent as VMware lays it out: compressed grains with markers, tables at the end.
+
+    *grains* maps grain index -> content (compressed here); *raw_grains* maps grain index ->
+    (marker LBA, compressed bytes) as given (for hostile grains). With *footer*, the header
+    says ``gdOffset = -1`` and a footer holds the real one.
+    """
+    grain_size = grain_sectors * SECTOR
+    gtes = 512
+    n_gts = -(-capacity // (gtes * grain_size))
+    default = descriptor_text([f'RW {capacity // SECTOR} SPARSE "x.vmdk"'], create_type="streamOptimized")
+    desc = _pad((descriptor or default).encode())
+    desc_sectors = len(desc) // SECTOR
+    overhead = 1 + desc_sectors
+    out = bytearray(SECTOR) + desc
+    tables = [[0] * gtes for _ in range(n_gts)]
+    items = {index: (index * grain_sectors, zlib.compress(data)) for index, data in grains.items()}
+    items.update(raw_grains or {})
+    for index in sorted(items):
+        lba, packed = items[index]
+        tables[index // gtes][index % gtes] = len(out) // SECTOR
+        out += _pad(struct.pack("<QI", lba, len(packed)) + packed)
+    gt_offsets = []
+    for table in tables:
+        out += _marker(gtes * 4 // SECTOR, 0, 1)
+        gt_offsets.append(len(out) // SECTOR)
+        out += _pad(struct.pack(f"<{gtes}I", *table))
+    out += _marker(-(-n_gts * 4 // SECTOR), 0, 2)
+    gd = len(out) // SECTOR
+    out += _pad(struct.pack(f"<{n_gts}I", *gt_offsets))
+    fields = {
+        "version": 3,
+        "flags": (1 << 0) | (1 << 16) | (1 << 17),
+        "capacity": capacity // SECTOR,
+        "grain": grain_sectors,
+        "desc_offset": 1,
+        "desc_size": desc_sectors,
+        "gtes": gtes,
+        "rgd": 0,
+        "gd": 0xFFFFFFFFFFFFFFFF if footer else gd,
+        "overhead": overhead,
+        "compress": 1,
+    }
+    out[:SECTOR] = _kdmv_header(**fields)
+    if footer:
+        footer_fields = {**fields, "gd": gd, **(footer_overrides or {})}
+        out += _marker(1, 0, 3) + _kdmv_header(**footer_fields)
+    out += _marker(0, 0, 0)
+    path.write_bytes(bytes(out))
+
+
+def craft_cowd(path: Path, capacity: int, grains: Mapping[int, bytes], *, grain_sectors: int = 16) -> None:
+    """A VMFS sparse (COWD) extent: 4096 entries per grain table, the directory after the 2 KiB header."""
+    grain_size = grain_sectors * SECTOR
+    gtes = 4096
+    n_gts = -(-capacity // (gtes * grain_size))
+    gd = 4
+    gd_sectors = -(-n_gts * 4 // SECTOR)
+    gt_sectors = gtes * 4 // SECTOR
+    first_gt = gd + gd_sectors
+    data_start = first_gt + n_gts * gt_sectors
+    tables = [[0] * gtes for _ in range(n_gts)]
+    body = bytearray()
+    for index in sorted(grains):
+        tables[index // gtes][index % gtes] = data_start + len(body) // SECTOR
+        body += grains[index].ljust(grain_size, b"\0")
+    file_sectors = data_start + len(body) // SECTOR
+    header = struct.pack("<4s10I", b"COWD", 1, 3, capacity // SECTOR, grain_sectors, gd, n_gts, file_sectors, 0, 0, 0)
+    image = bytearray(header.ljust(4 * SECTOR, b"\0"))
+    image += _pad(struct.pack(f"<{n_gts}I", *[first_gt + i * gt_sectors for i in range(n_gts)]))
+    for table in tables:
+        image += struct.pack(f"<{gtes}I", *table)
+    image += body
+    path.write_bytes(bytes(image))
