@@ -72,6 +72,7 @@ bench: setup tools
 	$(BIN)/python bench/bench_hostile.py
 	$(BIN)/python bench/bench_nbd_server.py
 	$(BIN)/python bench/bench_nbd_client.py
+	$(BIN)/python bench/bench_vmdk.py
 
 # The list above, one per line (tests/test_workspace.py compares it with the tree).
 dists:

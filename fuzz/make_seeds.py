@@ -4,7 +4,9 @@ Small images of every kind the qcow2 driver reads (empty, written, zero clusters
 backing file names, compressed clusters with deflate and zstd, internal snapshots, extended L2,
 lazy refcounts, a dirty image, version 2, refcount widths, an external data file name) go to
 ``corpus/qcow2``; a few of them with operation trailers (:mod:`fuzz.targets.qcow2_write`) to
-``corpus/qcow2_write``; raw images to ``corpus/raw``. Virtual sizes are small and clusters 512
+``corpus/qcow2_write``; raw images to ``corpus/raw``; single-file VMDKs (hosted sparse, zeroed
+grains, stream-optimized as qemu-img writes it and as imago writes it, footer and all) to
+``corpus/vmdk``. Virtual sizes are small and clusters 512
 bytes to 16 KiB, so that the committed corpus stays well under 2 MB. The output is committed
 (fuzzing needs no QEMU); run this again to refresh it.
 """
@@ -21,7 +23,15 @@ from pathlib import Path
 from .targets import CORPUS_DIR
 from .targets.qcow2_write import Op, OpKind, encode
 
-__all__ = ["QCOW2_SEEDS", "main", "make_qcow2_seeds", "make_raw_seeds", "make_write_seeds"]
+__all__ = [
+    "QCOW2_SEEDS",
+    "VMDK_SEEDS",
+    "main",
+    "make_qcow2_seeds",
+    "make_raw_seeds",
+    "make_vmdk_seeds",
+    "make_write_seeds",
+]
 
 
 def _qemu_img(*args: str, cwd: Path) -> None:
@@ -174,6 +184,62 @@ def make_write_seeds(out: Path, qcow2_dir: Path) -> list[Path]:
     return made
 
 
+#: name -> (how it is made: ``sparse`` qemu-img create + qemu-io, ``qemu-stream`` qemu-img convert,
+#: ``imago-stream`` imago's stream writer; the create options; the size; qemu-io commands on the data)
+VMDK_SEEDS: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {
+    "sparse-empty": ("sparse", (), "256k", ()),
+    "sparse-written": ("sparse", (), "1M", ("write -P 0x11 0 4k", "write -P 0x22 9k 1k")),
+    "zeroed-grain": ("sparse", ("zeroed_grain=on",), "1M", ("write -P 0x33 0 4k", "write -z 64k 64k")),
+    "stream-qemu": ("qemu-stream", ("subformat=streamOptimized",), "1M", _WRITES),
+    "stream-imago": ("imago-stream", (), "1M", _WRITES),
+    "stream-imago-tables": ("imago-stream", (), "65M", ("write -P 0x44 0 1k", "write -P 0x55 64M 1k")),
+}
+
+
+def make_vmdk_seeds(out: Path, work: Path) -> list[Path]:
+    """Write the VMDK seeds into *out*; returns their paths."""
+    import asyncio
+
+    import imago
+    from imago_vmdk.stream import write_stream
+
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, (how, options, size, commands) in VMDK_SEEDS.items():
+        image = work / f"{name}.vmdk"
+        if how == "sparse":
+            _qemu_img(
+                "create",
+                "-f",
+                "vmdk",
+                "-o",
+                ",".join(options) or "subformat=monolithicSparse",
+                image.name,
+                size,
+                cwd=work,
+            )
+            _qemu_io(image.name, *commands, cwd=work, fmt="vmdk")
+        else:
+            raw = work / f"{name}.raw"
+            _qemu_img("create", "-f", "raw", raw.name, size, cwd=work)
+            _qemu_io(raw.name, *commands, cwd=work, fmt="raw")
+            if how == "qemu-stream":
+                _qemu_img("convert", "-f", "raw", "-O", "vmdk", "-o", ",".join(options), raw.name, image.name, cwd=work)
+            else:
+
+                async def stream(source: Path, target: Path) -> None:
+                    access = await imago.open_async(str(source), "raw")
+                    try:
+                        with target.open("wb") as sink:
+                            await write_stream(access, sink, extent_name=target.name)
+                    finally:
+                        await access.close()
+
+                asyncio.run(stream(raw, image))
+        made.append(_keep(image, out))
+    return made
+
+
 def _keep(image: Path, out: Path) -> Path:
     target = out / image.name
     shutil.copyfile(image, target)
@@ -186,10 +252,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=CORPUS_DIR, help="corpus root (default: %(default)s)")
     args = parser.parse_args(argv)
     out: Path = args.out
-    for kind in ("qcow2", "qcow2_write", "raw"):
+    for kind in ("qcow2", "qcow2_write", "raw", "vmdk"):
         shutil.rmtree(out / kind, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="imago-seeds-") as work:
         made = make_qcow2_seeds(out / "qcow2", Path(work))
+        made += make_vmdk_seeds(out / "vmdk", Path(work))
     made += make_write_seeds(out / "qcow2_write", out / "qcow2")
     made += make_raw_seeds(out / "raw")
     total = sum(path.stat().st_size for path in made)

@@ -320,3 +320,33 @@ def craft_cowd(path: Path, capacity: int, grains: Mapping[int, bytes], *, grain_
         image += struct.pack(f"<{gtes}I", *table)
     image += body
     path.write_bytes(bytes(image))
+
+
+# --- helpers for the create and write tests --------------------------------------------------------
+
+#: The subformats imago writes in place (streamOptimized is written by its own sequential writer).
+WRITABLE_SUBFORMATS = ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+
+
+def open_writable(path: StrPath) -> SyncFormatAccess:
+    """The VMDK image at *path*, opened for writing (extents and parent through a permissive gate)."""
+    return SyncFormatAccess(Vmdk.builder_path(path).write().open_sync(PermissiveImplicitOpenGate()))
+
+
+def assert_qemu_clean_and_equal(image: Path, model: bytes) -> None:
+    """``qemu-img check`` finds nothing and ``qemu-img compare`` finds *image* equal to the raw *model*."""
+    qemu_img("check", "-q", image)
+    raw = image.with_name(image.name + ".model.raw")
+    raw.write_bytes(model)
+    try:
+        qemu_img("compare", "-f", "vmdk", "-F", "raw", image, raw)
+    finally:
+        raw.unlink()
+
+
+def descriptor_of(image: Path) -> str:
+    """The descriptor text of *image*: the file itself, or the one embedded at sector 1 of a sparse file."""
+    data = image.read_bytes()
+    if data[:4] == b"KDMV":
+        return data[SECTOR : 21 * SECTOR].split(b"\0", 1)[0].decode()
+    return data.decode()

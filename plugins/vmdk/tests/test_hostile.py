@@ -335,10 +335,11 @@ def test_parent_loops_and_cid_mismatch(tmp_path: Path) -> None:
         assert disk.access.driver.backing is not None
 
 
-def test_writing_is_refused(tmp_path: Path) -> None:
-    craft_sparse(tmp_path / "s.vmdk", MiB, {0: b"a"})
+def test_writing_a_cowd_extent_is_refused(tmp_path: Path) -> None:
+    craft_cowd(tmp_path / "c-delta.vmdk", MiB, {})
+    (tmp_path / "c.vmdk").write_text(descriptor_text(['RW 2048 VMFSSPARSE "c-delta.vmdk"'], create_type="vmfsSparse"))
     with pytest.raises(UnsupportedFeatureError, match="writing vmdk images"):
-        Vmdk.builder_path(tmp_path / "s.vmdk").write(True).open_sync(PermissiveImplicitOpenGate())
+        Vmdk.builder_path(tmp_path / "c.vmdk").write(True).open_sync(PermissiveImplicitOpenGate())
 
 
 def test_one_file_many_extents(tmp_path: Path) -> None:

@@ -345,7 +345,10 @@ class _Plan:
             backing_sectors = self._backing_sectors(target)
             if args.target_is_zero and backing_sectors is not None:
                 raise CliError("Cannot use --target-is-zero when the destination image has a backing file")
-            compressed = bool(args.compress)
+            # A target that takes data only compressed and in order (a stream-optimized VMDK) is
+            # written as with -c, in disk order, its unwritten ranges left to read as zeros.
+            sequential = target.driver.writes_compressed
+            compressed = bool(args.compress) or sequential
             cluster_sectors = 1
             if compressed:
                 writer = Capability.COMPRESSED_WRITES.of(target.driver)
@@ -353,7 +356,8 @@ class _Plan:
                     raise CliError("Compression not supported for this file format")
                 cluster_sectors = max(1, writer.cluster_size // SECTOR)
             zero_init = bool(args.target_is_zero) if args.no_create else self.min_sparse > 0 and backing_sectors is None
-            in_order = not args.out_of_order and not await _writes_in_place(target)
+            zero_init = zero_init or (sequential and not args.no_create)
+            in_order = sequential or (not args.out_of_order and not await _writes_in_place(target))
             copier = Copier(
                 sources,
                 target,

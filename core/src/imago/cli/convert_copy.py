@@ -114,6 +114,10 @@ class Copier:
         self.has_zero_init = has_zero_init
         self.target_backing_sectors = target_backing_sectors
         self.compressed = compressed
+        # A target taking data only compressed and in order gets each request as one write, all-zero
+        # clusters included (it skips them): a write's place is taken when it starts, and a request
+        # split into several writes could interleave with the next request's.
+        self.sequential = compressed and target.driver.writes_compressed
         self.cluster_sectors = cluster_sectors
         self.requests = requests
         self.in_order = in_order
@@ -375,6 +379,9 @@ class Copier:
 
     async def _write_compressed(self, view: memoryview, sector: int, count: int) -> None:
         """Compress the clusters that hold data, in runs; all-zero clusters take the zero path."""
+        if self.sequential:
+            await self.target.write_compressed(view[: count * SECTOR], sector * SECTOR)
+            return
         step = self.cluster_sectors
         first = 0
         while first < count:

@@ -116,6 +116,17 @@ class FormatDriver(abc.ABC):
         """The backing layer, if the image has one and it was opened."""
         return None
 
+    @property
+    def writes_compressed(self) -> bool:
+        """Whether data can only be written compressed: whole clusters, in increasing order.
+
+        Such an image (a stream-optimized VMDK) takes data only through :meth:`write_compressed`
+        (clusters of the ``COMPRESSED_WRITES`` capability's ``cluster_size``), each write at a
+        higher offset than the one before; ranges never written read as zeros. Generic copiers
+        (``imago convert``) write it so, as with ``-c``. Default: ``False``.
+        """
+        return False
+
     def mappings_changed(self) -> None:
         """Declare that mappings reported earlier may be stale (drops cached mappings)."""
         self.mapping_epoch += 1

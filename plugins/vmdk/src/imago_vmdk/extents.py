@@ -13,6 +13,7 @@ from __future__ import annotations
 import enum
 import sys
 from array import array
+from collections.abc import Awaitable, Callable
 
 from imago import CorruptImageError, MemoryBudget, MetadataCache, Record, Storage
 
@@ -105,6 +106,7 @@ class SparseExtent(Extent):
         directory: array[int],
         budget: MemoryBudget,
         type_name: str,
+        redundant: array[int] | None = None,
     ) -> None:
         super().__init__(layout.capacity, type_name)
         self.storage = storage
@@ -114,23 +116,62 @@ class SparseExtent(Extent):
         self._directory = directory
         self._filename = storage.filename
         self._file_size = storage.size
+        # Writable extents: the primary table's sector -> its redundant copy's (0: none).
+        self._copies: dict[int, int] | None = None
+        if redundant is not None:
+            self._copies = {
+                sector: (redundant[i] if i < len(redundant) else 0) for i, sector in enumerate(directory) if sector
+            }
+        #: Called before dirty grain tables are written: the grains they name reach the disk first.
+        self.before_table_write: Callable[[], Awaitable[None]] | None = None
         self._tables: MetadataCache[int, array[int]] = MetadataCache(
             None,
             self._load_table,
+            self._write_table if redundant is not None else None,
             budget=budget,
             entry_size=4 * layout.gtes_per_gt,
             name=f"the grain table cache of {storage.filename or 'the image'}",
         )
 
     @classmethod
-    async def read_directory(cls, storage: Storage, layout: SparseLayout, budget: MemoryBudget) -> array[int]:
-        """The grain directory, read whole (charged to *budget* first)."""
+    async def read_directory(
+        cls, storage: Storage, layout: SparseLayout, budget: MemoryBudget, *, redundant: bool = False
+    ) -> array[int]:
+        """The grain directory (*redundant*: its redundant copy), read whole (charged to *budget* first)."""
         nbytes = 4 * layout.gd_entries
-        budget.hold(storage.filename, "its grain directory", nbytes)
+        budget.hold(storage.filename, "its redundant grain directory" if redundant else "its grain directory", nbytes)
         raw = bytearray(nbytes)
         if raw:
-            await storage.readv([memoryview(raw)], layout.gd_offset)
+            await storage.readv([memoryview(raw)], layout.rgd_offset if redundant else layout.gd_offset)
         return _entries(raw)
+
+    def grew(self, file_end: int) -> None:
+        """A writer placed grains up to *file_end*: entries up to there are valid (their data is coming)."""
+        self._file_size = max(self._file_size, file_end)
+
+    @property
+    def directory(self) -> array[int]:
+        """The grain directory: the sector of each grain table (0: none)."""
+        return self._directory
+
+    @property
+    def tables(self) -> MetadataCache[int, array[int]]:
+        """The grain tables, by sector, as cached (writers change entries and mark them dirty)."""
+        return self._tables
+
+    async def _write_table(self, sector: int, table: array[int]) -> None:
+        """Write a changed grain table: the redundant copy first, then the primary one."""
+        if self.before_table_write is not None:
+            await self.before_table_write()
+        raw = array("I", table)
+        if sys.byteorder == "big":
+            raw.byteswap()
+        data = memoryview(raw.tobytes())
+        assert self._copies is not None
+        copy = self._copies.get(sector, 0)
+        if copy:
+            await self.storage_checked.writev([data], copy * SECTOR)
+        await self.storage_checked.writev([data], sector * SECTOR)
 
     async def _load_table(self, sector: int) -> array[int]:
         layout = self.layout

@@ -10,6 +10,7 @@ one, so loops and over-deep chains are refused by the builder; its CID must be t
 from __future__ import annotations
 
 import contextlib
+from array import array
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,7 @@ from .descriptor import (
 )
 from .extents import Extent, FlatExtent, SparseExtent, ZeroExtent
 from .header import COWD_MAGIC, KDMV_MAGIC, SECTOR, SparseLayout, footer_offset, parse_cowd, parse_kdmv
+from .stream_append import StreamAppender
 from .unopened import UnopenedExtentFile
 
 if TYPE_CHECKING:
@@ -55,7 +57,18 @@ _HEAD_BYTES = 2048
 class OpenedImage(Record):
     """What the open path found: the extents, the descriptor's facts, the parent."""
 
-    __slots__ = ("backing", "cid", "create_type", "extents", "parent_cid", "parent_hint", "storages")
+    __slots__ = (
+        "appender",
+        "backing",
+        "cid",
+        "create_type",
+        "descriptor_area",
+        "extents",
+        "parent_cid",
+        "parent_hint",
+        "storages",
+        "writable",
+    )
 
     extents: tuple[Extent, ...]
     storages: tuple[Storage, ...]
@@ -64,6 +77,11 @@ class OpenedImage(Record):
     create_type: str
     parent_hint: str | None
     backing: FormatAccess | None
+    #: Where the descriptor text lies in the image's file, and how long it may be.
+    descriptor_area: tuple[int, int]
+    writable: bool
+    #: For a stream-optimized image opened for writing: what appends its grains.
+    appender: StreamAppender | None
 
     def __init__(self, **fields: object) -> None:
         for name in self.__slots__:
@@ -71,9 +89,7 @@ class OpenedImage(Record):
 
 
 async def open_image(driver_class: type[Vmdk], builder: FormatDriverBuilder[Vmdk], gate: ImplicitOpenGate) -> Vmdk:
-    """Open the image *builder* describes (read-only); its extents and parent through *gate*."""
-    if builder.writable:
-        raise UnsupportedFeatureError("writing vmdk images (this version reads them only)", builder.path)
+    """Open the image *builder* describes; its extents and parent (read-only) through *gate*."""
     storage = await builder.open_storage(gate)
     opened: list[Storage | FormatAccess] = [storage] if builder.path is not None else []
     try:
@@ -100,9 +116,11 @@ async def _open(
     magic = head[:4]
     extents: list[Extent]
     create_type: str
+    descriptor_area = (0, storage.size)
     if magic == KDMV_MAGIC:
         layout = await _kdmv_layout(storage, head)
         descriptor = await _embedded_descriptor(storage, layout)
+        descriptor_area = (layout.descriptor_offset, layout.descriptor_size)
         if layout.capacity == 0 and layout.descriptor_offset:
             # A descriptor file kept in a sparse file's descriptor area (QEMU opens these too).
             if descriptor is None:
@@ -132,6 +150,12 @@ async def _open(
     if parent_hint is not None and builder.opens_backing:
         backing = await _open_parent(builder, gate, storage, parent_hint, parent_cid)
         opened.append(backing)
+    appender = None
+    if builder.writable:
+        if _is_stream(extents, storage):
+            appender = await StreamAppender.open(storage)
+        else:
+            _check_writable(extents, filename)
     storages: list[Storage] = [storage]
     for extent in extents:
         if extent.storage is not None and all(extent.storage is not s for s in storages):
@@ -144,7 +168,35 @@ async def _open(
         create_type=create_type,
         parent_hint=parent_hint,
         backing=backing,
+        descriptor_area=descriptor_area if descriptor is not None else (0, 0),
+        writable=builder.writable,
+        appender=appender,
     )
+
+
+def _is_stream(extents: list[Extent], storage: Storage) -> bool:
+    """A monolithic stream-optimized file: written by appending compressed grains (:mod:`imago_vmdk.stream_append`)."""
+    if len(extents) != 1:
+        return False
+    extent = extents[0]
+    return (
+        isinstance(extent, SparseExtent)
+        and extent.storage is storage
+        and extent.compressed
+        and extent.layout.has_markers
+        and extent.layout.version == 3
+    )
+
+
+def _check_writable(extents: list[Extent], filename: str | None) -> None:
+    """Writing needs every extent writable: flat, or hosted sparse without compression."""
+    for extent in extents:
+        if isinstance(extent, FlatExtent):
+            continue
+        if isinstance(extent, SparseExtent) and extent.layout.kind == "KDMV" and not extent.compressed:
+            continue
+        what = extent.type_name or ("compressed" if extent.compressed else extent.__class__.__name__)
+        raise UnsupportedFeatureError(f"writing vmdk images with {what} extents (read-only here)", filename)
 
 
 async def _kdmv_layout(storage: Storage, head: bytes) -> SparseLayout:
@@ -170,7 +222,44 @@ async def _sparse_extent(
     builder: FormatDriverBuilder[Vmdk], storage: Storage, layout: SparseLayout, type_name: str
 ) -> SparseExtent:
     directory = await SparseExtent.read_directory(storage, layout, builder.budget)
-    return SparseExtent(storage, layout, directory, builder.budget, type_name)
+    redundant = None
+    if builder.writable and layout.kind == "KDMV" and not layout.compressed:
+        if layout.rgd_offset:
+            redundant = await SparseExtent.read_directory(storage, layout, builder.budget, redundant=True)
+        else:
+            redundant = array("I", bytes(4 * len(directory)))
+        _check_tables(storage, layout, directory, redundant)
+    return SparseExtent(storage, layout, directory, builder.budget, type_name, redundant)
+
+
+def _check_tables(storage: Storage, layout: SparseLayout, directory: array[int], redundant: array[int]) -> None:
+    """Refuse grain tables a writer would write over the header, descriptor or directories.
+
+    They must lie in the metadata area, before the grains, clear of the rest of the metadata.
+    """
+    nbytes = 4 * layout.gtes_per_gt
+    gd_bytes = 4 * layout.gd_entries
+    reserved = [(0, SECTOR), (layout.gd_offset, gd_bytes)]
+    if layout.descriptor_offset:
+        reserved.append((layout.descriptor_offset, layout.descriptor_size))
+    if layout.rgd_offset:
+        reserved.append((layout.rgd_offset, gd_bytes))
+    for table in (directory, redundant):
+        for index, sector in enumerate(table):
+            offset = sector * SECTOR
+            if not sector:
+                continue
+            clash = offset + nbytes > layout.overhead or any(
+                offset < start + length and start < offset + nbytes for start, length in reserved
+            )
+            if clash:
+                raise CorruptImageError(
+                    storage.filename,
+                    offset,
+                    f"grain table {index} ({nbytes} bytes at {offset:#x}) overlaps the header, the descriptor "
+                    f"or a grain directory, or lies past the metadata area (grains at {layout.overhead:#x}): "
+                    "the image cannot be written",
+                )
 
 
 async def _descriptor_extents(
@@ -217,7 +306,7 @@ async def _open_extent(
     extent_storage = files.get(name)
     if extent_storage is None:
         with _naming_the_descriptor(storage, line, line.filename):
-            options = builder.given_storage_options.__replace__(filename=name, writable=False)
+            options = builder.given_storage_options.__replace__(filename=name, writable=builder.writable)
             extent_storage = files[name] = await gate.open_storage(options)
         opened.append(extent_storage)
     where = line.where(descriptor)
