@@ -128,7 +128,7 @@ def image_info(disk: FormatAccess, filename: str) -> dict[str, Any]:
         "format": disk.format_name,
         "dirty-flag": bool(facts.get("dirty-flag", False)),
     }
-    allocated = driver.storage.allocated_size()  # the image's own file, as QEMU 7.2 counts it
+    allocated = driver.allocated_size()  # the image's own file, as QEMU 7.2 counts it (VMDK: its extents too)
     if allocated is not None:
         info["actual-size"] = allocated
     # QEMU's block layer counts whole 512-byte sectors, whatever the format.

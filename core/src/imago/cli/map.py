@@ -235,6 +235,12 @@ async def map_entries(top: FormatAccess, filename: str, start: int, end: int) ->
                     is_data, run = await mapping.storage.data_extent(mapping.offset, length)
                     is_zero = not is_data
                     length = min(length, run)
+                elif layer.driver.holes_read_as_data(mapping.storage):
+                    # Allocated to the format, but its file's holes read as zero: QEMU asks the
+                    # file and reports them as zero data (a VMDK flat extent).
+                    in_file, run = await mapping.storage.data_extent(mapping.offset, length)
+                    is_zero = not in_file
+                    length = min(length, run)
                 entry = MapEntry(
                     position,
                     0,

@@ -116,6 +116,24 @@ class FormatDriver(abc.ABC):
         """The backing layer, if the image has one and it was opened."""
         return None
 
+    def allocated_size(self) -> int | None:
+        """Bytes the image occupies on its media (``qemu-img info``'s ``actual-size``), ``None`` if unknown.
+
+        The default counts the image's own file, as QEMU does for most formats; a format that
+        counts its other files too (VMDK's extent files) overrides it.
+        """
+        return self.storage.allocated_size()
+
+    def holes_read_as_data(self, storage: Storage) -> bool:
+        """Whether guest data this driver maps (:class:`ShallowRaw`) into *storage* has its holes shown as zero data.
+
+        ``True`` for files whose bytes are the guest's as they are but which the format still
+        counts as allocated (a VMDK flat extent's file): ``imago map`` then asks the storage
+        for its holes and reports them as ``zero`` while keeping ``data``, as ``qemu-img map``
+        does. Default: ``False``.
+        """
+        return False
+
     @property
     def writes_compressed(self) -> bool:
         """Whether data can only be written compressed: whole clusters, in increasing order.

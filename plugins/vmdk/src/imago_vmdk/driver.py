@@ -122,6 +122,20 @@ class Vmdk(FormatDriver):
         """The parent image of a delta link, if it was opened."""
         return self._image.backing
 
+    def allocated_size(self) -> int | None:
+        """The allocated bytes of the descriptor's file and of every extent file, each counted once (as QEMU).
+
+        ``None`` when the descriptor's file cannot tell; an extent file that cannot counts nothing.
+        """
+        own = self.storage.allocated_size()
+        if own is None:
+            return None
+        return own + sum(storage.allocated_size() or 0 for storage in self._image.storages[1:])
+
+    def holes_read_as_data(self, storage: Storage) -> bool:
+        """Whether *storage* holds a flat extent: its holes are zero data, as ``qemu-img map`` shows them."""
+        return any(type(extent) is FlatExtent and extent.storage is storage for extent in self._extents)
+
     @property
     def cid(self) -> int:
         """The content ID (``CID``) the descriptor records (a new one once the image changed)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -42,6 +44,20 @@ class UnopenedExtentFile(Storage):
     def filename(self) -> str | None:
         """The extent file's name, resolved against the descriptor's directory."""
         return self._name
+
+    def allocated_size(self) -> int | None:
+        """The file's allocated bytes when it lies beside the image (``qemu-img info`` counts them).
+
+        Looked up without opening it and without following a link (``lstat``), and only for a
+        plain name in the image's own directory: nothing else is touched without the gate.
+        """
+        if self._image is None or os.path.dirname(self._name) != os.path.dirname(self._image):
+            return None
+        try:
+            status = os.lstat(self._name)
+        except OSError:
+            return None
+        return status.st_blocks * 512 if stat.S_ISREG(status.st_mode) else None
 
     def _refuse(self) -> NoReturn:
         raise MissingStorageError(
