@@ -92,3 +92,19 @@ def test_refused_extent_through_the_cli(tmp_path: Path) -> None:
     assert status == 1
     assert "line 6 of the descriptor" in err
     assert "'..'" in err
+
+
+@pytest.mark.parametrize("subformat", ["twoGbMaxExtentFlat", "twoGbMaxExtentSparse"])
+def test_info_and_map_name_extent_files_as_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, subformat: str
+) -> None:
+    # qemu-img names extent files from the name the user gave (a relative one stays relative).
+    (tmp_path / "rel").mkdir()
+    qemu_img("create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", tmp_path / "rel" / "t.vmdk", "10M")
+    monkeypatch.chdir(tmp_path)
+    for command in (["info", "--output=json"], ["info"], ["map", "--output=json"], ["map"]):
+        status, out, err = imago_cli(*command, "rel/t.vmdk")
+        assert status == 0, err
+        assert out == qemu_img(*command, "rel/t.vmdk", cwd=tmp_path)
+        if command[0] == "info":
+            assert "rel/t-" in out

@@ -245,6 +245,19 @@ def add_gate_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def shown_name(given: str, own: str | None, full: str) -> str:
+    """How qemu-img names a file *full* of an image opened as *given* whose own file is *own*.
+
+    QEMU builds such names from the name the user gave: a file beside the image is shown in the
+    given name's directory, any other by its full name.
+    """
+    if own is not None and full == own:
+        return given
+    if own is not None and os.path.dirname(full) == os.path.dirname(own):
+        return os.path.join(os.path.dirname(given), os.path.basename(full))
+    return full
+
+
 def gate_for(args: argparse.Namespace, images: Iterable[str | os.PathLike[str]]) -> ImplicitOpenGate:
     """The gate for implicit opens: the images' directories plus ``--allow-dir``, or anything."""
     from ..format.gates import DenyImplicitOpenGate, PermissiveImplicitOpenGate, SandboxImplicitOpenGate

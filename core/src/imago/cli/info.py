@@ -21,10 +21,20 @@ from typing import TYPE_CHECKING, Any
 from ..api import open as open_image
 from ..errors import ImagoError
 from . import qjson
-from .common import add_force_share, add_format, add_gate_options, add_output, check_output, describe_error, gate_for
+from .common import (
+    add_force_share,
+    add_format,
+    add_gate_options,
+    add_output,
+    check_output,
+    describe_error,
+    gate_for,
+    shown_name,
+)
 
 if TYPE_CHECKING:
     from ..format.access import FormatAccess
+    from ..format.driver import FormatDriver
 
 __all__ = ["configure", "format_human", "format_json", "image_info", "qdict_order", "run", "size_to_str"]
 
@@ -108,6 +118,26 @@ def _chain_infos(top: FormatAccess, filename: str, chain: bool) -> Iterable[dict
         name = info.get("full-backing-filename", "")
 
 
+def _files_as_given(value: Any, driver: FormatDriver, filename: str) -> Any:
+    """*value* with each ``filename`` naming one of the driver's files as qemu-img names it (VMDK extents).
+
+    Drivers report their files by the names they were opened with (full paths); qemu-img shows
+    them relative to the name the user gave.
+    """
+    if isinstance(value, Mapping):
+        files = {s.filename for s in driver.storages() if s.filename}
+        own = driver.storage.filename
+        return {
+            key: shown_name(filename, own, item)
+            if key == "filename" and isinstance(item, str) and item in files
+            else _files_as_given(item, driver, filename)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_files_as_given(item, driver, filename) for item in value]
+    return value
+
+
 def path_combine(base: str, name: str) -> str:
     """*name* as QEMU resolves a name an image records: relative to the directory of *base*."""
     if os.path.isabs(name):
@@ -149,7 +179,8 @@ def image_info(disk: FormatAccess, filename: str) -> dict[str, Any]:
         info["snapshots"] = [{k: s[k] for k in SNAPSHOT_FIELDS if k in s} for s in snapshots]
     specific = facts.get("format-specific")
     if specific is not None:
-        info["format-specific"] = {"type": specific["type"], "data": specific["data"]}
+        data = _files_as_given(specific["data"], driver, filename)
+        info["format-specific"] = {"type": specific["type"], "data": data}
     ordered: dict[str, Any] = qdict_order(info)
     return ordered
 

@@ -40,6 +40,7 @@ from .common import (
     gate_for,
     interruptible,
     parse_size,
+    shown_name,
 )
 
 if TYPE_CHECKING:
@@ -296,10 +297,6 @@ class _Names:
         name = self._layers[id(layer)]
         if storage is layer.driver.storage:
             return name
-        # Another file of the layer (an external data file): named like the layer when it lies
-        # beside it, else by its full name.
-        full = storage.filename or ""
-        own = layer.driver.storage.filename
-        if own is not None and os.path.dirname(full) == os.path.dirname(own):
-            return os.path.join(os.path.dirname(name), os.path.basename(full))
-        return full
+        # Another file of the layer (an external data file, an extent): named like the layer
+        # when it lies beside it, else by its full name.
+        return shown_name(name, layer.driver.storage.filename, storage.filename or "")
