@@ -11,6 +11,7 @@ import pytest
 import pyvmdk  # type: ignore[import-not-found]
 
 import imago
+import imago.cli
 
 from ._vmdk import WRITABLE_SUBFORMATS, MiB, open_writable, qemu_raw
 
@@ -70,3 +71,20 @@ def test_libvmdk_reads_an_imago_delta(tmp_path: Path) -> None:
     finally:
         handle.close()
     assert _libvmdk_read(top, base) == qemu_raw(top)
+
+
+def test_libvmdk_reads_an_imago_stream_optimized_image(tmp_path: Path) -> None:
+    # VMware's layout (grain directory in the footer, markers): libvmdk reads it as qemu-img does.
+    source = tmp_path / "source.raw"
+    rng = random.Random(8)
+    data = bytearray(SIZE)
+    for _ in range(10):
+        offset = rng.randrange(SIZE)
+        chunk = rng.randbytes(min(rng.randrange(1, 200_000), SIZE - offset))
+        data[offset : offset + len(chunk)] = chunk
+    source.write_bytes(bytes(data))
+    image = tmp_path / "stream.vmdk"
+    argv = ["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized", str(source), str(image)]
+    assert imago.cli.main(argv) == 0
+    assert qemu_raw(image) == bytes(data)
+    assert _libvmdk_read(image) == bytes(data)
