@@ -5,27 +5,13 @@ Timing figures are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_convert.py"
+from .bench_run import run_quick
 
 
 def test_bench_convert_quick(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert "correctness: OK" in lines
-    summary = json.loads(lines[-1])
-    assert summary["correct"] is True
+    summary = run_quick("bench_convert.py", tmp_path)
     assert summary["quick"] is True
     results = summary["directories"][str(tmp_path)]
     assert set(results) == {
@@ -49,15 +35,7 @@ def test_bench_convert_quick(tmp_path: Path) -> None:
 
 def test_bench_convert_selected_cases(tmp_path: Path) -> None:
     """``--case`` runs only the cases named (and the sparse case's reference, qcow2-to-raw)."""
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path), "--case", "sparse-1t-to-raw"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads(result.stdout.splitlines()[-1])
+    summary = run_quick("bench_convert.py", tmp_path, "--case", "sparse-1t-to-raw")
     results = summary["directories"][str(tmp_path)]
     assert set(results) == {"qcow2-to-raw", "sparse-1t-to-raw"}
     assert results["sparse-1t-to-raw"]["vs_imago_full"] > 0

@@ -5,27 +5,13 @@ Timing figures are never asserted: they depend on the machine and its load.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_vmdk.py"
+from .bench_run import run_quick
 
 
 def test_bench_vmdk_quick(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--dir", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    lines = result.stdout.splitlines()
-    assert "correctness: OK" in lines
-    summary = json.loads(lines[-1])
-    assert summary["correct"] is True
+    summary = run_quick("bench_vmdk.py", tmp_path)
     assert summary["failures"] == []
     (figures,) = summary["dirs"]
     assert figures["dir"] == str(tmp_path)
