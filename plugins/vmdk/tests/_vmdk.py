@@ -350,3 +350,114 @@ def descriptor_of(image: Path) -> str:
     if data[:4] == b"KDMV":
         return data[SECTOR : 21 * SECTOR].split(b"\0", 1)[0].decode()
     return data.decode()
+
+
+# --- seSparse extents ------------------------------------------------------------------------------
+
+#: What :func:`craft_sesparse` writes for an unmapped grain (SCSI UNMAP: reads as zeroes).
+UNMAPPED = "unmapped"
+SESPARSE_GRAIN = 4096
+#: Grain table entries and the guest bytes one table covers (16 MiB).
+SESPARSE_GTES = 4096
+SESPARSE_GT_COVERAGE = SESPARSE_GTES * SESPARSE_GRAIN
+
+
+def sesparse_grain_entry(grain: int) -> int:
+    """The grain table entry of an allocated grain *grain* of the grains region (type 3)."""
+    return (3 << 60) | ((grain & 0xFFF) << 48) | (grain >> 12)
+
+
+def craft_sesparse(
+    directory: Path,
+    name: str,
+    capacity: int,
+    grains: Mapping[int, bytes | str | None],
+    *,
+    order: Sequence[int] | None = None,
+    cid: int = 0x0BADCAFE,
+    parent: str | None = None,
+    parent_cid: int = 0xFFFFFFFF,
+    const_overrides: Mapping[int, int] | None = None,
+    volatile_overrides: Mapping[int, int] | None = None,
+    gd_entries: int | None = None,
+    first_slot: int = 0,
+) -> Path:
+    """An seSparse image: descriptor ``NAME.vmdk`` and extent ``NAME-sesparse.vmdk``; the descriptor's path.
+
+    *grains* maps a 4 KiB grain index -> data (allocated), ``None`` (zeroed entry) or
+    :data:`UNMAPPED`. Allocated grains are stored in the grains region in *order* (grain
+    indexes; default: ascending), tables in the order their first grain appears. The layout
+    (sectors): constant header 0, volatile header 1, journal header 2, journal 4-7, grain
+    directory from 8, grain tables after it, free bitmap and back map (one sector each), then
+    the grains region (sized for the whole capacity, only the used part written).
+    *const_overrides* / *volatile_overrides* patch the headers' 64-bit words by index (hostile
+    images); *gd_entries* sets the directory's size in entries (default: what the capacity
+    needs), rounded up to a sector; *first_slot* leaves that many grains of the grains region
+    unused (a hole in the file), so that grain numbers of 4096 and more are stored.
+    """
+    assert capacity % SECTOR == 0
+    n_gts = -(-capacity // SESPARSE_GT_COVERAGE)
+    gd_len = n_gts if gd_entries is None else gd_entries
+    gd_sectors = max(1, -(-gd_len * 8 // SECTOR))
+    gd = 8
+    table_of: dict[int, int] = {}
+    for index in sorted(grains):
+        table_of.setdefault(index // SESPARSE_GTES, len(table_of))
+    tables_offset = gd + gd_sectors
+    tables_sectors = max(1, len(table_of)) * 64
+    bitmap = tables_offset + tables_sectors
+    backmap = bitmap + 1
+    grains_offset = -(-(backmap + 1) // 8) * 8
+    placed = list(order) if order is not None else sorted(i for i, d in grains.items() if isinstance(d, bytes))
+    grains_sectors = max(-(-capacity // SESPARSE_GRAIN), first_slot + len(placed)) * 8
+    slot = {index: first_slot + n for n, index in enumerate(placed)}
+    tables = [[0] * SESPARSE_GTES for _ in table_of]
+    for index, data in grains.items():
+        table = tables[table_of[index // SESPARSE_GTES]]
+        if data is None:
+            entry = 2 << 60
+        elif data == UNMAPPED:
+            entry = 1 << 60
+        else:
+            entry = sesparse_grain_entry(slot[index])
+        table[index % SESPARSE_GTES] = entry
+    directory_entries = [0] * gd_len
+    for gt, table_index in table_of.items():
+        if gt < gd_len:
+            directory_entries[gt] = (1 << 60) | table_index
+    words = [0] * 26
+    words[0:6] = [0xCAFEBABE, 0x0000000200000001, capacity // SECTOR, 8, 64, 0]
+    words[10:24] = [1, 1, 2, 1, 4, 4, gd, gd_sectors, tables_offset, tables_sectors, bitmap, 1, backmap, 1]
+    words[24:26] = [grains_offset, grains_sectors]
+    for word, value in (const_overrides or {}).items():
+        words[word] = value
+    volatile = [0xCAFECAFE, 0, 1, 0]
+    for word, value in (volatile_overrides or {}).items():
+        volatile[word] = value
+    image = bytearray(grains_offset * SECTOR)
+    image[0:208] = struct.pack("<26Q", *words)
+    image[SECTOR : SECTOR + 32] = struct.pack("<4Q", *volatile)
+    image[gd * SECTOR : gd * SECTOR + 8 * gd_len] = struct.pack(f"<{gd_len}Q", *directory_entries)
+    for table_index, table in enumerate(tables):
+        at = (tables_offset + table_index * 64) * SECTOR
+        image[at : at + 64 * SECTOR] = struct.pack(f"<{SESPARSE_GTES}Q", *table)
+    body = bytearray()
+    for index in placed:
+        data = grains[index]
+        assert isinstance(data, bytes)
+        body += data.ljust(SESPARSE_GRAIN, b"\0")
+    extent = f"{name}-sesparse.vmdk"
+    with (directory / extent).open("wb") as f:
+        f.write(image)
+        f.seek(first_slot * SESPARSE_GRAIN, os.SEEK_CUR)
+        f.write(body)
+    text = descriptor_text(
+        [f'RW {capacity // SECTOR} SESPARSE "{extent}"'],
+        create_type="seSparse",
+        cid=cid,
+        parent_cid=parent_cid,
+        parent=parent,
+    )
+    path = directory / f"{name}.vmdk"
+    path.write_text(text)
+    return path

@@ -48,17 +48,18 @@ class ExtentType(enum.Enum):
     VMFS = "VMFS"
     VMFSSPARSE = "VMFSSPARSE"
     ZERO = "ZERO"
+    SESPARSE = "SESPARSE"
 
 
 # Extent types that name a file holding raw sectors, and those holding a sparse header.
 FLAT_TYPES = frozenset({ExtentType.FLAT, ExtentType.VMFS})
 SPARSE_TYPES = frozenset({ExtentType.SPARSE, ExtentType.VMFSSPARSE})
 # Types VMware defines that are not (yet) read here: named in the refusal.
-_KNOWN_UNSUPPORTED = frozenset({"VMFSRDM", "VMFSRAW", "SESPARSE"})
+_KNOWN_UNSUPPORTED = frozenset({"VMFSRDM", "VMFSRAW"})
 
 #: The createTypes of descriptor files this driver opens (sparse monoliths embed theirs).
 DESCRIPTOR_FILE_TYPES = frozenset(
-    {"monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs", "vmfsSparse"}
+    {"monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "vmfs", "vmfsSparse", "seSparse"}
 )
 
 _EXTENT_LINE = re.compile(r'^(RW|RDONLY|NOACCESS)\s+(\S+)\s+(\S+)(?:\s+"([^"]*)"(?:\s+(\S+))?)?\s*$')

@@ -42,6 +42,7 @@ from .descriptor import (
 )
 from .extents import Extent, FlatExtent, SparseExtent, ZeroExtent
 from .header import COWD_MAGIC, KDMV_MAGIC, SECTOR, SparseLayout, footer_offset, parse_cowd, parse_kdmv
+from .sesparse import open_sesparse_extent
 from .stream_append import StreamAppender
 from .unopened import UnopenedExtentFile
 
@@ -302,6 +303,9 @@ async def _open_extent(
         # Guest data only: not opened (nor shown to the gate) when only metadata is asked for.
         unopened = UnopenedExtentFile(storage.resolve_relative_path(line.filename), descriptor)
         return FlatExtent(unopened, size, line.start_sector * SECTOR, line.type.value)
+    if line.type is ExtentType.SESPARSE and builder.writable:
+        # (As QEMU: seSparse is read-only; refused before its file is opened for writing.)
+        raise UnsupportedFeatureError(f"writing seSparse extents (read-only): {line.where(descriptor)}", descriptor)
     name = storage.resolve_relative_path(line.filename)
     extent_storage = files.get(name)
     if extent_storage is None:
@@ -320,6 +324,8 @@ async def _open_extent(
                 f"({extent_storage.size} bytes): {where}",
             )
         return FlatExtent(extent_storage, size, start, line.type.value)
+    if line.type is ExtentType.SESPARSE:
+        return await open_sesparse_extent(extent_storage, size, builder.budget, where)
     assert line.type in SPARSE_TYPES
     head = await _read(extent_storage, 0, _HEAD_BYTES)
     if head[:4] == KDMV_MAGIC:
