@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from ..api import open as open_image
-from ..errors import ImagoError
+from ..errors import ImagoError, UnsupportedFeatureError
 from ..format.capabilities import Capability
 from ..format.check import CheckFinding, CheckResult, RepairMode
 from . import qjson
@@ -87,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = disk.check(mode)
         except (ImagoError, OSError) as error:
+            if mode is not None and isinstance(error, UnsupportedFeatureError):
+                # A check that cannot repair (VDI): qemu-img says the format has no check for -r.
+                return _fail("This image format does not support checks", EXIT_NOT_SUPPORTED)
             return _fail(f"Check failed: {_describe(error)}")
     result = result.__replace__(filename=filename)  # qemu-img reports the name as given (copy.replace)
     if result.failure is not None:

@@ -1,0 +1,5 @@
+"""imago-vdi: VirtualBox's VDI format (static and dynamic images)."""
+
+from .driver import Vdi
+
+__all__ = ["Vdi"]
