@@ -182,3 +182,25 @@ def test_force_share(tmp_path: Path) -> None:
     assert refused.err.startswith("imago: Could not open 'b.qcow2': ")
     assert "lock" in refused.err
     cli_run.same_text_as_qemu(shared, cli_run.qemu_img("compare", "a.qcow2", "b.qcow2", cwd=tmp_path))
+
+
+def test_holes_of_a_raw_file_are_not_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # QEMU asks a raw image's file for its holes: they read as zeroes and are not read. A 1 TiB
+    # sparse raw file against an empty qcow2 of that size reads nothing of the raw file's.
+    from imago_file.storage import File
+
+    raw, qcow2 = tmp_path / "sparse.raw", tmp_path / "empty.qcow2"
+    with open(raw, "wb") as file:
+        file.truncate(1 << 40)
+    imago.create(qcow2, "qcow2", 1 << 40)
+    readv = File.readv
+
+    async def refusing(self: File, bufs: list[memoryview], offset: int) -> None:
+        if self.filename == str(raw):  # fails at once (the compare passes AssertionError through)
+            raise AssertionError(f"read {sum(len(b) for b in bufs)} bytes of a hole at {offset}")
+        await readv(self, bufs, offset)
+
+    monkeypatch.setattr(File, "readv", refusing)
+    argv = ["compare", "-f", "raw", "-F", "qcow2", str(raw), str(qcow2)]
+    result = cli_run.imago(*argv)
+    assert (result.status, result.out) == (0, "Images are identical.\n"), result.err

@@ -158,14 +158,23 @@ async def chain_status(image: FormatAccess, offset: int, length: int) -> tuple[i
     The first layer that allocates the area answers; zeroes past the end of a shorter backing
     file count as allocated there, as QEMU counts them. (The end-of-image flag is the caller's.)
     """
+    layer = image
     mapping, mapped = await image.get_shallow_mapping(offset, length)
     mapped = max(1, min(mapped, length))
     while isinstance(mapping, ShallowIndirect):
         below = mapping.layer
         if mapping.offset >= below.size:
             return ZERO | ALLOCATED, mapped
+        layer = below
         mapping, deeper = await below.get_shallow_mapping(mapping.offset, mapped)
         mapped = max(1, min(mapped, deeper))
+    driver = layer.driver
+    if isinstance(mapping, ShallowRaw) and type(driver).identity_mapped and mapping.storage is driver.storage:
+        # A raw layer's file: QEMU asks it, and its holes read as zeroes (nothing to read there).
+        is_data, run = await mapping.storage.data_extent(mapping.offset, mapped)
+        mapped = max(1, min(mapped, run))
+        if not is_data:
+            return ZERO | OFFSET_VALID | ALLOCATED, mapped
     return block_status(mapping), mapped
 
 
