@@ -675,11 +675,11 @@ def test_missing_known_driver_names_its_distribution(
         "1.0",
         {"extra": "imago_formats_extra_not_there"},
         {},
-        {"imago.format_drivers": {"vhdx": "imago_formats_extra_not_there:Vhdx"}},
+        {"imago.format_drivers": {"parallels": "imago_formats_extra_not_there:Parallels"}},
     )
     monkeypatch.syspath_prepend(tmp_path)
     with pytest.raises(imago.DriverNotFoundError, match="install the distribution 'imago-formats-extra'"):
-        imago.format_driver("vhdx")
+        imago.format_driver("parallels")
 
 
 def test_installed_driver_of_the_other_kind_is_not_found() -> None:
@@ -852,23 +852,23 @@ def test_hook_without_the_marker_is_a_load_error(register_plugin: Callable[[str,
 MISSPELLED_HOOK_SOURCE = """
     import imago
 
-    class Vhdx(imago.FormatDriver):
-        name = "vhdx"
+    class Parallels(imago.FormatDriver):
+        name = "parallels"
 
     @imago.hookimpl
     def imago_register_format_driver(register):
-        register(Vhdx)
+        register(Parallels)
 """
 
 
 def test_misspelled_hook_through_an_entry_point(tmp_path: Path, run_python: RunPython) -> None:
     write_distribution(
         tmp_path,
-        "imago-vhdx-example",
+        "imago-parallels-example",
         "0.1",
-        {"vhdx-example": "imago_vhdx_example"},
-        {"imago_vhdx_example": MISSPELLED_HOOK_SOURCE},
-        {"imago.format_drivers": {"vhdx": "imago_vhdx_example:Vhdx"}},
+        {"parallels-example": "imago_parallels_example"},
+        {"imago_parallels_example": MISSPELLED_HOOK_SOURCE},
+        {"imago.format_drivers": {"parallels": "imago_parallels_example:Parallels"}},
     )
     report = run_script(
         run_python,
@@ -876,9 +876,9 @@ def test_misspelled_hook_through_an_entry_point(tmp_path: Path, run_python: RunP
         import json
         import imago
 
-        info = {info.name: info for info in imago.plugins()}["vhdx-example"]
+        info = {info.name: info for info in imago.plugins()}["parallels-example"]
         try:
-            imago.format_driver("vhdx")
+            imago.format_driver("parallels")
         except imago.DriverNotFoundError as error:
             lookup = {
                 "distribution": error.distribution,
@@ -898,7 +898,7 @@ def test_misspelled_hook_through_an_entry_point(tmp_path: Path, run_python: RunP
     assert report["cause"] == "PluginValidationError"
     assert "unknown hook 'imago_register_format_driver'" in report["reason"]
     assert report["format_drivers"] == []
-    assert report["lookup"]["distribution"] == "imago-vhdx-example"
+    assert report["lookup"]["distribution"] == "imago-parallels-example"
     assert report["lookup"]["cause_is_load_error"] is True
     assert "unknown hook 'imago_register_format_driver'" in report["lookup"]["message"]
     assert report["raw"] == "Raw"
@@ -906,14 +906,14 @@ def test_misspelled_hook_through_an_entry_point(tmp_path: Path, run_python: RunP
     listed = run_python(["-m", "imago.cli", "plugins"], pythonpath=[tmp_path])
     assert listed.returncode == 1
     lines = listed.stdout.splitlines()
-    error_line = lines[lines.index("vhdx-example (imago-vhdx-example 0.1)") + 1].strip()
+    error_line = lines[lines.index("parallels-example (imago-parallels-example 0.1)") + 1].strip()
     assert error_line.startswith("ERROR: PluginValidationError: unknown hook 'imago_register_format_driver'")
     assert "did you mean 'imago_register_format_drivers'?" in error_line
 
     as_json = run_python(["-m", "imago.cli", "plugins", "--output", "json"], pythonpath=[tmp_path])
     assert as_json.returncode == 1
     entries = {entry["name"]: entry for entry in json.loads(as_json.stdout)}
-    assert "unknown hook 'imago_register_format_driver'" in entries["vhdx-example"]["error"]
+    assert "unknown hook 'imago_register_format_driver'" in entries["parallels-example"]["error"]
     assert entries["raw"]["error"] is None
 
 
@@ -1175,27 +1175,32 @@ def test_case_hint_for_a_declared_driver_of_a_broken_plugin(
         "3.0",
         {"vendor": "imago_vendor_formats"},
         {"imago_vendor_formats": IMPORT_FAILS_SOURCE},
-        {"imago.format_drivers": {"vhdx": "imago_vendor_formats:Vhdx", "vpc": "imago_vendor_formats:Vpc"}},
+        {
+            "imago.format_drivers": {
+                "parallels": "imago_vendor_formats:Parallels",
+                "cloop": "imago_vendor_formats:Cloop",
+            }
+        },
     )
     monkeypatch.syspath_prepend(tmp_path)
     vendor = plugin_info("vendor")
     assert vendor.error is not None
 
     with pytest.raises(imago.DriverNotFoundError) as exact:
-        imago.format_driver("vpc")
+        imago.format_driver("cloop")
     assert exact.value.distribution == "imago-vendor-formats"
     assert exact.value.__cause__ is vendor.error
     assert "this plugin cannot be imported" in str(exact.value)
 
     with pytest.raises(imago.DriverNotFoundError) as folded:
-        imago.format_driver("VHDX")
-    assert (folded.value.suggestion, folded.value.distribution) == ("vhdx", "imago-vendor-formats")
+        imago.format_driver("PARALLELS")
+    assert (folded.value.suggestion, folded.value.distribution) == ("parallels", "imago-vendor-formats")
     assert folded.value.__cause__ is vendor.error
 
-    # Declarations are per kind: no storage driver "vhdx" is declared.
+    # Declarations are per kind: no storage driver "parallels" is declared.
     with pytest.raises(imago.DriverNotFoundError) as other_kind:
-        imago.storage_driver("vhdx")
-    assert other_kind.value.distribution == "imago-vhdx"
+        imago.storage_driver("parallels")
+    assert other_kind.value.distribution == "imago-parallels"
 
 
 def test_declared_driver_a_healthy_plugin_does_not_register(
