@@ -73,6 +73,7 @@ bench: setup tools
 	$(BIN)/python bench/bench_nbd_server.py
 	$(BIN)/python bench/bench_nbd_client.py
 	$(BIN)/python bench/bench_vmdk.py
+	$(BIN)/python bench/bench_formats.py
 
 # The list above, one per line (tests/test_workspace.py compares it with the tree).
 dists:

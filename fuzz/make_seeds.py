@@ -6,8 +6,11 @@ lazy refcounts, a dirty image, version 2, refcount widths, an external data file
 ``corpus/qcow2``; a few of them with operation trailers (:mod:`fuzz.targets.qcow2_write`) to
 ``corpus/qcow2_write``; raw images to ``corpus/raw``; single-file VMDKs (hosted sparse, zeroed
 grains, stream-optimized as qemu-img writes it and as imago writes it, footer and all) to
-``corpus/vmdk``. Virtual sizes are small and clusters 512
-bytes to 16 KiB, so that the committed corpus stays well under 2 MB. The output is committed
+``corpus/vmdk``; VDIs (empty dynamic images of several sizes, one with discarded blocks) to
+``corpus/vdi``; VHDs (empty dynamic, fixed, ``force_size``) to ``corpus/vpc``. Virtual sizes are
+small and clusters 512 bytes to 16 KiB, so that the committed corpus stays well under 2 MB (a
+written VDI or dynamic VHD block is 1 or 2 MiB, and the smallest VHDX qemu-img writes is 8 MiB: those
+are left out; the fuzzer reaches data blocks by mutating the maps). The output is committed
 (fuzzing needs no QEMU); run this again to refresh it.
 """
 
@@ -25,11 +28,15 @@ from .targets.qcow2_write import Op, OpKind, encode
 
 __all__ = [
     "QCOW2_SEEDS",
+    "VDI_SEEDS",
     "VMDK_SEEDS",
+    "VPC_SEEDS",
     "main",
     "make_qcow2_seeds",
     "make_raw_seeds",
+    "make_vdi_seeds",
     "make_vmdk_seeds",
+    "make_vpc_seeds",
     "make_write_seeds",
 ]
 
@@ -46,6 +53,9 @@ def _qemu_io(image: str, *commands: str, cwd: Path, fmt: str = "qcow2", check: b
 
 
 _WRITES = ("write -P 0x11 0 4k", "write -P 0x22 64k 8k", "write -P 0x33 300k 1k")
+
+#: A VDI block map entry for a discarded block (reads as zeroes).
+_VDI_DISCARDED = 0xFFFFFFFE
 
 #: name -> (qemu-img create options, size, qemu-io commands run on it)
 QCOW2_SEEDS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...]]] = {
@@ -240,6 +250,82 @@ def make_vmdk_seeds(out: Path, work: Path) -> list[Path]:
     return made
 
 
+#: name -> (qemu-img create options, size, block map entries to set: {guest block: entry}). A
+#: VDI block is 1 MiB, so no seed holds one: the entries naming blocks 0 and 1 lie past the end
+#: of the file (refused; the target also opens short inputs padded, where they hold zeroes).
+VDI_SEEDS: dict[str, tuple[tuple[str, ...], str, dict[int, int]]] = {
+    "empty-4m": ((), "4M", {}),
+    "empty-odd": ((), "3073k", {}),
+    "empty-2g": ((), "2G", {}),
+    "discarded": ((), "8M", {1: _VDI_DISCARDED, 3: _VDI_DISCARDED, 4: _VDI_DISCARDED}),
+    "allocated": ((), "8M", {0: 1, 2: 0, 5: _VDI_DISCARDED}),
+}
+#: Where the header gives the block map's offset (a little-endian u32).
+_VDI_MAP_OFFSET_FIELD = 0x154
+#: Where the header counts the allocated blocks (a little-endian u32).
+_VDI_ALLOCATED_FIELD = 0x184
+
+
+def make_vdi_seeds(out: Path, work: Path) -> list[Path]:
+    """Write the VDI seeds into *out*; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, (options, size, entries) in VDI_SEEDS.items():
+        image = work / f"{name}.vdi"
+        _qemu_img("create", "-f", "vdi", *(["-o", ",".join(options)] if options else []), image.name, size, cwd=work)
+        if entries:
+            # qemu-io cannot discard in a VDI, and a written block would not fit the corpus: set the entries.
+            data = bytearray(image.read_bytes())
+            start = int.from_bytes(data[_VDI_MAP_OFFSET_FIELD : _VDI_MAP_OFFSET_FIELD + 4], "little")
+            for index, entry in entries.items():
+                data[start + 4 * index : start + 4 * index + 4] = entry.to_bytes(4, "little")
+            allocated = sum(entry < _VDI_DISCARDED for entry in entries.values())
+            data[_VDI_ALLOCATED_FIELD : _VDI_ALLOCATED_FIELD + 4] = allocated.to_bytes(4, "little")
+            image.write_bytes(bytes(data))
+        made.append(_keep(image, out))
+    return made
+
+
+#: name -> (qemu-img create options, size, qemu-io commands run on it, BAT entries to set: {block:
+#: padded block}). A dynamic VHD block is 2 MiB, so only the fixed seeds hold data; padded block
+#: *k* is the *k*-th block of the padding :mod:`fuzz.targets.vpc_read` inserts before the footer.
+VPC_SEEDS: dict[str, tuple[tuple[str, ...], str, tuple[str, ...], dict[int, int]]] = {
+    "dynamic-empty": ((), "4M", (), {}),
+    "dynamic-force-size": (("force_size=on",), "100M", (), {}),
+    "dynamic-empty-2g": ((), "2G", (), {}),
+    "dynamic-allocated": ((), "8M", (), {0: 0, 2: 1}),
+    "fixed-written": (("subformat=fixed",), "64k", ("write -P 0x11 0 4k", "write -P 0x22 9k 1k"), {}),
+    "fixed-force-size": (("subformat=fixed", "force_size=on"), "64k", ("write -P 0x33 60k 4k",), {}),
+}
+#: A VHD dynamic header's field giving the BAT's offset (big-endian u64), from the header's start.
+_VHD_TABLE_OFFSET_FIELD = 16
+#: A dynamic VHD block in sectors: its sector bitmap, then 2 MiB.
+_VHD_BLOCK_SECTORS = 1 + (2 << 20) // 512
+
+
+def make_vpc_seeds(out: Path, work: Path) -> list[Path]:
+    """Write the VHD seeds into *out*; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    made = []
+    for name, (options, size, commands, entries) in VPC_SEEDS.items():
+        image = work / f"{name}.vhd"
+        _qemu_img("create", "-f", "vpc", *(["-o", ",".join(options)] if options else []), image.name, size, cwd=work)
+        _qemu_io(image.name, *commands, cwd=work, fmt="vpc")
+        if entries:
+            # Point BAT entries at the padding: a written block would not fit the corpus.
+            data = bytearray(image.read_bytes())
+            header = int.from_bytes(data[16:24], "big")  # the footer's data offset: the dynamic header
+            field = header + _VHD_TABLE_OFFSET_FIELD
+            table = int.from_bytes(data[field : field + 8], "big")
+            footer_sector = (len(data) - 512) // 512
+            for block, padded in entries.items():
+                sector = footer_sector + padded * _VHD_BLOCK_SECTORS
+                data[table + 4 * block : table + 4 * block + 4] = sector.to_bytes(4, "big")
+            image.write_bytes(bytes(data))
+        made.append(_keep(image, out))
+    return made
+
+
 def _keep(image: Path, out: Path) -> Path:
     target = out / image.name
     shutil.copyfile(image, target)
@@ -252,11 +338,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=CORPUS_DIR, help="corpus root (default: %(default)s)")
     args = parser.parse_args(argv)
     out: Path = args.out
-    for kind in ("qcow2", "qcow2_write", "raw", "vmdk"):
+    for kind in ("qcow2", "qcow2_write", "raw", "vmdk", "vdi", "vpc"):
         shutil.rmtree(out / kind, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="imago-seeds-") as work:
         made = make_qcow2_seeds(out / "qcow2", Path(work))
         made += make_vmdk_seeds(out / "vmdk", Path(work))
+        made += make_vdi_seeds(out / "vdi", Path(work))
+        made += make_vpc_seeds(out / "vpc", Path(work))
     made += make_write_seeds(out / "qcow2_write", out / "qcow2")
     made += make_raw_seeds(out / "raw")
     total = sum(path.stat().st_size for path in made)

@@ -28,12 +28,14 @@ WORK_DIR = FUZZ_DIR / "work"
 #: libFuzzer's artifacts: the inputs of findings (not committed; copy them to regressions/).
 FINDINGS_DIR = FUZZ_DIR / "findings"
 #: The targets by name; listed here so that the runner starts without importing imago.
-TARGET_NAMES = ("qcow2_read", "qcow2_write", "raw_read", "vmdk_read", "cli_info", "cli_check")
+TARGET_NAMES = ("qcow2_read", "qcow2_write", "raw_read", "vmdk_read", "vdi_read", "vpc_read", "cli_info", "cli_check")
 _SEEDS = {
     "qcow2_read": ("qcow2",),
     "qcow2_write": ("qcow2_write", "qcow2"),
     "raw_read": ("raw",),
     "vmdk_read": ("vmdk",),
+    "vdi_read": ("vdi",),
+    "vpc_read": ("vpc",),
     "cli_info": ("qcow2",),
     "cli_check": ("qcow2",),
 }
