@@ -10,13 +10,8 @@ as the check that they are what they claim to be.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import os
-import shutil
 import struct
-import subprocess
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,66 +19,28 @@ from typing import Any
 
 import imago
 from imago import PermissiveImplicitOpenGate, SyncFormatAccess
-from imago.cli import main as imago_main
+from imago.testing import tools
+
+# Re-exported for the test modules: the tools every format plugin runs its images against.
+from imago.testing.tools import StrPath as StrPath
+from imago.testing.tools import imago_cli as imago_cli
+from imago.testing.tools import qemu_img as qemu_img
+from imago.testing.tools import qemu_json as qemu_json
+from imago.testing.tools import run as run
 from imago_vmdk import Vmdk
 
-StrPath = str | os.PathLike[str]
 SECTOR = 512
 MiB = 1 << 20
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        raise AssertionError(f"{name} is required for the vmdk interoperability tests (Debian package qemu-utils)")
-    return path
-
-
-def run(argv: Sequence[StrPath], cwd: StrPath | None = None) -> str:
-    """Run a command; its stdout, or an AssertionError with its output when it fails."""
-    args = [os.fspath(a) for a in argv]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=cwd, check=False, timeout=120)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
-def qemu_img(*args: StrPath, cwd: StrPath | None = None) -> str:
-    """``qemu-img ARGS`` (checked)."""
-    return run([_tool("qemu-img"), *args], cwd=cwd)
-
-
 def qemu_io(image: StrPath, *commands: str) -> None:
     """``qemu-io -f vmdk -c CMD ... IMAGE``; any failed command fails the call."""
-    argv: list[StrPath] = [_tool("qemu-io"), "-f", "vmdk"]
-    for command in commands:
-        argv += ["-c", command]
-    out = run([*argv, image])
-    for line in out.splitlines():
-        if "failed" in line or "error" in line.lower():
-            raise AssertionError(f"qemu-io on {image}: {line}")
+    tools.qemu_io(image, *commands, fmt="vmdk")
 
 
 def qemu_raw(image: Path) -> bytes:
     """The disk's bytes as ``qemu-img convert -f vmdk -O raw`` writes them."""
-    target = image.with_name(image.name + ".qemu.raw")
-    qemu_img("convert", "-f", "vmdk", "-O", "raw", image, target)
-    data = target.read_bytes()
-    target.unlink()
-    return data
-
-
-def qemu_json(*args: StrPath) -> Any:
-    """qemu-img's JSON output of ``ARGS --output=json``."""
-    return json.loads(qemu_img(*args, "--output=json"))
-
-
-def imago_cli(*args: StrPath) -> tuple[int, str, str]:
-    """``imago ARGS`` in this process: status, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        status = imago_main([os.fspath(a) for a in args])
-    return status, out.getvalue(), err.getvalue()
+    return tools.qemu_raw(image, "vmdk")
 
 
 def open_vmdk(path: StrPath, **options: Any) -> SyncFormatAccess:
