@@ -16,7 +16,6 @@ import os
 import shutil
 import struct
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -475,15 +474,19 @@ def test_force_share_checks_an_image_qemu_io_holds(
         [tool("qemu-io"), "-f", "qcow2", name],
         cwd=tmp_path,
         stdin=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
     )
+    assert holder.stdin is not None
+    assert holder.stdout is not None
     try:
-        deadline = time.monotonic() + 30
-        while (locked := qemu_check(tmp_path, name)).status == 0:  # until qemu-io holds its locks
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        # qemu-io answers a command only once the image is open and locked. (Polling with
+        # qemu-img check instead raced: qemu-io could fail to lock while a check held the image.)
+        holder.stdin.write("length\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline() == "qemu-io> 16 MiB\n"
+        locked = qemu_check(tmp_path, name)
         assert locked.status == 1
         assert "lock" in locked.err
         refused = imago_check(name)
@@ -494,9 +497,9 @@ def test_force_share_checks_an_image_qemu_io_holds(
         assert "lock" in refused.err
         assert_same(imago_check("-U", name), qemu_check(tmp_path, "-U", name))
     finally:
-        assert holder.stdin is not None
-        holder.stdin.write("quit\n")
-        holder.stdin.close()
+        if holder.poll() is None:
+            holder.stdin.write("quit\n")
+            holder.stdin.close()
         holder.wait(timeout=30)
 
 
