@@ -81,6 +81,33 @@ def test_shuffled_writes_read_by_qemu(tmp_path: Path, subformat: str) -> None:
         qemu_img("compare", "-f", "vpc", "-F", "raw", image, raw)
 
 
+def test_one_write_over_many_blocks_allocates_runs_of_them(tmp_path: Path) -> None:
+    """A write over unallocated blocks around one QEMU allocated: each run of new blocks lies side by side."""
+    image = tmp_path / "disk.vhd"
+    imago.create(image, "vpc", 16 * MiB, force_size=True)
+    qemu_io(image, "write -P 0x61 6M 4k")  # block 3
+    data = random.Random(5).randbytes(12 * MiB)
+    with _open_writable(image) as disk:
+        disk.write(data, 1 * MiB)  # blocks 0-6, partly 0 and 6
+        disk.flush()
+    model = bytearray(16 * MiB)
+    model[6 * MiB : 6 * MiB + 4096] = b"\x61" * 4096
+    model[1 * MiB : 13 * MiB] = data
+    raw = tmp_path / "model.raw"
+    raw.write_bytes(bytes(model))
+    qemu_img("compare", "-f", "vpc", "-F", "raw", image, raw)
+    starts = {m["start"] // (2 * MiB): m["offset"] for m in qemu_json("map", "-f", "vpc", image) if m["data"]}
+    block = 2 * MiB + SECTOR  # a block and its bitmap
+    assert sorted(starts) == [0, 1, 2, 3, 4, 5, 6]
+    assert [starts[i] - starts[0] for i in (1, 2)] == [block, 2 * block]
+    assert [starts[i] - starts[4] for i in (5, 6)] == [block, 2 * block]
+    assert starts[3] < starts[0] < starts[4]  # (QEMU allocated block 3 first)
+    file = image.read_bytes()
+    assert all(file[starts[i] - SECTOR : starts[i]] == b"\xff" * SECTOR for i in starts)
+    assert file[-SECTOR:] == file[:SECTOR]
+    assert len(file) == starts[6] + 2 * MiB + SECTOR
+
+
 def test_zeroes_into_unallocated_blocks_allocate_nothing(tmp_path: Path) -> None:
     image = tmp_path / "disk.vhd"
     imago.create(image, "vpc", 8 * MiB, force_size=True)

@@ -206,7 +206,7 @@ class Vpc(FormatDriver):
         block_size = self._block_size
         index = offset // block_size
         within = offset - index * block_size
-        at = await self._allocator.block(index)
+        at = await self._allocator.block(index, -(-(within + length) // block_size))
         return ShallowMapping.Raw(self._storage, at + self._bitmap_size + within, True), min(
             length, block_size - within, self._size - offset
         )
