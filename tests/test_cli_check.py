@@ -27,6 +27,7 @@ import imago
 import imago.cli
 from imago import Capability, CheckFinding, CheckResult, FindingKind, FormatRegistrar, RepairMode
 from imago.cli.check import format_human, format_json
+from imago.testing.tools import qemu_io_holding
 from imago_raw import Raw
 
 RegisterPlugin = Callable[[str, object], None]
@@ -470,22 +471,9 @@ def test_force_share_checks_an_image_qemu_io_holds(
     images: dict[str, Path], tmp_path: Path, imago_check: Callable[..., Run]
 ) -> None:
     name = copy_to(images["clean"], tmp_path, "held.qcow2")
-    holder = subprocess.Popen(
-        [tool("qemu-io"), "-f", "qcow2", name],
-        cwd=tmp_path,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    holder = qemu_io_holding(name, "-f", "qcow2", cwd=tmp_path)
     assert holder.stdin is not None
-    assert holder.stdout is not None
     try:
-        # qemu-io answers a command only once the image is open and locked. (Polling with
-        # qemu-img check instead raced: qemu-io could fail to lock while a check held the image.)
-        holder.stdin.write("length\n")
-        holder.stdin.flush()
-        assert holder.stdout.readline() == "qemu-io> 16 MiB\n"
         locked = qemu_check(tmp_path, name)
         assert locked.status == 1
         assert "lock" in locked.err
@@ -497,9 +485,7 @@ def test_force_share_checks_an_image_qemu_io_holds(
         assert "lock" in refused.err
         assert_same(imago_check("-U", name), qemu_check(tmp_path, "-U", name))
     finally:
-        if holder.poll() is None:
-            holder.stdin.write("quit\n")
-            holder.stdin.close()
+        holder.stdin.close()
         holder.wait(timeout=30)
 
 

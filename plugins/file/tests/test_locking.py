@@ -10,18 +10,18 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imago import ImageLockedError, ImagoError, StorageCreateOptions, StorageOpenOptions, runtime
+from imago.testing.tools import qemu_io_holding
 from imago_file import File
 from imago_file.locking import locked_bytes
 
 # The byte ranges the protocol uses (QEMU's RAW_LOCK_PERM_BASE / RAW_LOCK_SHARED_BASE).
-_WAIT = 10.0
 
 
 def _tool(name: str) -> str:
@@ -29,23 +29,6 @@ def _tool(name: str) -> str:
     if path is None:
         raise AssertionError(f"{name} is required for the locking tests (Debian package qemu-utils)")
     return path
-
-
-def wait_for_locks(path: Path, baseline: dict[int, int], process: subprocess.Popen[bytes]) -> dict[int, int]:
-    """Wait until *process* has taken its locks on *path*; the bytes it added to *baseline*."""
-    deadline = time.monotonic() + _WAIT
-    while time.monotonic() < deadline:
-        current = locked_bytes(path)
-        if current != baseline:
-            time.sleep(0.05)  # QEMU takes its bytes one by one: let it finish
-            current = locked_bytes(path)
-            return {
-                byte: count - baseline.get(byte, 0) for byte, count in current.items() if count != baseline.get(byte)
-            }
-        if process.poll() is not None:
-            raise AssertionError(f"{process.args} exited with {process.returncode} before locking {path}")
-        time.sleep(0.02)
-    raise AssertionError(f"{process.args} did not lock {path} within {_WAIT} s")
 
 
 @pytest.fixture
@@ -74,9 +57,9 @@ def qemu_can_write(path: Path, *flags: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture
-def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
+def holders() -> Iterator[list[subprocess.Popen[Any]]]:
     """Processes holding images, stopped after the test."""
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[subprocess.Popen[Any]] = []
     yield processes
     for process in processes:
         if process.poll() is None:
@@ -85,20 +68,15 @@ def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 @pytest.fixture
-def qemu_holds(holders: list[subprocess.Popen[bytes]]) -> Callable[..., dict[int, int]]:
+def qemu_holds(holders: list[subprocess.Popen[Any]]) -> Callable[..., dict[int, int]]:
     """``qemu_holds(path, *flags)``: ``qemu-io FLAGS`` keeps *path* open; returns the bytes it locked."""
 
     def hold(path: Path, *flags: str) -> dict[int, int]:
         fmt = [] if "-f" in flags else ["-f", "qcow2"]
         baseline = locked_bytes(path)
-        process = subprocess.Popen(
-            [_tool("qemu-io"), *fmt, *flags, "-c", "sleep 60000", str(path)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        holders.append(process)
-        return wait_for_locks(path, baseline, process)
+        holders.append(qemu_io_holding(path, *fmt, *flags))
+        current = locked_bytes(path)
+        return {byte: count - baseline.get(byte, 0) for byte, count in current.items() if count != baseline.get(byte)}
 
     return hold
 
@@ -121,7 +99,7 @@ sys.stdin.read()
 
 
 @pytest.fixture
-def imago_holds(holders: list[subprocess.Popen[bytes]]) -> Callable[..., subprocess.Popen[bytes]]:
+def imago_holds(holders: list[subprocess.Popen[Any]]) -> Callable[..., subprocess.Popen[bytes]]:
     """``imago_holds(path, writable=..., force_share=...)``: another Python process holds *path* open."""
 
     def hold(path: Path, *, writable: bool = False, force_share: bool = False) -> subprocess.Popen[bytes]:

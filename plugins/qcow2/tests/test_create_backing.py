@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 
 import imago
 from imago import PermissiveImplicitOpenGate, SandboxImplicitOpenGate
+from imago.testing.tools import qemu_io_holding
 
 from . import _qemu
 from ._qemu import MiB
@@ -214,30 +214,17 @@ def test_the_backing_chain_of_the_backing_file_is_opened(bases: Path) -> None:
 
 
 @pytest.fixture
-def writer_holding(bases: Path) -> Iterator[subprocess.Popen[bytes]]:
+def writer_holding(bases: Path) -> Iterator[subprocess.Popen[str]]:
     """``qemu-io`` holding base.qcow2 open for writing (and locked, as QEMU locks it)."""
-    process = subprocess.Popen(
-        ["qemu-io", "-f", "qcow2", "-c", "sleep 60000", "base.qcow2"],
-        cwd=bases,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    process = qemu_io_holding("base.qcow2", "-f", "qcow2", cwd=bases)
     try:
-        deadline = time.monotonic() + 10
-        inode = os.stat(bases / "base.qcow2").st_ino
-        while not any(f":{inode} " in line for line in Path("/proc/locks").read_text().splitlines()):
-            assert process.poll() is None
-            assert time.monotonic() < deadline, "qemu-io did not lock base.qcow2"
-            time.sleep(0.02)
-        time.sleep(0.1)
         yield process
     finally:
         process.kill()
         process.wait()
 
 
-def test_backing_file_in_use_by_a_writer(bases: Path, writer_holding: subprocess.Popen[bytes]) -> None:
+def test_backing_file_in_use_by_a_writer(bases: Path, writer_holding: subprocess.Popen[str]) -> None:
     # qemu-img opens the backing file sharing it with writers (force-share), and so does imago.
     reference = qemu_img_create(bases, "-b", "base.qcow2", "-F", "qcow2", "theirs.qcow2")
     assert reference.returncode == 0, reference.stderr

@@ -6,7 +6,6 @@ The oracle is ``qemu-io`` holding the same image: the bytes it locks on each fil
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ import pytest
 
 import imago
 from imago import ImageLockedError
+from imago.testing.tools import qemu_io_holding
 from imago_file.locking import locked_bytes
 
 from . import _qemu
@@ -34,8 +34,8 @@ def chain(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def qemu_io_holder() -> Iterator[list[subprocess.Popen[bytes]]]:
-    processes: list[subprocess.Popen[bytes]] = []
+def qemu_io_holder() -> Iterator[list[subprocess.Popen[str]]]:
+    processes: list[subprocess.Popen[str]] = []
     yield processes
     for process in processes:
         process.kill()
@@ -43,26 +43,14 @@ def qemu_io_holder() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def hold_with_qemu_io(
-    image: Path, flags: tuple[str, ...], watched: list[Path], processes: list[subprocess.Popen[bytes]]
+    image: Path, flags: tuple[str, ...], watched: list[Path], processes: list[subprocess.Popen[str]]
 ) -> dict[Path, dict[int, int]]:
-    """Start ``qemu-io FLAGS image`` sleeping; once every watched file is locked, what it locked."""
-    qemu_io = shutil.which("qemu-io")
-    assert qemu_io is not None, "qemu-io is required (Debian package qemu-utils)"
-    process = subprocess.Popen(
-        [qemu_io, "-f", "qcow2", *flags, "-c", "sleep 60000", str(image)],
-        cwd=image.parent,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    """Start ``qemu-io FLAGS image`` holding the image; once it has opened it, what it locked."""
+    process = qemu_io_holding(image, "-f", "qcow2", *flags, cwd=image.parent)
     processes.append(process)
-    deadline = time.monotonic() + 10
-    while not all(locked_bytes(path) for path in watched):
-        assert process.poll() is None, f"qemu-io {flags} exited before locking {watched}"
-        assert time.monotonic() < deadline, f"qemu-io {flags} did not lock {watched}"
-        time.sleep(0.02)
-    time.sleep(0.1)  # QEMU takes its bytes one by one: let it finish
-    return {path: locked_bytes(path) for path in watched}
+    locks = {path: locked_bytes(path) for path in watched}
+    assert all(locks.values()), f"qemu-io {flags} did not lock {watched}"
+    return locks
 
 
 def read4(image: imago.SyncFormatAccess) -> bytes:

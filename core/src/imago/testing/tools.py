@@ -10,13 +10,14 @@ import contextlib
 import io
 import json
 import os
+import select
 import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StrPath", "imago_cli", "qemu_img", "qemu_io", "qemu_json", "qemu_raw", "run", "tool"]
+__all__ = ["StrPath", "imago_cli", "qemu_img", "qemu_io", "qemu_io_holding", "qemu_json", "qemu_raw", "run", "tool"]
 
 StrPath = str | os.PathLike[str]
 
@@ -52,6 +53,38 @@ def qemu_io(image: StrPath, *commands: str, fmt: str) -> None:
     for line in out.splitlines():
         if "failed" in line or "error" in line.lower():
             raise AssertionError(f"qemu-io on {image}: {line}")
+
+
+def qemu_io_holding(image: StrPath, *flags: str, cwd: StrPath | None = None) -> subprocess.Popen[str]:
+    """``qemu-io FLAGS IMAGE`` holding the image open (and locked, as QEMU locks it).
+
+    Returns once qemu-io has answered a command, that is once the image is open and every lock
+    byte taken (polling for locks instead races with QEMU taking them one by one). qemu-io
+    quits when the process's stdin is closed; a qemu-io that cannot open the image is an
+    AssertionError with its message.
+    """
+    process = subprocess.Popen(
+        [tool("qemu-io"), *flags, os.fspath(image)],
+        cwd=cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdin is not None
+    assert process.stdout is not None
+    try:
+        process.stdin.write("length\n")
+        process.stdin.flush()
+        ready, _, _ = select.select([process.stdout], [], [], 60)
+        answer = process.stdout.readline() if ready else ""
+    except BrokenPipeError:
+        answer = ""
+    if not answer or "no file open" in answer:
+        process.kill()
+        _, err = process.communicate(timeout=30)
+        raise AssertionError(f"qemu-io {' '.join(flags)} {image} did not open it: {err.strip()}")
+    return process
 
 
 def qemu_raw(image: Path, fmt: str) -> bytes:
