@@ -85,6 +85,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them; at run time __g
     )
     from .format.measure import Measurement
     from .format.names import check_local_file_name
+    from .format.references import naming_the_referrer, open_named_image
     from .locks import RangeLock
     from .plugin.hookspecs import hookimpl
     from .plugin.manager import (
@@ -195,6 +196,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "format.measure": ("Measurement",),
     "format.names": ("check_local_file_name",),
+    "format.references": ("naming_the_referrer", "open_named_image"),
     "locks": ("RangeLock",),
     "plugin.hookspecs": ("hookimpl",),
     "plugin.manager": (
@@ -334,8 +336,10 @@ __all__ = [
     "hookimpl",
     "io_buffers",
     "measure",
+    "naming_the_referrer",
     "open",
     "open_async",
+    "open_named_image",
     "plugins",
     "probe",
     "probe_sync",

@@ -9,17 +9,14 @@ autoclear features it does not maintain invalid, as the specification asks of an
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from array import array
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from imago import (
     CorruptImageError,
     DirtyImageError,
     FormatAccess,
-    ImplicitOpenDeniedError,
     ImplicitOpenGate,
     InvalidOptionError,
     MissingStorageError,
@@ -28,6 +25,8 @@ from imago import (
     Storage,
     StorageOpenOptions,
     check_local_file_name,
+    naming_the_referrer,
+    open_named_image,
 )
 
 from .header import Header, header_cluster_size, parse_header
@@ -269,7 +268,7 @@ async def _open_data_file(builder: Qcow2Builder, gate: ImplicitOpenGate, storage
             field_offset("incompatible_features"),
             "the image needs an external data file but does not name one",
         )
-    with _naming_the_image(storage, "external data file", header.data_file):
+    with naming_the_referrer(storage, header.data_file, "external data file"):
         name = storage.resolve_relative_path(check_local_file_name(header.data_file))
         # The image file's storage options (direct, no_flush, driver) apply to its data file too;
         # QEMU lets others write to a data file (not resize it), so imago locks it the same way.
@@ -284,37 +283,17 @@ async def _open_backing(
         return None
     from imago import format_driver, probe  # the registry: imported by the first backing file, not with the driver
 
-    with _naming_the_image(storage, "backing file", header.backing_file):
-        name = storage.resolve_relative_path(check_local_file_name(header.backing_file))
+    with naming_the_referrer(storage, header.backing_file, "backing file"):
         if header.backing_format is not None:
             # The recorded format is used as it is: never probed.
             driver = format_driver(header.backing_format)
         else:
             # Only the header is read: no lock that could stop a writer (the real open takes them).
+            name = storage.resolve_relative_path(check_local_file_name(header.backing_file))
             probe_storage = await gate.open_storage(StorageOpenOptions(filename=name, force_share=True))
             try:
                 driver = await probe(probe_storage)
             finally:
                 await probe_storage.close()
-        child = driver.builder_path(name).below(builder)
-        # Backing files are opened read-only, locked as such unless the image is read with force_share.
-        child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
-        return FormatAccess(await gate.open_format(child))
-
-
-@contextlib.contextmanager
-def _naming_the_image(storage: Storage, role: str, recorded: str) -> Iterator[None]:
-    """A refusal of the file this image names (as *recorded*) also names the image and the role.
-
-    Refusals of files further down a chain pass unchanged (the image naming them is named there).
-    """
-    try:
-        yield
-    except ImplicitOpenDeniedError as error:
-        if error.filename not in (recorded, repr(recorded), storage.resolve_relative_path(recorded)):
-            raise
-        raise ImplicitOpenDeniedError(
-            error.filename,
-            f"{error.reason} (named as the {role} of {storage.filename or 'the image'})",
-            allowable=error.allowable,
-        ) from error
+    # Backing files are opened read-only, locked as such unless the image is read with force_share.
+    return FormatAccess(await open_named_image(builder, gate, storage, header.backing_file, driver))

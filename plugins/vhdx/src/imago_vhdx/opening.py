@@ -11,10 +11,8 @@ A differencing image's parent is opened through the gate from the locator's ``re
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from array import array
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from imago import (
@@ -25,9 +23,9 @@ from imago import (
     ImplicitOpenGate,
     Record,
     Storage,
-    StorageOpenOptions,
     UnsupportedFeatureError,
     check_local_file_name,
+    open_named_image,
 )
 
 from .bat import BatGeometry, check_bat
@@ -256,11 +254,7 @@ async def _open_parent(
 ) -> FormatAccess:
     from .driver import Vhdx
 
-    with _naming_the_image(storage, name):
-        path = storage.resolve_relative_path(name)
-        child = Vhdx.builder_path(path).below(builder)
-        child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
-        parent = await gate.open_format(child)
+    parent = await open_named_image(builder, gate, storage, name, Vhdx, role="parent")
     try:
         expected = uuid.UUID(linkage.strip("{}"))
     except ValueError:
@@ -277,18 +271,3 @@ async def _open_parent(
             "(the parent changed since this image was made)",
         )
     return FormatAccess(parent)
-
-
-@contextlib.contextmanager
-def _naming_the_image(storage: Storage, recorded: str) -> Iterator[None]:
-    """A refusal of the parent this image names also names the image."""
-    try:
-        yield
-    except ImplicitOpenDeniedError as error:
-        if error.filename not in (recorded, repr(recorded), storage.resolve_relative_path(recorded)):
-            raise
-        raise ImplicitOpenDeniedError(
-            error.filename,
-            f"{error.reason} (named as the parent of {storage.filename or 'the image'})",
-            allowable=error.allowable,
-        ) from error

@@ -22,9 +22,8 @@ from imago import (
     ImplicitOpenGate,
     Record,
     Storage,
-    StorageOpenOptions,
     UnsupportedFeatureError,
-    check_local_file_name,
+    open_named_image,
 )
 
 from .descriptor import (
@@ -349,11 +348,7 @@ async def _open_parent(
 ) -> FormatAccess:
     from .driver import Vmdk
 
-    with _naming_the_image(storage, hint):
-        name = storage.resolve_relative_path(check_local_file_name(hint))
-        child = Vmdk.builder_path(name).below(builder)
-        child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
-        parent = await gate.open_format(child)
+    parent = await open_named_image(builder, gate, storage, hint, Vmdk, role="parent, parentFileNameHint,")
     if parent.cid != parent_cid:
         await parent.close()
         raise CorruptImageError(
@@ -373,19 +368,4 @@ def _naming_the_descriptor(storage: Storage, line: ExtentLine, recorded: str) ->
     except ImplicitOpenDeniedError as error:
         raise ImplicitOpenDeniedError(
             error.filename, f"{error.reason} (the extent on {line.where(storage.filename)})", allowable=error.allowable
-        ) from error
-
-
-@contextlib.contextmanager
-def _naming_the_image(storage: Storage, recorded: str) -> Iterator[None]:
-    """A refusal of the parent this image names also names the image (further down: unchanged)."""
-    try:
-        yield
-    except ImplicitOpenDeniedError as error:
-        if error.filename not in (recorded, repr(recorded), storage.resolve_relative_path(recorded)):
-            raise
-        raise ImplicitOpenDeniedError(
-            error.filename,
-            f"{error.reason} (named as the parent, parentFileNameHint, of {storage.filename or 'the image'})",
-            allowable=error.allowable,
         ) from error

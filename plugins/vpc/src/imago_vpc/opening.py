@@ -12,11 +12,9 @@ UUID must be the one the header records.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 from array import array
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,13 +22,11 @@ from imago import (
     CorruptImageError,
     FormatAccess,
     FormatDriverBuilder,
-    ImplicitOpenDeniedError,
     ImplicitOpenGate,
     MemoryBudget,
     Storage,
-    StorageOpenOptions,
     UnsupportedFeatureError,
-    check_local_file_name,
+    open_named_image,
 )
 
 from .dynamic import (
@@ -208,11 +204,7 @@ async def _open_parent(
 ) -> FormatAccess:
     from .driver import Vpc
 
-    with _naming_the_image(storage, name):
-        path = storage.resolve_relative_path(check_local_file_name(name))
-        child = Vpc.builder_path(path).below(builder)
-        child.storage_options(StorageOpenOptions(force_share=builder.given_storage_options.force_share))
-        parent = await gate.open_format(child)
+    parent = await open_named_image(builder, gate, storage, name, Vpc, role="parent")
     if parent.uuid != uuid:
         await parent.close()
         raise CorruptImageError(
@@ -222,18 +214,3 @@ async def _open_parent(
             "(the parent changed since this differencing image was made)",
         )
     return FormatAccess(parent)
-
-
-@contextlib.contextmanager
-def _naming_the_image(storage: Storage, recorded: str) -> Iterator[None]:
-    """A refusal of the parent this image names also names the image."""
-    try:
-        yield
-    except ImplicitOpenDeniedError as error:
-        if error.filename not in (recorded, repr(recorded), storage.resolve_relative_path(recorded)):
-            raise
-        raise ImplicitOpenDeniedError(
-            error.filename,
-            f"{error.reason} (named as the parent of {storage.filename or 'the image'})",
-            allowable=error.allowable,
-        ) from error
