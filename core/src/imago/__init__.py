@@ -86,6 +86,7 @@ if TYPE_CHECKING:  # the names as static type checkers see them; at run time __g
     from .format.measure import Measurement
     from .format.names import check_local_file_name
     from .format.references import naming_the_referrer, open_named_image
+    from .format.unopened import UnopenedFile
     from .locks import RangeLock
     from .plugin.hookspecs import hookimpl
     from .plugin.manager import (
@@ -197,6 +198,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "format.measure": ("Measurement",),
     "format.names": ("check_local_file_name",),
     "format.references": ("naming_the_referrer", "open_named_image"),
+    "format.unopened": ("UnopenedFile",),
     "locks": ("RangeLock",),
     "plugin.hookspecs": ("hookimpl",),
     "plugin.manager": (
@@ -325,6 +327,7 @@ __all__ = [
     "SupportsSnapshots",
     "SuspendedInSyncModeError",
     "SyncFormatAccess",
+    "UnopenedFile",
     "UnsupportedFeatureError",
     "UnsupportedFileTypeError",
     "__version__",

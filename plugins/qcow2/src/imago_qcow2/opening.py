@@ -24,6 +24,7 @@ from imago import (
     RepairMode,
     Storage,
     StorageOpenOptions,
+    UnopenedFile,
     check_local_file_name,
     naming_the_referrer,
     open_named_image,
@@ -41,7 +42,6 @@ from .references import References
 from .snapshot_table import read_snapshot_table
 from .state import Qcow2State
 from .tables import parse_l1
-from .unopened import UnopenedDataFile
 
 if TYPE_CHECKING:
     from .driver import Qcow2, Qcow2Builder
@@ -141,7 +141,7 @@ async def _open(
     data_storage = storage
     given_data_file = builder.given_data_file
     if header.has_data_file and given_data_file is NOT_GIVEN and builder.opens_metadata_only:
-        data_storage = UnopenedDataFile(header.data_file, storage.filename)
+        data_storage = UnopenedFile(header.data_file, storage.filename, role="data_file", what="external data file")
     elif header.has_data_file:
         data_storage = await _open_data_file(builder, gate, storage, header)
         if given_data_file is NOT_GIVEN:

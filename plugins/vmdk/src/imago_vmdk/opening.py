@@ -22,6 +22,7 @@ from imago import (
     ImplicitOpenGate,
     Record,
     Storage,
+    UnopenedFile,
     UnsupportedFeatureError,
     open_named_image,
 )
@@ -43,7 +44,6 @@ from .extents import Extent, FlatExtent, SparseExtent, ZeroExtent
 from .header import COWD_MAGIC, KDMV_MAGIC, SECTOR, SparseLayout, footer_offset, parse_cowd, parse_kdmv
 from .sesparse import open_sesparse_extent
 from .stream_append import StreamAppender
-from .unopened import UnopenedExtentFile
 
 if TYPE_CHECKING:
     from .driver import Vmdk
@@ -300,7 +300,8 @@ async def _open_extent(
     assert line.filename is not None
     if line.type in FLAT_TYPES and builder.opens_metadata_only:
         # Guest data only: not opened (nor shown to the gate) when only metadata is asked for.
-        unopened = UnopenedExtentFile(storage.resolve_relative_path(line.filename), descriptor)
+        name = storage.resolve_relative_path(line.filename)
+        unopened = UnopenedFile(name, descriptor, role="extent", what="flat extent file", counted=True)
         return FlatExtent(unopened, size, line.start_sector * SECTOR, line.type.value)
     if line.type is ExtentType.SESPARSE and builder.writable:
         # (As QEMU: seSparse is read-only; refused before its file is opened for writing.)
