@@ -27,7 +27,19 @@ INFLIGHT_PREFIX = "inflight-"
 WATCHDOG_ENV = "IMAGO_FUZZ_WATCHDOG"
 
 #: The packages coverage may be collected for (a target walks the ones it names: ``Target.coverage``).
-INSTRUMENTED_PACKAGES = ("imago", "imago_file", "imago_null", "imago_raw", "imago_qcow2")
+#: Every package a target names must be here: the table is imported under the instrumentation, so
+#: it cannot be read first (a test checks that none is missing).
+INSTRUMENTED_PACKAGES = (
+    "imago",
+    "imago_file",
+    "imago_null",
+    "imago_raw",
+    "imago_qcow2",
+    "imago_vmdk",
+    "imago_vdi",
+    "imago_vpc",
+    "imago_vhdx",
+)
 # Walked only when a target names them: test helpers never, the command line for the CLI targets.
 _SKIPPED = ("imago.testing", "imago.cli")
 

@@ -7,11 +7,13 @@ lazy refcounts, a dirty image, version 2, refcount widths, an external data file
 ``corpus/qcow2_write``; raw images to ``corpus/raw``; single-file VMDKs (hosted sparse, zeroed
 grains, stream-optimized as qemu-img writes it and as imago writes it, footer and all) to
 ``corpus/vmdk``; VDIs (empty dynamic images of several sizes, one with discarded blocks) to
-``corpus/vdi``; VHDs (empty dynamic, fixed, ``force_size``) to ``corpus/vpc``. Virtual sizes are
-small and clusters 512 bytes to 16 KiB, so that the committed corpus stays well under 2 MB (a
-written VDI or dynamic VHD block is 1 or 2 MiB, and the smallest VHDX qemu-img writes is 8 MiB: those
-are left out; the fuzzer reaches data blocks by mutating the maps). The output is committed
-(fuzzing needs no QEMU); run this again to refresh it.
+``corpus/vdi``; VHDs (empty dynamic, fixed, ``force_size``) to ``corpus/vpc``; VHDXs (qemu-img's
+and imago's, a pending log, a differencing image, 4096-byte sectors) to ``corpus/vhdx``, encoded
+as :mod:`fuzz.targets.vhdx_read` reads them (the non-zero pieces only: the smallest VHDX
+qemu-img writes is 8 MiB). Virtual sizes are small and clusters 512 bytes to 16 KiB, so that the
+committed corpus stays under 2 MB (a written VDI or dynamic VHD block is 1 or 2 MiB: those are
+left out; the fuzzer reaches data blocks by mutating the maps). The output is committed (fuzzing
+needs no QEMU); run this again to refresh it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from .targets import CORPUS_DIR
 from .targets.qcow2_write import Op, OpKind, encode
@@ -30,11 +33,13 @@ __all__ = [
     "QCOW2_SEEDS",
     "VDI_SEEDS",
     "VMDK_SEEDS",
+    "VHDX_SEEDS",
     "VPC_SEEDS",
     "main",
     "make_qcow2_seeds",
     "make_raw_seeds",
     "make_vdi_seeds",
+    "make_vhdx_seeds",
     "make_vmdk_seeds",
     "make_vpc_seeds",
     "make_write_seeds",
@@ -326,6 +331,150 @@ def make_vpc_seeds(out: Path, work: Path) -> list[Path]:
     return made
 
 
+#: name -> (how it is made: ``qemu`` qemu-img create + qemu-io, ``imago`` imago's writer (the
+#: commands, ``write [-P BYTE | -z] OFFSET LENGTH`` only, then written through imago); the create
+#: options; the size; the qemu-io commands). Written blocks hold a few KiB of data: the rest of a block is zeroes, which
+#: the encoding (:mod:`fuzz.targets.vhdx_read`) leaves out.
+VHDX_SEEDS: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {
+    "dynamic-empty": ("qemu", (), "4M", ()),
+    "dynamic-written": ("qemu", (), "4M", ("write -P 0x11 0 4k", "write -P 0x22 3M 1k")),
+    "block-1m-written": (
+        "qemu",
+        ("block_size=1M",),
+        "4M",
+        ("write -P 0x11 0 4k", "write -P 0x22 3M 1k", "write -z 1M 1M", "write -P 0x44 1536k 512"),
+    ),
+    "block-2m-log-2m": ("qemu", ("block_size=2M", "log_size=2M"), "6M", ("write -P 0x55 2M 8k",)),
+    "block-16m-empty": ("qemu", ("block_size=16M",), "64M", ()),
+    "no-zero-state": ("qemu", ("block_size=1M", "block_state_zero=off"), "3M", ("write -z 0 1M",)),
+    "fixed": ("qemu", ("subformat=fixed", "block_size=1M"), "2M", ("write -P 0x33 4k 4k",)),
+    "imago-dynamic": (
+        "imago",
+        ("block_size=1M",),
+        "5M",
+        ("write -P 0x66 0 2k", "write -P 0x77 4M 4k", "write -z 2M 1M"),
+    ),
+    "imago-default-block": ("imago", (), "5M", ("write -P 0x99 1M 4k",)),
+    "imago-fixed": ("imago", ("subformat=fixed",), "1M", ("write -P 0x88 8k 4k",)),
+}
+#: The log GUID of the crafted seed whose log is pending.
+_VHDX_LOG_GUID = "11111111-2222-3333-4444-555555555555"
+
+
+def _vhdx_helpers() -> Any:
+    """The vhdx plugin tests' image builder (``craft_vhdx``, ``log_entry``), loaded from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "plugins" / "vhdx" / "tests" / "_vhdx.py"
+    spec = importlib.util.spec_from_file_location("_fuzz_vhdx_helpers", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _crafted_vhdx_seeds(work: Path) -> list[Path]:
+    """Images qemu-img cannot make: a pending log, a differencing image, 4096-byte logical sectors."""
+    import struct
+    import uuid
+
+    vhdx = _vhdx_helpers()
+    mib = 1 << 20
+    made = []
+    # A pending log: it rewrites a BAT sector (block 2 mapped to a new block at the file's end),
+    # 4 KiB of block 0 and zeroes 8 KiB after them.
+    logged = work / "log-pending.vhdx"
+    guid = uuid.UUID(_VHDX_LOG_GUID)
+    facts = vhdx.craft_vhdx(
+        logged, 4 * mib, blocks={0: (vhdx.FULL, b"\xa1" * 16384), 1: (vhdx.ZERO, None)}, log_guid=guid
+    )
+    data = bytearray(logged.read_bytes())
+    new_block = len(data)
+    data += b"\xc3" * 4096 + bytes(mib - 4096)
+    bat_sector = bytearray(data[facts.bat_offset : facts.bat_offset + 4096])
+    struct.pack_into("<Q", bat_sector, 16, (new_block // mib) << 20 | vhdx.FULL)
+    writes = [(facts.bat_offset, bytes(bat_sector)), (facts.data_offset, b"\xd4" * 4096)]
+    log = vhdx.log_entry(
+        10, 0, guid, writes=writes, zeroes=[(facts.data_offset + 4096, 8192)], flushed=len(data), last=len(data)
+    )
+    data[facts.log_offset : facts.log_offset + len(log)] = log
+    logged.write_bytes(bytes(data))
+    made.append(logged)
+    # A differencing image: block 0 present, block 1 partly (sectors 0-7 and 1024-1031), the rest the parent's.
+    differencing = work / "differencing.vhdx"
+    per_block = mib // 512 // 8  # the bitmap bytes of one 1 MiB block (the chunk's blocks in order)
+    bitmap = bytearray(2 * per_block)
+    bitmap[per_block] = 0xFF
+    bitmap[per_block + per_block // 2] = 0xFF
+    part = bytearray(mib)
+    part[:4096] = b"\xb2" * 4096
+    part[1024 * 512 : 1024 * 512 + 4096] = b"\xb3" * 4096
+    vhdx.craft_vhdx(
+        differencing,
+        4 * mib,
+        blocks={0: (vhdx.FULL, b"\xb1" * 4096), 1: (vhdx.PARTIAL, bytes(part)), 2: (vhdx.ZERO, None)},
+        bitmaps={0: bytes(bitmap)},
+        parent={
+            "parent_linkage": "{83ea7d41-04c2-4d3b-9f51-2f1c1d7e3a52}",
+            "relative_path": ".\\parent.vhdx",
+            "absolute_win32_path": "\\\\?\\C:\\images\\parent.vhdx",
+        },
+    )
+    made.append(differencing)
+    # 4096-byte logical sectors (qemu-img cannot choose them): block 1 present.
+    sectors = work / "sector-4k.vhdx"
+    vhdx.craft_vhdx(sectors, 3 * mib, sector_size=4096, blocks={1: (vhdx.FULL, b"\xe5" * 8192), 2: (vhdx.ZERO, None)})
+    made.append(sectors)
+    return made
+
+
+def _size(text: str) -> int:
+    """A qemu-io size: a number of bytes, or with a ``k``/``M`` suffix."""
+    shift = {"k": 10, "M": 20}.get(text[-1], 0)
+    return int(text[:-1] if shift else text) << shift
+
+
+def make_vhdx_seeds(out: Path, work: Path) -> list[Path]:
+    """Write the VHDX seeds into *out*, encoded for :mod:`fuzz.targets.vhdx_read`; returns their paths."""
+    import imago
+
+    from .targets.vhdx_read import encode
+
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for name, (how, options, size, commands) in VHDX_SEEDS.items():
+        image = work / f"{name}.vhdx"
+        if how == "qemu":
+            _qemu_img(
+                "create", "-f", "vhdx", *(["-o", ",".join(options)] if options else []), image.name, size, cwd=work
+            )
+            if commands:
+                _qemu_io(image.name, *commands, cwd=work, fmt="vhdx")
+        else:
+            settings: dict[str, Any] = {}
+            for option in options:
+                key, _, value = option.partition("=")
+                settings[key] = _size(value) if key == "block_size" else value
+            imago.create(image, "vhdx", size=_size(size), **settings)
+            with imago.open(image, "vhdx", write=True) as disk:
+                for command in commands:
+                    words = command.split()
+                    offset, length = _size(words[-2]), _size(words[-1])
+                    if words[1] == "-z":
+                        disk.write_zeroes(offset, length)
+                    else:
+                        disk.write(bytes([int(words[2], 16)]) * length, offset)
+        images.append(image)
+    images += _crafted_vhdx_seeds(work)
+    made = []
+    for image in images:
+        target = out / f"{image.stem}.bin"
+        target.write_bytes(encode(image.read_bytes()))
+        made.append(target)
+    return made
+
+
 def _keep(image: Path, out: Path) -> Path:
     target = out / image.name
     shutil.copyfile(image, target)
@@ -338,13 +487,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=CORPUS_DIR, help="corpus root (default: %(default)s)")
     args = parser.parse_args(argv)
     out: Path = args.out
-    for kind in ("qcow2", "qcow2_write", "raw", "vmdk", "vdi", "vpc"):
+    for kind in ("qcow2", "qcow2_write", "raw", "vmdk", "vdi", "vpc", "vhdx"):
         shutil.rmtree(out / kind, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="imago-seeds-") as work:
         made = make_qcow2_seeds(out / "qcow2", Path(work))
         made += make_vmdk_seeds(out / "vmdk", Path(work))
         made += make_vdi_seeds(out / "vdi", Path(work))
         made += make_vpc_seeds(out / "vpc", Path(work))
+        made += make_vhdx_seeds(out / "vhdx", Path(work))
     made += make_write_seeds(out / "qcow2_write", out / "qcow2")
     made += make_raw_seeds(out / "raw")
     total = sum(path.stat().st_size for path in made)

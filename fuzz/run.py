@@ -28,7 +28,17 @@ WORK_DIR = FUZZ_DIR / "work"
 #: libFuzzer's artifacts: the inputs of findings (not committed; copy them to regressions/).
 FINDINGS_DIR = FUZZ_DIR / "findings"
 #: The targets by name; listed here so that the runner starts without importing imago.
-TARGET_NAMES = ("qcow2_read", "qcow2_write", "raw_read", "vmdk_read", "vdi_read", "vpc_read", "cli_info", "cli_check")
+TARGET_NAMES = (
+    "qcow2_read",
+    "qcow2_write",
+    "raw_read",
+    "vmdk_read",
+    "vdi_read",
+    "vpc_read",
+    "vhdx_read",
+    "cli_info",
+    "cli_check",
+)
 _SEEDS = {
     "qcow2_read": ("qcow2",),
     "qcow2_write": ("qcow2_write", "qcow2"),
@@ -36,6 +46,7 @@ _SEEDS = {
     "vmdk_read": ("vmdk",),
     "vdi_read": ("vdi",),
     "vpc_read": ("vpc",),
+    "vhdx_read": ("vhdx",),
     "cli_info": ("qcow2",),
     "cli_check": ("qcow2",),
 }

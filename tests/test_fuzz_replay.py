@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the fuzz package lives at the top of the repository
 
 from fuzz import run as fuzz_run  # noqa: E402
-from fuzz.engine import WATCHDOG_ENV  # noqa: E402
+from fuzz.engine import INSTRUMENTED_PACKAGES, WATCHDOG_ENV  # noqa: E402
 from fuzz.memory import MAX_STORAGE_SIZE, MemoryStorage  # noqa: E402
 from fuzz.targets import TARGETS, known_findings  # noqa: E402
 from fuzz.targets import cli as cli_target  # noqa: E402
@@ -56,6 +56,13 @@ def test_every_target_has_inputs_and_the_known_findings_exist() -> None:
     for key in KNOWN:
         target_name, _, file_name = key.partition("/")
         assert (TARGETS[target_name].regression_dir() / file_name).is_file(), key
+
+
+def test_every_package_a_target_walks_is_instrumented() -> None:
+    # A package left out is fuzzed blind: atheris sees no edge inside it.
+    for name, target in TARGETS.items():
+        for package in target.coverage:
+            assert package.split(".")[0] in INSTRUMENTED_PACKAGES, (name, package)
 
 
 def test_the_committed_corpus_is_small_and_complete() -> None:
@@ -320,3 +327,99 @@ def test_the_watchdog_keeps_a_hanging_input(tmp_path: Path) -> None:
     assert "stuck_read" in (tmp_path / "log").read_text()  # faulthandler's stack dump
     kept = [path.name.split("-")[0] for path in findings.iterdir()]
     assert kept == ["hang"]
+
+
+# --- vhdx_read: the compact encoding and its seeds ------------------------------------------------
+
+
+def _vhdx_expected(name: str, image: Path, tmp_path: Path) -> bytes:
+    """The disk of a decoded seed as QEMU reads it (the pending log replayed by a writable qemu-io first)."""
+    if name == "differencing":
+        # QEMU cannot open it without its parent: the blocks the seed holds, zeroes where the parent was.
+        disk = bytearray(4 << 20)
+        disk[:4096] = b"\xb1" * 4096
+        disk[1 << 20 : (1 << 20) + 4096] = b"\xb2" * 4096
+        disk[(1 << 20) + (512 << 10) : (1 << 20) + (512 << 10) + 4096] = b"\xb3" * 4096
+        return bytes(disk)
+    if name == "sector-4k":
+        # QEMU refuses 4096-byte logical sectors (ENOTSUP): the 8 KiB block 1 starts with.
+        disk = bytearray(3 << 20)
+        disk[1 << 20 : (1 << 20) + 8192] = b"\xe5" * 8192
+        return bytes(disk)
+    source = image
+    if name == "log-pending":
+        source = tmp_path / "replayed.vhdx"
+        source.write_bytes(image.read_bytes())
+        subprocess.run(["qemu-io", "-f", "vhdx", "-c", "read 0 512", source], check=True, capture_output=True)
+    raw = tmp_path / f"{name}.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "vhdx", "-O", "raw", source, raw], check=True, capture_output=True)
+    return raw.read_bytes()
+
+
+def test_every_vhdx_seed_opens_and_reads_as_qemu_reads_it(tmp_path: Path) -> None:
+    from fuzz.make_seeds import VHDX_SEEDS
+    from fuzz.targets.vhdx_read import decode, encode
+
+    seeds = sorted((CORPUS / "vhdx").iterdir())
+    names = {path.stem for path in seeds}
+    assert names == {*VHDX_SEEDS, "log-pending", "differencing", "sector-4k"}
+    assert sum(path.stat().st_size for path in seeds) < 250_000
+    for path in seeds:
+        data = path.read_bytes()
+        image = decode(data)
+        assert encode(image) == data, path.name  # the seeds are what encode makes of their images
+        file = tmp_path / f"{path.stem}.vhdx"
+        file.write_bytes(image)
+        expected = _vhdx_expected(path.stem, file, tmp_path)
+        disk = open_image("vhdx", image)  # no ImagoError: the seed opens (the differencing one without its parent)
+        try:
+            got = bytearray(disk.size)
+            disk.read(got, 0)
+            assert disk.driver.log_replayed_in_memory == (path.stem == "log-pending"), path.name  # type: ignore[attr-defined]
+            assert disk.driver.backing is None
+            assert disk.driver.info()["virtual-size"] == len(expected)
+        finally:
+            disk.close()
+        assert got == expected, path.name
+        if "empty" not in path.stem and path.stem != "no-zero-state":
+            assert got.strip(b"\0"), path.name  # data blocks are read, not only zeroes
+
+
+def test_vhdx_encoding_round_trips_and_recomputes_checksums(tmp_path: Path) -> None:
+    import crc32c
+    from fuzz.targets.vhdx_read import FIX_CHECKSUM, MAX_FILE_SIZE, MIN_FILE_SIZE, RECORD_HEAD, decode, encode
+
+    image = tmp_path / "disk.vhdx"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vhdx", "-o", "block_size=1M", image, "3M"], check=True)
+    subprocess.run(["qemu-io", "-f", "vhdx", "-c", "write -P 0x5a 2M 3k", image], check=True, capture_output=True)
+    original = image.read_bytes()
+    encoded = encode(original)
+    assert decode(encoded) == original
+    assert len(encoded) < 16 << 10
+    # A file longer than its last non-zero byte keeps its length (an empty record at its last MiB).
+    longer = original + bytes(3 << 20)
+    assert decode(encode(longer)) == longer
+    assert decode(encode(bytes(1 << 20))) == bytes(MIN_FILE_SIZE)  # short images are padded
+    with pytest.raises(ValueError, match="whole number of MiB"):
+        encode(original[:-1])
+    with pytest.raises(ValueError, match="whole number of MiB"):
+        encode(bytes(MAX_FILE_SIZE + (1 << 20)))
+
+    # Bit 7 recomputes a damaged header's checksum; without it the bytes stay as given.
+    header = bytearray(original[64 << 10 : (64 << 10) + 4096])
+    header[8] ^= 0xFF  # the sequence number, under the checksum
+    piece = RECORD_HEAD.pack(0, (64 << 10) // 16, 4096) + bytes(header)
+    assert decode(piece)[64 << 10 : (64 << 10) + 4096] == header
+    fixed = bytearray(decode(bytes([piece[0] | FIX_CHECKSUM]) + piece[1:])[64 << 10 : (64 << 10) + 4096])
+    stored = int.from_bytes(fixed[4:8], "little")
+    fixed[4:8] = bytes(4)
+    assert stored == crc32c.crc32c(bytes(fixed))
+    assert fixed[8:] == header[8:]
+
+    # Misuse: empty and truncated inputs, slots past the cap, a log entry whose length runs off the file.
+    assert decode(b"") == bytes(MIN_FILE_SIZE)
+    assert decode(b"\x03\x00") == bytes(MIN_FILE_SIZE)  # a head cut short: ignored
+    assert len(decode(RECORD_HEAD.pack(0x1F, 0xFFFF, 0xFFFF) + b"\x01" * 0xFFFF)) == MAX_FILE_SIZE
+    entry = b"loge" + bytes(4) + (1 << 30).to_bytes(4, "little")
+    assert decode(RECORD_HEAD.pack(1 | FIX_CHECKSUM, 0, len(entry)) + entry)[1 << 20 : (1 << 20) + 12] == entry
+    assert TARGETS["vhdx_read"].judge(b"").ok  # all zeroes: refused with an ImagoError

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..verdict import DEFAULT_TIME_LIMIT, Verdict, judge
-from . import cli, qcow2_read, qcow2_write, raw_read, vdi_read, vmdk_read, vpc_read
+from . import cli, qcow2_read, qcow2_write, raw_read, vdi_read, vhdx_read, vmdk_read, vpc_read
 
 __all__ = ["CORPUS_DIR", "KNOWN_FINDINGS", "REGRESSIONS_DIR", "TARGETS", "Target", "known_findings"]
 
@@ -85,6 +85,7 @@ TARGETS: dict[str, Target] = {
         Target("vmdk_read", vmdk_read.run, ("vmdk",), coverage=("imago", "imago_vmdk")),
         Target("vdi_read", vdi_read.run, ("vdi",), coverage=("imago", "imago_vdi")),
         Target("vpc_read", vpc_read.run, ("vpc",), coverage=("imago", "imago_vpc")),
+        Target("vhdx_read", vhdx_read.run, ("vhdx",), coverage=("imago", "imago_vhdx")),
         # The command line catches OS errors itself; cli.py judges what it caught.
         Target("cli_info", cli.run_info, ("qcow2",), coverage=_CLI_COVERAGE),
         Target("cli_check", cli.run_check, ("qcow2",), coverage=_CLI_COVERAGE),
