@@ -8,7 +8,8 @@ before its bitmap is on disk, and an end without a footer falls back to the foot
 offset 0 (as QEMU reads dynamic images). A write over several unallocated blocks allocates them
 together, side by side (one footer move, one BAT write), so the file is written in long runs.
 Only the footer's move is serialised (a :class:`~imago.RangeLock` held over the file's end);
-bitmaps, BAT entries and data are not."""
+bitmaps, BAT entries and data are not.
+"""
 
 from __future__ import annotations
 
