@@ -14,7 +14,8 @@ system), on page-cached files, with ``--size`` MiB (default 1024) of varied data
 
 Every image read or written is checked: imago's reads against the source's bytes, both convert
 outputs with ``qemu-img compare`` (and ``qemu-img check`` where qemu-img checks the format). The
-best of ``--repeat`` runs is reported. The last output line is one JSON object with every figure.
+best of ``--repeat`` runs is reported, the two sides' runs alternating (the previous output deleted
+before each run, untimed). The last output line is one JSON object with every figure.
 Exit status 0 unless a check fails (1).
 """
 
@@ -67,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="a format to measure; repeatable (default: all of " + ", ".join(FORMATS) + ")",
     )
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs per case, best reported (default 3)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case, best reported (default 5)")
     parser.add_argument("--quick", action="store_true", help="16 MiB, one run (smoke test)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -98,13 +99,24 @@ def _qemu_img(*args: str | os.PathLike[str]) -> str:
     return str(done.stdout)
 
 
-def _best(repeat: int, run: Callable[[], Any]) -> float:
-    best = float("inf")
+def _best(repeat: int, runs: dict[str, tuple[Callable[[], Any], Callable[[], Any]]]) -> dict[str, float]:
+    """The best time of each of *runs* (``name: (prepare, run)``), only ``run`` timed.
+
+    The runs alternate (one of each per round), so that a disturbance of the machine (writeback
+    of an earlier output, another process) falls on both sides rather than on one's every run.
+    """
+    best = dict.fromkeys(runs, float("inf"))
     for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        for name, (prepare, run) in runs.items():
+            prepare()
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
     return best
+
+
+def _nothing() -> None:
+    pass
 
 
 def _cache(path: Path) -> None:
@@ -145,14 +157,12 @@ def _bare_read(image: Path, size: int) -> None:
 
 
 def _imago_convert(fmt: str, source: Path, out: Path) -> None:
-    out.unlink(missing_ok=True)
     status = imago_main(["convert", "-f", "raw", "-O", fmt, str(source), str(out)])
     if status != 0:
         raise RuntimeError(f"imago convert -O {fmt} failed ({status})")
 
 
 def _qemu_convert(fmt: str, source: Path, out: Path) -> None:
-    out.unlink(missing_ok=True)
     _qemu_img("convert", "-f", "raw", "-O", fmt, source, out)
 
 
@@ -182,8 +192,14 @@ def run_format(
     _imago_read(image, fmt, size, digest)
     if digest.hexdigest() != expected:
         failures.append(f"{where}: imago's read of the image differs from the source")
-    bare = _best(args.repeat, lambda: _bare_read(image, size))
-    mine = _best(args.repeat, lambda: _imago_read(image, fmt, size))
+    reads = _best(
+        args.repeat,
+        {
+            "bare": (_nothing, lambda: _bare_read(image, size)),
+            "imago": (_nothing, lambda: _imago_read(image, fmt, size)),
+        },
+    )
+    bare, mine = reads["bare"], reads["imago"]
     result["read"] = {
         "bare_seconds": bare,
         "imago_seconds": mine,
@@ -202,17 +218,23 @@ def run_format(
     # --- imago convert vs qemu-img convert ---
     _cache(source)
     ours, theirs = work / f"imago.{fmt}", work / f"qemu.{fmt}"
-    qemu_seconds = _best(args.repeat, lambda: _qemu_convert(fmt, source, theirs))
-    _verify(fmt, source, theirs, failures, f"{where} qemu-img convert")
-    convert: dict[str, Any] = {"qemu_seconds": qemu_seconds, "target": CONVERT_TARGET}
+    runs = {
+        # (The previous output is deleted before each run, untimed.)
+        "qemu": (lambda: theirs.unlink(missing_ok=True), lambda: _qemu_convert(fmt, source, theirs)),
+        "imago": (lambda: ours.unlink(missing_ok=True), lambda: _imago_convert(fmt, source, ours)),
+    }
+    convert: dict[str, Any] = {"target": CONVERT_TARGET}
     try:
-        imago_seconds = _best(args.repeat, lambda: _imago_convert(fmt, source, ours))
+        seconds = _best(args.repeat, runs)
     except (RuntimeError, imago.ImagoError, SystemExit) as error:
         failures.append(f"{where}: imago convert -O {fmt}: {error}")
         convert["imago_error"] = str(error)
     else:
+        qemu_seconds, imago_seconds = seconds["qemu"], seconds["imago"]
+        _verify(fmt, source, theirs, failures, f"{where} qemu-img convert")
         _verify(fmt, source, ours, failures, f"{where} imago convert")
         convert |= {
+            "qemu_seconds": qemu_seconds,
             "imago_seconds": imago_seconds,
             "ratio": imago_seconds / qemu_seconds,
             "imago_bytes": ours.stat().st_size,
