@@ -298,6 +298,14 @@ def test_not_vmdk(tmp_path: Path) -> None:
     path.write_bytes(b"KDMV")
     with pytest.raises(CorruptImageError, match="shorter than a sparse header"):
         open_vmdk(path)
+    path.write_bytes(b"COWD" + bytes(9))  # (a fuzz finding: struct.error)
+    with pytest.raises(CorruptImageError, match="shorter than a COWD header"):
+        open_vmdk(path)
+    # A COWD extent file named by a descriptor, as short.
+    path.write_text(descriptor_text(['RW 8 VMFSSPARSE "x-delta.vmdk"'], create_type="vmfsSparse"))
+    (tmp_path / "x-delta.vmdk").write_bytes(b"COWD" + bytes(20))
+    with pytest.raises(CorruptImageError, match="shorter than a COWD header"):
+        open_vmdk(path)
 
 
 def _chain_descriptor(path: Path, cid: int, parent_cid: int, parent: str | None) -> None:

@@ -131,6 +131,8 @@ def parse_kdmv(head: bytes, footer: bytes | None, file_size: int, filename: str 
     *footer* is asked for (``None`` given) by raising ``LookupError`` when the header's
     ``gdOffset`` says the grain directory lies at the end; the caller reads it and calls again.
     """
+    if len(head) < _KDMV.size:
+        raise CorruptImageError(filename, 0, f"the file ({file_size} bytes) is shorter than a sparse header")
     fields = _KDMV.unpack_from(head)
     header = fields
     if fields[9] == GD_AT_END:
@@ -213,6 +215,8 @@ def _footer_header(footer: bytes, file_size: int, filename: str | None) -> tuple
 
 def parse_cowd(head: bytes, file_size: int, filename: str | None) -> SparseLayout:
     """Parse a VMFS sparse (``COWD``) header: 4096 entries per grain table, no compression."""
+    if len(head) < _COWD.size:
+        raise CorruptImageError(filename, 0, f"the file ({file_size} bytes) is shorter than a COWD header")
     _, version, _flags, capacity, grain, gd, gd_size, *_ = _COWD.unpack_from(head)
     _check_grain(grain, filename, 16)
     entries = _gd_entries(capacity, COWD_GTES_PER_GT * grain, filename)
