@@ -331,10 +331,10 @@ def make_vpc_seeds(out: Path, work: Path) -> list[Path]:
     return made
 
 
-#: name -> (how it is made: ``qemu`` qemu-img create + qemu-io, ``imago`` imago's writer (the
-#: commands, ``write [-P BYTE | -z] OFFSET LENGTH`` only, then written through imago); the create
-#: options; the size; the qemu-io commands). Written blocks hold a few KiB of data: the rest of a block is zeroes, which
-#: the encoding (:mod:`fuzz.targets.vhdx_read`) leaves out.
+#: name -> (how it is made: ``qemu``, qemu-img create and qemu-io; ``imago``, imago's writer, the
+#: commands (``write [-P BYTE | -z] OFFSET LENGTH`` only) written through imago; the create
+#: options; the size; the qemu-io commands). Written blocks hold a few KiB of data: the rest of a
+#: block is zeroes, which the encoding (:mod:`fuzz.targets.vhdx_read`) leaves out.
 VHDX_SEEDS: dict[str, tuple[str, tuple[str, ...], str, tuple[str, ...]]] = {
     "dynamic-empty": ("qemu", (), "4M", ()),
     "dynamic-written": ("qemu", (), "4M", ("write -P 0x11 0 4k", "write -P 0x22 3M 1k")),
