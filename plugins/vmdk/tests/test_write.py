@@ -27,6 +27,7 @@ from ._vmdk import (
     qemu_img,
     qemu_io,
     qemu_json,
+    read_all,
 )
 
 SIZE = 2 * MiB + 3584  # (not a multiple of the grain)
@@ -163,6 +164,30 @@ def test_read_only_extent_kinds_refuse_writing(tmp_path: Path, kind: str) -> Non
         image.write_text(descriptor_text(['RW 2048 VMFSSPARSE "c-delta.vmdk"'], create_type="vmfsSparse"))
     with pytest.raises(UnsupportedFeatureError, match="writing"):
         Vmdk.builder_path(image).write().open_sync(PermissiveImplicitOpenGate())
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ('RDONLY 200 FLAT "b.raw" 0', "RDONLY FLAT"),
+        ('NOACCESS 200 FLAT "b.raw" 0', "NOACCESS FLAT"),
+        ("RW 200 ZERO", "RW ZERO"),
+    ],
+)
+def test_extents_the_descriptor_keeps_from_writes_refuse_a_writable_open(tmp_path: Path, line: str, words: str) -> None:
+    """An RDONLY, NOACCESS or ZERO extent: no writable open, the error names the line; no file changes."""
+    data = random.Random(9).randbytes(200 * 512)
+    for name in ("a.raw", "b.raw"):
+        (tmp_path / name).write_bytes(data)
+    image = tmp_path / "d.vmdk"
+    text = descriptor_text(['RW 200 FLAT "a.raw" 0', line], create_type="monolithicFlat")
+    image.write_text(text)
+    with pytest.raises(UnsupportedFeatureError, match=f"with {words} extents: line 9 of the descriptor .*d.vmdk"):
+        open_writable(image)
+    assert image.read_text() == text
+    assert (tmp_path / "a.raw").read_bytes() == (tmp_path / "b.raw").read_bytes() == data
+    tail = data if words.startswith("RDONLY") else bytes(len(data))  # (NOACCESS and ZERO read as zeroes)
+    assert read_all(image) == data + tail  # (read-only opens still work)
 
 
 def test_hostile_grain_table_refused_for_writing(tmp_path: Path) -> None:

@@ -294,6 +294,11 @@ async def _open_extent(
 ) -> Extent:
     descriptor = storage.filename
     size = line.sectors * SECTOR
+    if builder.writable and (line.access is not Access.RW or line.type is ExtentType.ZERO):
+        # The descriptor forbids writing there (ZERO: there is no file to write): refused before any file opens.
+        raise UnsupportedFeatureError(
+            f"writing a VMDK with {line.access.value} {line.type.value} extents: {line.where(descriptor)}", descriptor
+        )
     if line.type is ExtentType.ZERO or line.access is Access.NOACCESS:
         # NOACCESS: the data is not ours to read; the extent reads as unallocated, its file unopened.
         return ZeroExtent(size, line.type, recorded=line.type is ExtentType.ZERO)
