@@ -339,6 +339,29 @@ print("done")
     run(["qemu-img", "check", str(image)])
 
 
+def test_a_client_that_stalls_in_the_handshake_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The handshake time limit (10 s, shortened here) closes a silent or half-done client; others go on."""
+    from imago_nbd.server import connection
+
+    monkeypatch.setattr(connection, "HANDSHAKE_TIMEOUT", 0.5)
+    image = _raw(tmp_path / "disk.raw")
+    with short_dir() as sockets, ThreadServer(image, "raw", sockets / "s") as server:
+        served = RawClient(server.sock)  # (its handshake finished before the limit: it stays)
+        silent = socket.socket(socket.AF_UNIX)
+        halfway = socket.socket(socket.AF_UNIX)
+        for stalled in (silent, halfway):
+            stalled.settimeout(30)
+            stalled.connect(str(server.sock))
+            assert stalled.recv(18)[:16] == b"NBDMAGICIHAVEOPT"
+        halfway.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 10) + b"dis")
+        for stalled in (silent, halfway):
+            assert stalled.recv(1) == b"", "the server kept a stalled handshake open"
+            stalled.close()
+        served.request(0, 0, 4096, cookie=7)
+        assert served.reply(data_length=4096) == (0, 7, bytes(4096))
+        served.close()
+
+
 def test_library_misuse(tmp_path: Path) -> None:
     asyncio.run(_misuse(tmp_path))
 
