@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,17 @@ def wait_for(predicate: Any, what: str, timeout: float = TIMEOUT) -> None:
 class ThreadServer:
     """An image served by the library (:func:`imago_nbd.server.serve`) on a loop in a thread."""
 
-    def __init__(self, image: Path, fmt: str, sock: Path, **options: Any) -> None:
+    def __init__(
+        self,
+        image: Path,
+        fmt: str,
+        sock: Path,
+        *,
+        prepare: Callable[[imago.FormatAccess], None] | None = None,
+        **options: Any,
+    ) -> None:
         self.image = image
+        self._prepare = prepare  # (called on the opened image before it is served)
         self.sock = sock
         self._fmt = fmt
         self._options = options
@@ -103,6 +112,8 @@ class ThreadServer:
         write = not self._options.get("read_only", False)
         self.access = await imago.open_async(self.image, self._fmt, write=write)
         try:
+            if self._prepare is not None:
+                self._prepare(self.access)
             async with serve(self.access, unix_socket=self.sock, **self._options) as server:
                 self.server = server
                 self._ready.set()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import imago
+from imago import Storage
 from imago_nbd.server import Export, NbdServer, serve
 
 from ._serving import RawClient, ThreadServer, libnbd, make_chain, run, short_dir, tool, uri, wait_for
@@ -302,6 +303,40 @@ def test_libnbd_edge_cases(tmp_path: Path) -> None:
     mapping = json.loads(run(["qemu-img", "map", "--output=json", str(image)]).stdout)
     trimmed = [e for e in mapping if e["start"] <= 65536 < e["start"] + e["length"]]
     assert trimmed[0]["data"] is False
+
+
+_ZEROING = r"""
+import errno
+import sys
+import nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+h.pwrite(b"\x42" * 131072, 0)
+try:
+    h.zero(65536, 0, nbd.CMD_FLAG_FAST_ZERO)
+    print("fast-zero ok")
+except nbd.Error as error:
+    print("fast-zero", errno.errorcode.get(error.errno, error.errno))
+print("still-data", h.pread(65536, 0) == b"\x42" * 65536)
+h.zero(65536, 0)
+print("slow-zero", h.pread(131072, 0) == bytes(65536) + b"\x42" * 65536)
+h.shutdown()
+"""
+
+
+def _zeroing_slowly(access: imago.FormatAccess) -> None:
+    """Give the raw image a storage that zeroes by writing zero buffers (the base class's way)."""
+    storage = access.driver.storage
+    storage.__class__ = type("SlowZeroing", (type(storage),), {"write_zeroes": Storage.write_zeroes})
+
+
+def test_fast_zero_is_refused_where_zeroing_writes_data(tmp_path: Path) -> None:
+    """FAST_ZERO gets ENOTSUP, with nothing changed, when zeroing would write zero buffers; plain zeroing works."""
+    image = _raw(tmp_path / "disk.raw")
+    with short_dir() as sockets, ThreadServer(image, "raw", sockets / "s", prepare=_zeroing_slowly) as server:
+        out = libnbd(_ZEROING, uri(server.sock)).stdout
+    assert out.splitlines() == ["fast-zero ENOTSUP", "still-data True", "slow-zero True"]
+    assert image.read_bytes()[:131072] == bytes(65536) + b"\x42" * 65536
 
 
 def test_several_clients_write_at_once(tmp_path: Path) -> None:
