@@ -1,7 +1,7 @@
 """``imago serve`` against ``qemu-nbd``: the same clients copying the same image, in the same run.
 
     .venv/bin/python bench/bench_nbd_server.py                                # 1 GiB, /dev/shm and /var/tmp
-    .venv/bin/python bench/bench_nbd_server.py --dir /var/tmp --repeat 5
+    .venv/bin/python bench/bench_nbd_server.py --dir /var/tmp --repeat 9
     .venv/bin/python bench/bench_nbd_server.py --quick                        # 64 MiB, one run: a smoke test
 
 For each directory, a raw image of non-zero random data and a qcow2 copy of it (``qemu-img
@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,9 +79,20 @@ def _start(command: list[str], sock: str, what: str) -> subprocess.Popen[bytes]:
 
 
 def _timed(command: list[str]) -> float:
+    # A plain wait(): with a timeout, Popen.wait polls at up to 50 ms steps, which quantized these
+    # sub-second runs by about 10 %. The watchdog kills a client that hangs.
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, timeout=600)
-    return time.perf_counter() - start
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    watchdog = threading.Timer(600, process.kill)
+    watchdog.start()
+    try:
+        returncode = process.wait()
+    finally:
+        watchdog.cancel()
+    elapsed = time.perf_counter() - start
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
+    return elapsed
 
 
 def _client_run(row: str, sock: str, out: str) -> float:
@@ -167,14 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dir", action="append", default=None, help="where the images live (repeatable; default /dev/shm and /var/tmp)"
     )
-    parser.add_argument("--repeat", type=int, default=None, help="runs per row; the best counts (default 3, --quick 1)")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per row; the best counts (default 5, --quick 1)")
     parser.add_argument("--quick", action="store_true", help="64 MiB, one run, /dev/shm only")
     args = parser.parse_args(argv)
     for tool in ("qemu-nbd", "qemu-img", "nbdcopy"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     size = _size(args.size or ("64M" if args.quick else "1G"))
-    repeat = args.repeat or (1 if args.quick else 3)
+    repeat = args.repeat or (1 if args.quick else 5)
     directories = args.dir or (["/dev/shm"] if args.quick else ["/dev/shm", "/var/tmp"])
     load = os.getloadavg()[0]
     print(f"imago serve vs qemu-nbd: {size >> 20} MiB images, best of {repeat}, load average {load:.2f}")
